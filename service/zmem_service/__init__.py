@@ -1,0 +1,14 @@
+"""zmem service: a nearest-neighbour memory of RL episodes, served over HTTP."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_app"]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # Lazy, so `import zmem_service` (e.g. for the CLI) doesn't import FastAPI and FAISS.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)

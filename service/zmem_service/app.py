@@ -1,0 +1,86 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and its error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .errors import ZMemError
+from .routes import admin, memory
+from .service import ZMem
+from .settings import ServiceSettings
+
+log = logging.getLogger("zmem")
+PROBLEM = "application/problem+json"
+
+
+def problem_response(error: ZMemError) -> JSONResponse:
+    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM)
+
+
+async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ZMemError)
+    return problem_response(exc)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:20]]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"])
+    status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
+    body = {"type": "https://zmem.dev/problems/validation", "title": "Validation failed",
+            "status": status, "detail": f"{where}: {first['msg']}", "errors": errors}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
+            "detail": f"{request.method} {request.url.path}: {exc.detail}"}
+    return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM,
+                        headers=getattr(exc, "headers", None))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(ZMemError(f"unexpected {type(exc).__name__}; see the server log"))
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """The zmem application. Memories load in the background: /readyz says when they're in."""
+    settings = settings or ServiceSettings()
+    zmem = ZMem(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(asyncio.to_thread(zmem.load))
+        loading.add_done_callback(_report_load_failure)
+        yield
+        await asyncio.wait([loading])
+        await asyncio.to_thread(zmem.close)
+
+    app = FastAPI(title="zmem", version=__version__, lifespan=lifespan)
+    app.state.zmem = zmem
+    app.add_exception_handler(ZMemError, on_zmem_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+    app.include_router(admin.router)
+    app.include_router(memory.router)
+    app.include_router(memory.router, prefix="/memories/{name}")
+    return app
+
+
+def _report_load_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("loading the memories failed; the service stays unready",
+                  exc_info=task.exception())

@@ -1,0 +1,70 @@
+"""The `zmem` command. Imports are lazy: `serve` needs no torch, `demo` no FastAPI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+SERVE_FLAGS: list[tuple[str, type, str]] = [
+    ("host", str, "address to bind (default 127.0.0.1)"),
+    ("port", int, "port (default 8000)"),
+    ("data-dir", str, "where the SQLite store lives (default ./zmem-data)"),
+    ("durability", str, "full (fsync every commit), normal (survives a crash of the process, "
+                        "not of the machine) or none (no disk: a restart starts empty)"),
+    ("capacity", int, "default capacity of new memories (50000)"),
+    ("min-size", int, "default min_size of new memories (min(500, capacity))"),
+    ("k", int, "default k of new memories (64)"),
+    ("sigma", str, "default sigma of new memories: a number or 'auto' (1.0)"),
+    ("device", str, "kNN device: auto, cpu or cuda"),
+    ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
+    ("max-memory-bytes", int, "budget for all rings together (4 GiB)"),
+    ("max-body-bytes", int, "largest request body (32 MiB)"),
+    ("token-file", str, "file holding the read+write bearer token"),
+    ("read-token-file", str, "file holding the read-only bearer token"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zmem", description="zmem: an RL z-memory service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service (every flag also has a ZMEM_* variable)")
+    for flag, kind, text in SERVE_FLAGS:
+        env = "ZMEM_" + flag.upper().replace("-", "_")
+        serve.add_argument(f"--{flag}", type=kind, help=f"{text} [{env}]")
+    serve.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .settings import ServiceSettings
+
+    given: dict[str, Any] = {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in SERVE_FLAGS}
+    try:
+        settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        print(f"zmem serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except (RuntimeError, ValueError) as e:
+        print(f"zmem serve: {e}", file=sys.stderr)
+        return 2
+    # One process: the rings are process state.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                workers=1, timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

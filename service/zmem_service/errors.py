@@ -1,0 +1,87 @@
+"""The service's errors, each carrying its HTTP status, title and problem type.
+
+    ZMemError (500)
+    ├── BadRequest (400)          unparseable body
+    ├── Unauthorized (401)        missing or wrong token
+    ├── Forbidden (403)           a read token on a write route
+    ├── NotFound (404)            unknown memory on a read
+    ├── Conflict (409)            settings differ, import into a non-empty memory
+    ├── PayloadTooLarge (413)     body over the limit
+    ├── ValidationFailed (422)    invalid content; `errors` name the field and episode
+    ├── Unavailable (503)         loading, overloaded or shutting down
+    └── InsufficientStorage (507) the memory budget would be exceeded
+
+The domain raises these; one handler (`problem_response`) maps them onto
+`application/problem+json` (RFC 9457). A request that raises changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ZMemError(Exception):
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+    slug: ClassVar[str] = "internal"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.extra = extra
+
+    def problem(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"https://zmem.dev/problems/{self.slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors is not None:
+            body["errors"] = self.errors
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(ZMemError):
+    status, title, slug = 400, "Bad request", "bad-request"
+
+
+class Unauthorized(ZMemError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(ZMemError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class NotFound(ZMemError):
+    status, title, slug = 404, "Not found", "not-found"
+
+
+class Conflict(ZMemError):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(ZMemError):
+    status, title, slug = 413, "Payload too large", "payload-too-large"
+
+
+class ValidationFailed(ZMemError):
+    status, title, slug = 422, "Validation failed", "validation"
+
+    @classmethod
+    def at(cls, loc: list[str | int], msg: str) -> ValidationFailed:
+        """One invalid field: `loc` is its path, e.g. `["episodes", 3, "soft_bind"]`."""
+        where = ".".join(str(part) for part in loc)
+        return cls(f"{where}: {msg}", errors=[{"loc": loc, "msg": msg}])
+
+
+class Unavailable(ZMemError):
+    status, title, slug = 503, "Service unavailable", "unavailable"
+
+
+class InsufficientStorage(ZMemError):
+    status, title, slug = 507, "Insufficient storage", "insufficient-storage"

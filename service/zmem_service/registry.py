@@ -1,0 +1,120 @@
+"""The memories a service holds, by name, and the rules for creating and replacing them."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
+from .memory import Memory
+from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
+from .store import StoredMemory
+
+log = logging.getLogger("zmem")
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+DEFAULT = "default"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or name in {".", ".."}:
+        raise ValidationFailed.at(
+            ["path", "name"], f"memory name {name!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}")
+    return name
+
+
+class Memories:
+    """Name → Memory. `default` always exists (empty, z_dim unset, until written)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._items: dict[str, Memory] = {}
+        self.loaded = False
+        self._reset_default()
+
+    def _reset_default(self) -> None:
+        self._items[DEFAULT] = Memory(DEFAULT, self.settings.memory_defaults())
+
+    def restore(self, stored: list[StoredMemory]) -> None:
+        """Rebuild from the store; stored settings win over start-up flags (differences logged)."""
+        defaults = self.settings.memory_defaults()
+        for s in stored:
+            memory = Memory(s.name, s.settings)
+            memory.apply(s.rows)
+            memory.next_seq, memory.total_written = s.next_seq, s.total_written
+            self._items[s.name] = memory
+            for diff in defaults.model_copy(update={"z_dim": s.settings.z_dim}).differences(s.settings):
+                log.warning("memory %r keeps its stored %s=%r (start-up default is %r)",
+                            s.name, diff["field"], diff["requested"], diff["stored"])
+        self.loaded = True
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, name: str) -> Memory:
+        check_name(name)
+        try:
+            return self._items[name]
+        except KeyError:
+            raise NotFound(f"no memory named {name!r}") from None
+
+    def find(self, name: str) -> Memory | None:
+        return self._items.get(name)
+
+    def all(self) -> list[Memory]:
+        return sorted(self._items.values(), key=lambda m: m.name)
+
+    def for_write(self, name: str) -> Memory:
+        """The memory a write goes to, created with the defaults when unknown (not yet listed)."""
+        check_name(name)
+        return self._items.get(name) or Memory(name, self.settings.memory_defaults())
+
+    def add(self, memory: Memory) -> None:
+        self._items[memory.name] = memory
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self._items[name]
+        if name == DEFAULT:
+            self._reset_default()
+
+    def total_bytes(self) -> int:
+        return sum(m.ring_bytes for m in self._items.values())
+
+    def check_budget(self, extra: int) -> None:
+        limit = self.settings.max_memory_bytes
+        used = self.total_bytes()
+        if extra > 0 and used + extra > limit:
+            raise InsufficientStorage(
+                f"this write would grow the rings to {used + extra} bytes; the limit "
+                f"(--max-memory-bytes) is {limit}")
+
+    def resolve_put(self, name: str, body: MemorySettingsIn) -> tuple[MemorySettings, bool]:
+        """Settings a PUT leads to, and whether they replace the current ones.
+
+        Raises Conflict naming each given field that differs from a memory whose
+        settings are fixed (it has a z_dim or holds episodes).
+        """
+        try:
+            wanted = self.settings.resolve(body)
+        except ValueError as e:
+            raise ValidationFailed(str(e), errors=[{"loc": ["body"], "msg": str(e)}]) from None
+        current = self._items.get(name)
+        if current is None or (current.settings.z_dim is None and current.size == 0):
+            return wanted, current is None or current.settings != wanted
+        given = body.model_dump(exclude_none=True)
+        stored = current.settings
+        if "risk" in given:
+            given["risk"] = {**stored.risk.model_dump(), **given["risk"]}
+        requested = stored.model_copy(update={k: wanted.__dict__[k] for k in given})
+        diffs = stored.differences(requested)
+        if diffs:
+            raise conflict(name, diffs)
+        return stored, False
+
+
+def conflict(name: str, diffs: list[dict[str, Any]]) -> Conflict:
+    text = "; ".join(f"{d['field']}: stored {d['stored']!r}, requested {d['requested']!r}"
+                     for d in diffs)
+    return Conflict(f"memory {name!r} has different settings: {text}", conflicts=diffs)

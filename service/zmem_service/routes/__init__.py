@@ -1,0 +1,1 @@
+"""Thin routers: decode the request, call the service, encode the answer."""

@@ -1,0 +1,55 @@
+"""Health, readiness and the memory collection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from ..registry import check_name
+from ..settings import MemorySettingsIn
+from .deps import ZMemDep
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(zmem: ZMemDep) -> JSONResponse:
+    if not zmem.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "knn": zmem.knn.name})
+
+
+@router.get("/memories")
+async def list_memories(zmem: ZMemDep) -> dict[str, Any]:
+    zmem.memory("default")  # 503 while loading
+    return {"memories": [
+        {"name": m.name, "size": m.size, "capacity": m.settings.capacity,
+         "z_dim": m.settings.z_dim, "total_written": m.total_written}
+        for m in zmem.memories.all()]}
+
+
+@router.get("/memories/{name}")
+async def get_memory(name: str, zmem: ZMemDep) -> dict[str, Any]:
+    memory = zmem.memory(name)
+    return {"name": memory.name, "size": memory.size, "settings": memory.settings.model_dump()}
+
+
+@router.put("/memories/{name}")
+async def put_memory(name: str, body: MemorySettingsIn, zmem: ZMemDep) -> JSONResponse:
+    check_name(name)
+    settings, created = await zmem.put(name, body)
+    return JSONResponse({"name": name, "settings": settings.model_dump()},
+                        status_code=201 if created else 200)
+
+
+@router.delete("/memories/{name}", status_code=204)
+async def delete_memory(name: str, zmem: ZMemDep) -> Response:
+    await zmem.delete(name)
+    return Response(status_code=204)

@@ -1,0 +1,59 @@
+"""Routes of one memory; mounted at the root (memory `default`) and under `/memories/{name}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+
+from ..wire import decode_episodes, decode_query, encode, neighbors_arrays, read_body
+from .deps import NameDep, ZMemDep
+
+router = APIRouter()
+
+
+@router.post("/episodes")
+async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
+    body = await read_body(request, zmem.settings.max_body_bytes)
+    batch = decode_episodes(body, request.headers.get("content-type"))
+    return await zmem.write(name, batch)
+
+
+async def _query(request: Request, name: str, zmem: ZMemDep):  # type: ignore[no-untyped-def]
+    body = await read_body(request, zmem.settings.max_body_bytes)
+    query = decode_query(body, request.headers.get("content-type"), dict(request.query_params))
+    return query, await zmem.search(name, query)
+
+
+@router.post("/neighbors")
+async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
+    query, nb = await _query(request, name, zmem)
+    meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
+    return encode(request, neighbors_arrays(nb, query.one_row), meta)
+
+
+@router.post("/risk")
+async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
+    query, nb = await _query(request, name, zmem)
+    risk = nb.kernel_risk().astype(np.float32)
+    meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
+    return encode(request, {"risk": risk.reshape(()) if query.one_row else risk}, meta)
+
+
+@router.get("/stats")
+async def get_stats(name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
+    return zmem.memory(name).stats()
+
+
+@router.get("/export")
+async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
+    body = await zmem.export_npz(name)
+    return Response(body, media_type="application/octet-stream", headers={
+        "content-disposition": f'attachment; filename="{name}.npz"'})
+
+
+@router.post("/import")
+async def post_import(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
+    body = await read_body(request, zmem.settings.max_body_bytes)
+    return await zmem.import_npz(name, body)

@@ -1,0 +1,138 @@
+"""Settings: the service's start-up configuration and each memory's own settings.
+
+`ServiceSettings` is read from `ZMEM_*` environment variables (and the `zmem serve`
+flags that override them). `MemorySettings` travel with a memory: they are stored
+with it and are authoritative from then on; the service's memory flags are only
+defaults for memories created later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Sigma = float | Literal["auto"]
+
+MAX_CAPACITY = 10_000_000
+MAX_Z_DIM = 4096
+MAX_K = 1024
+
+
+class RiskWeights(BaseModel):
+    """Weights of the risk target r = a·(1 − soft_bind) + b·log(cone_vol + eps) + c·lambda_bind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a: float = Field(1.0, allow_inf_nan=False)
+    b: float = Field(0.2, allow_inf_nan=False)
+    c: float = Field(0.05, allow_inf_nan=False)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+
+
+class MemorySettings(BaseModel):
+    """A memory's settings; `z_dim` is None until the first write (or PUT) fixes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    z_dim: int | None = Field(None, ge=1, le=MAX_Z_DIM)
+    capacity: int = Field(50_000, ge=1, le=MAX_CAPACITY)
+    min_size: int = Field(500, ge=0)
+    k: int = Field(64, ge=1, le=MAX_K)
+    sigma: Sigma = 1.0
+    risk: RiskWeights = RiskWeights()
+
+    @model_validator(mode="after")
+    def _check(self) -> MemorySettings:
+        if self.min_size > self.capacity:
+            raise ValueError(f"min_size ({self.min_size}) must be <= capacity ({self.capacity})")
+        if isinstance(self.sigma, float) and not (self.sigma > 0 and self.sigma < float("inf")):
+            raise ValueError(f"sigma must be a positive finite number or 'auto', got {self.sigma}")
+        return self
+
+    def differences(self, other: MemorySettings) -> list[dict[str, Any]]:
+        """Fields whose values differ, as `{"field", "stored", "requested"}` (risk weights by name)."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        out = []
+        for field in mine:
+            if field == "risk":
+                for key in mine["risk"]:
+                    if mine["risk"][key] != theirs["risk"][key]:
+                        out.append({"field": f"risk.{key}", "stored": mine["risk"][key],
+                                    "requested": theirs["risk"][key]})
+            elif mine[field] != theirs[field]:
+                out.append({"field": field, "stored": mine[field], "requested": theirs[field]})
+        return out
+
+
+class MemorySettingsIn(BaseModel):
+    """Body of `PUT /memories/{name}`: every field optional; missing ones take the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    z_dim: int | None = Field(None, ge=1, le=MAX_Z_DIM)
+    capacity: int | None = Field(None, ge=1, le=MAX_CAPACITY)
+    min_size: int | None = Field(None, ge=0)
+    k: int | None = Field(None, ge=1, le=MAX_K)
+    sigma: Sigma | None = None
+    risk: RiskWeights | None = None
+
+
+class ServiceSettings(BaseSettings):
+    """Start-up configuration of `zmem serve`; each field has a `ZMEM_<FIELD>` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="ZMEM_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path("zmem-data")
+    durability: Literal["full", "normal", "none"] = "full"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    knn_threads: int = Field(0, ge=0, description="OpenMP threads for batched searches; 0 = all cores")
+
+    # Defaults for memories created later (a stored memory keeps its own settings).
+    capacity: int = Field(50_000, ge=1, le=MAX_CAPACITY)
+    min_size: int | None = Field(None, ge=0, description="default min(500, capacity)")
+    k: int = Field(64, ge=1, le=MAX_K)
+    sigma: Sigma = 1.0
+    risk_a: float = 1.0
+    risk_b: float = 0.2
+    risk_c: float = 0.05
+    risk_eps: float = Field(1e-8, gt=0)
+
+    # Limits (SPEC §5).
+    max_body_bytes: int = Field(32 * 2**20, ge=1024)
+    max_batch: int = Field(10_000, ge=1)
+    max_response_floats: int = Field(2**24, ge=1)
+    max_memory_bytes: int = Field(4 * 2**30, ge=1)
+    max_pending_writes: int = Field(10_000, ge=1, description="queued write requests before 503")
+    recorded_queries: int = Field(100_000, ge=0)
+
+    token: SecretStr | None = None
+    read_token: SecretStr | None = None
+    token_file: Path | None = None
+    read_token_file: Path | None = None
+
+    def memory_defaults(self, z_dim: int | None = None) -> MemorySettings:
+        """The settings a memory created now gets (raises ValueError when they are invalid)."""
+        min_size = min(500, self.capacity) if self.min_size is None else self.min_size
+        return MemorySettings(
+            z_dim=z_dim, capacity=self.capacity, min_size=min_size, k=self.k, sigma=self.sigma,
+            risk=RiskWeights(a=self.risk_a, b=self.risk_b, c=self.risk_c, eps=self.risk_eps),
+        )
+
+    def resolve(self, requested: MemorySettingsIn) -> MemorySettings:
+        """Fill the missing fields of a PUT body from the defaults."""
+        given = requested.model_dump(exclude_none=True)
+        base = self.memory_defaults().model_dump()
+        if "capacity" in given and "min_size" not in given and self.min_size is None:
+            base["min_size"] = min(500, given["capacity"])
+        base.update(given)
+        return MemorySettings.model_validate(base)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServiceSettings:
+        self.memory_defaults()  # fail at start, not on the first write
+        return self
