@@ -10,8 +10,12 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("host", str, "address to bind (default 127.0.0.1)"),
     ("port", int, "port (default 8000)"),
     ("data-dir", str, "where the SQLite store lives (default ./zmem-data)"),
-    ("durability", str, "full (fsync every commit), normal (survives a crash of the process, "
-                        "not of the machine) or none (no disk: a restart starts empty)"),
+    (
+        "durability",
+        str,
+        "full (fsync every commit), normal (survives a crash of the process, "
+        "not of the machine) or none (no disk: a restart starts empty)",
+    ),
     ("capacity", int, "default capacity of new memories (50000)"),
     ("min-size", int, "default min_size of new memories (min(500, capacity))"),
     ("k", int, "default k of new memories (64)"),
@@ -45,7 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .settings import ServiceSettings
 
     given: dict[str, Any] = {
-        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in SERVE_FLAGS}
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in SERVE_FLAGS
+    }
     try:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -61,8 +66,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"zmem serve: {e}", file=sys.stderr)
         return 2
     # One process: the rings are process state.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                workers=1, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        workers=1,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

@@ -25,8 +25,7 @@ class ZMemError(Exception):
     title: ClassVar[str] = "Internal error"
     slug: ClassVar[str] = "internal"
 
-    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None,
-                 **extra: Any) -> None:
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors

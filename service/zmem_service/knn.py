@@ -38,8 +38,7 @@ def refine(xb: np.ndarray, xq: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.
     diff = xb[idx].astype(np.float64) - xq[:, None, :].astype(np.float64)
     d2 = np.einsum("bkd,bkd->bk", diff, diff)
     order = np.lexsort((idx, d2), axis=-1)[:, :k]
-    return (np.take_along_axis(d2, order, -1).astype(np.float32),
-            np.take_along_axis(idx, order, -1))
+    return (np.take_along_axis(d2, order, -1).astype(np.float32), np.take_along_axis(idx, order, -1))
 
 
 def candidates(k: int, n: int) -> int:

@@ -122,17 +122,20 @@ class Memory:
         d = batch.z.shape[1]
         if pending.z_dim is not None and d != pending.z_dim:
             raise ValidationFailed.at(
-                ["episodes", 0, "z"], f"z has {d} dimensions; memory {self.name!r} has z_dim "
-                f"{pending.z_dim}")
-        keep = np.array([i is None or (i not in self.ids and i not in pending.ids)
-                         for i in batch.ids], dtype=bool)
+                ["episodes", 0, "z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {pending.z_dim}"
+            )
+        keep = np.array(
+            [i is None or (i not in self.ids and i not in pending.ids) for i in batch.ids], dtype=bool
+        )
         n = int(keep.sum())
         seq = np.arange(pending.next_seq, pending.next_seq + n, dtype=np.int64)
         ids = np.array(batch.ids, dtype=object)[keep]
         rows = Columns(
             z=np.ascontiguousarray(batch.z[keep], dtype=np.float32),
             risk_target=batch.risk_targets(self.settings.risk)[keep],
-            seq=seq, ts=np.full(n, now, np.float64), id=ids,
+            seq=seq,
+            ts=np.full(n, now, np.float64),
+            id=ids,
             worker=np.array(batch.workers, dtype=object)[keep],
             **{f: batch.values[f][keep].astype(np.float32) for f in FLOAT_FIELDS},
         )
@@ -162,8 +165,7 @@ class Memory:
             if n > self.settings.capacity:
                 rows = rows.take(slice(n - self.settings.capacity, None))
             self.ring.append(rows)
-            self.ids.update((i, int(s)) for i, s in zip(rows.id, rows.seq, strict=True)
-                            if i is not None)
+            self.ids.update((i, int(s)) for i, s in zip(rows.id, rows.seq, strict=True) if i is not None)
             self.workers.update(w or "" for w in rows.worker)
             self.workers = +self.workers  # drop zero counts
             self.next_seq = int(rows.seq[-1]) + 1
@@ -172,8 +174,7 @@ class Memory:
 
     # -- reads (kNN thread) -------------------------------------------------------------
 
-    def search(self, knn: KnnBackend, zq: np.ndarray, k: int | None,
-               sigma: float | str | None) -> Neighbors:
+    def search(self, knn: KnnBackend, zq: np.ndarray, k: int | None, sigma: float | str | None) -> Neighbors:
         """The k nearest stored episodes to each row of zq (float32 [B, d])."""
         b, d = zq.shape
         with self.lock:
@@ -181,14 +182,27 @@ class Memory:
             size = self.size
             resolved = self._sigma(knn, self.settings.sigma if sigma is None else sigma)
             if not self.active or self.ring is None:
-                return Neighbors(size, False, resolved, np.zeros((b, 0, d), np.float32),
-                                 np.zeros((b, 0), np.float32), np.zeros((b, 0), np.float32),
-                                 np.zeros((b, 0), np.int64))
+                return Neighbors(
+                    size,
+                    False,
+                    resolved,
+                    np.zeros((b, 0, d), np.float32),
+                    np.zeros((b, 0), np.float32),
+                    np.zeros((b, 0), np.float32),
+                    np.zeros((b, 0), np.int64),
+                )
             kk = min(want, size)
             d2, slots = knn.search(self.ring.z, zq, kk)
             rows = self.ring.rows(slots.reshape(-1))
-        return Neighbors(size, True, resolved, rows.z.reshape(b, kk, d),
-                         rows.risk_target.reshape(b, kk), d2, rows.seq.reshape(b, kk))
+        return Neighbors(
+            size,
+            True,
+            resolved,
+            rows.z.reshape(b, kk, d),
+            rows.risk_target.reshape(b, kk),
+            d2,
+            rows.seq.reshape(b, kk),
+        )
 
     def _sigma(self, knn: KnnBackend, sigma: float | str) -> float:
         """A numeric sigma; "auto" is recomputed every capacity/10 writes (lock held)."""
@@ -226,16 +240,22 @@ class Memory:
         with self.lock:
             cols = self.ring.ordered() if self.ring else None
             out: dict[str, Any] = {
-                "name": self.name, "size": self.size, "capacity": self.settings.capacity,
-                "z_dim": self.settings.z_dim, "active": self.active,
-                "settings": self.settings.model_dump(), "total_written": self.total_written,
-                "next_seq": self.next_seq, "recorded_queries": len(self.query_risk),
+                "name": self.name,
+                "size": self.size,
+                "capacity": self.settings.capacity,
+                "z_dim": self.settings.z_dim,
+                "active": self.active,
+                "settings": self.settings.model_dump(),
+                "total_written": self.total_written,
+                "next_seq": self.next_seq,
+                "recorded_queries": len(self.query_risk),
                 "workers": dict(sorted(self.workers.items())),
             }
         out["seq_range"] = [int(cols.seq[0]), int(cols.seq[-1])] if cols is not None and len(cols) else None
         out["ts_range"] = [float(cols.ts[0]), float(cols.ts[-1])] if cols is not None and len(cols) else None
-        out["fields"] = {f: summary(getattr(cols, f)) if cols is not None else None
-                         for f in (*FLOAT_FIELDS, "risk_target")}
+        out["fields"] = {
+            f: summary(getattr(cols, f)) if cols is not None else None for f in (*FLOAT_FIELDS, "risk_target")
+        }
         out["z_norm"] = summary(np.linalg.norm(cols.z, axis=1)) if cols is not None else None
         return out
 
@@ -244,5 +264,10 @@ def summary(x: np.ndarray) -> dict[str, float] | None:
     if len(x) == 0:
         return None
     q = np.percentile(x.astype(np.float64), [0, 50, 100])
-    return {"min": float(q[0]), "median": float(q[1]), "max": float(q[2]),
-            "mean": float(x.mean(dtype=np.float64)), "std": float(x.std(dtype=np.float64))}
+    return {
+        "min": float(q[0]),
+        "median": float(q[1]),
+        "max": float(q[2]),
+        "mean": float(x.mean(dtype=np.float64)),
+        "std": float(x.std(dtype=np.float64)),
+    }

@@ -20,7 +20,8 @@ DEFAULT = "default"
 def check_name(name: str) -> str:
     if not NAME.fullmatch(name) or name in {".", ".."}:
         raise ValidationFailed.at(
-            ["path", "name"], f"memory name {name!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}")
+            ["path", "name"], f"memory name {name!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}"
+        )
     return name
 
 
@@ -45,8 +46,13 @@ class Memories:
             memory.next_seq, memory.total_written = s.next_seq, s.total_written
             self._items[s.name] = memory
             for diff in defaults.model_copy(update={"z_dim": s.settings.z_dim}).differences(s.settings):
-                log.warning("memory %r keeps its stored %s=%r (start-up default is %r)",
-                            s.name, diff["field"], diff["requested"], diff["stored"])
+                log.warning(
+                    "memory %r keeps its stored %s=%r (start-up default is %r)",
+                    s.name,
+                    diff["field"],
+                    diff["requested"],
+                    diff["stored"],
+                )
         self.loaded = True
 
     def __contains__(self, name: str) -> bool:
@@ -88,7 +94,8 @@ class Memories:
         if extra > 0 and used + extra > limit:
             raise InsufficientStorage(
                 f"this write would grow the rings to {used + extra} bytes; the limit "
-                f"(--max-memory-bytes) is {limit}")
+                f"(--max-memory-bytes) is {limit}"
+            )
 
     def resolve_put(self, name: str, body: MemorySettingsIn) -> tuple[MemorySettings, bool]:
         """Settings a PUT leads to, and whether they replace the current ones.
@@ -115,6 +122,5 @@ class Memories:
 
 
 def conflict(name: str, diffs: list[dict[str, Any]]) -> Conflict:
-    text = "; ".join(f"{d['field']}: stored {d['stored']!r}, requested {d['requested']!r}"
-                     for d in diffs)
+    text = "; ".join(f"{d['field']}: stored {d['stored']!r}, requested {d['requested']!r}" for d in diffs)
     return Conflict(f"memory {name!r} has different settings: {text}", conflicts=diffs)

@@ -51,15 +51,17 @@ class Columns:
     def empty(cls, z_dim: int, n: int = 0) -> Columns:
         cols = {name: np.zeros(n, np.float32) for name in (*FLOAT_FIELDS, "risk_target")}
         return cls(
-            z=np.zeros((n, z_dim), np.float32), seq=np.zeros(n, np.int64),
-            ts=np.zeros(n, np.float64), id=np.full(n, None, object),
-            worker=np.full(n, None, object), **cols,
+            z=np.zeros((n, z_dim), np.float32),
+            seq=np.zeros(n, np.int64),
+            ts=np.zeros(n, np.float64),
+            id=np.full(n, None, object),
+            worker=np.full(n, None, object),
+            **cols,
         )
 
     @classmethod
     def concat(cls, parts: list[Columns]) -> Columns:
-        return cls(**{name: np.concatenate([getattr(p, name) for p in parts])
-                      for name in cls.NAMES})
+        return cls(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in cls.NAMES})
 
 
 def row_bytes(z_dim: int) -> int:

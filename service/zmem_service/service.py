@@ -27,8 +27,20 @@ from .wire import Query
 from .writer import Writer
 
 log = logging.getLogger("zmem")
-EXPORT_FIELDS = ("z", "soft_bind", "cone_vol", "E_T", "lambda_bind", "lambda_T", "Hr",
-                 "risk_target", "seq", "ts", "id", "worker")
+EXPORT_FIELDS = (
+    "z",
+    "soft_bind",
+    "cone_vol",
+    "E_T",
+    "lambda_bind",
+    "lambda_T",
+    "Hr",
+    "risk_target",
+    "seq",
+    "ts",
+    "id",
+    "worker",
+)
 
 
 class ZMem:
@@ -50,8 +62,12 @@ class ZMem:
         self._knn_thread.submit(self.knn.search, one, one, 1).result()
         self._writer = Writer(self.memories, store)
         self.ready = True
-        log.info("ready: %d memories, %d episodes, kNN backend %s", len(self.memories.all()),
-                 sum(m.size for m in self.memories.all()), self.knn.name)
+        log.info(
+            "ready: %d memories, %d episodes, kNN backend %s",
+            len(self.memories.all()),
+            sum(m.size for m in self.memories.all()),
+            self.knn.name,
+        )
 
     def close(self) -> None:
         """Finish queued writes and close the store; later writes get 503."""
@@ -79,8 +95,7 @@ class ZMem:
         writer = self.writer
         if len(batch) == 0:
             size = self.memories.get(name).size if name in self.memories else 0
-            return {"accepted": 0, "duplicates": 0, "size": size, "first_seq": None,
-                    "last_seq": None}
+            return {"accepted": 0, "duplicates": 0, "size": size, "first_seq": None, "last_seq": None}
         return await writer.write(name, batch)
 
     async def put(self, name: str, body: MemorySettingsIn) -> tuple[MemorySettings, bool]:
@@ -113,8 +128,7 @@ class ZMem:
         def load() -> dict[str, Any]:
             current = self.memories.find(name)
             if current is not None and current.size:
-                raise Conflict(f"memory {name!r} holds {current.size} episodes; import needs an "
-                               "empty memory")
+                raise Conflict(f"memory {name!r} holds {current.size} episodes; import needs an empty memory")
             if current is not None and current.settings.z_dim is not None:
                 diffs = current.settings.differences(settings)
                 if diffs:
@@ -124,9 +138,9 @@ class ZMem:
             assert memory.ring is not None
             self.memories.check_budget(
                 memory.ring.allocation_after(len(kept)) * row_bytes(memory.ring.z_dim)
-                - (current.ring_bytes if current else 0))
-            writer.store.save_memory(name, settings, int(rows.seq[-1]) + 1 if len(rows) else 1,
-                                     len(kept))
+                - (current.ring_bytes if current else 0)
+            )
+            writer.store.save_memory(name, settings, int(rows.seq[-1]) + 1 if len(rows) else 1, len(kept))
             writer.store.insert(name, kept)
             memory.apply(kept)
             memory.total_written = len(kept)
@@ -149,10 +163,13 @@ class ZMem:
         floats = b * min(k, memory.size) * d
         if floats > self.settings.max_response_floats:
             raise ValidationFailed.at(
-                ["k"], f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
-                f"{self.settings.max_response_floats}: ask for fewer rows or a smaller k")
-        future = self._knn_thread.submit(memory.search, self.knn, query.z, query.options.k,
-                                         query.options.sigma)
+                ["k"],
+                f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
+                f"{self.settings.max_response_floats}: ask for fewer rows or a smaller k",
+            )
+        future = self._knn_thread.submit(
+            memory.search, self.knn, query.z, query.options.k, query.options.sigma
+        )
         nb: Neighbors = await asyncio.wrap_future(future)
         if query.options.record and nb.active and self.settings.recorded_queries:
             memory.record_risk(nb.kernel_risk(), self.settings.recorded_queries)
@@ -190,8 +207,9 @@ def read_npz(body: bytes) -> tuple[MemorySettings, Columns]:
     n = len(data["seq"])
     z = data["z"]
     if z.ndim != 2 or z.shape != (n, settings.z_dim or z.shape[1]):
-        raise ValidationFailed.at(["z"], f"shape {list(z.shape)} does not match {n} rows of "
-                                  f"z_dim {settings.z_dim}")
+        raise ValidationFailed.at(
+            ["z"], f"shape {list(z.shape)} does not match {n} rows of z_dim {settings.z_dim}"
+        )
     if settings.z_dim is None:
         settings = settings.model_copy(update={"z_dim": int(z.shape[1])})
     for key in (*FLOAT_FIELDS, "risk_target", "ts", "id", "worker"):
@@ -204,7 +222,9 @@ def read_npz(body: bytes) -> tuple[MemorySettings, Columns]:
     if not all(np.isfinite(a.astype(np.float64)).all() for a in numeric):
         raise ValidationFailed.at(["body"], "the file holds NaN or inf")
     return settings, Columns(
-        z=np.ascontiguousarray(z, np.float32), seq=seq, ts=data["ts"].astype(np.float64),
+        z=np.ascontiguousarray(z, np.float32),
+        seq=seq,
+        ts=data["ts"].astype(np.float64),
         id=np.array([str(v) or None for v in data["id"]], object),
         worker=np.array([str(v) or None for v in data["worker"]], object),
         **{k: data[k].astype(np.float32) for k in (*FLOAT_FIELDS, "risk_target")},

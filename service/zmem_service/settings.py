@@ -60,8 +60,13 @@ class MemorySettings(BaseModel):
             if field == "risk":
                 for key in mine["risk"]:
                     if mine["risk"][key] != theirs["risk"][key]:
-                        out.append({"field": f"risk.{key}", "stored": mine["risk"][key],
-                                    "requested": theirs["risk"][key]})
+                        out.append(
+                            {
+                                "field": f"risk.{key}",
+                                "stored": mine["risk"][key],
+                                "requested": theirs["risk"][key],
+                            }
+                        )
             elif mine[field] != theirs[field]:
                 out.append({"field": field, "stored": mine[field], "requested": theirs[field]})
         return out
@@ -119,7 +124,11 @@ class ServiceSettings(BaseSettings):
         """The settings a memory created now gets (raises ValueError when they are invalid)."""
         min_size = min(500, self.capacity) if self.min_size is None else self.min_size
         return MemorySettings(
-            z_dim=z_dim, capacity=self.capacity, min_size=min_size, k=self.k, sigma=self.sigma,
+            z_dim=z_dim,
+            capacity=self.capacity,
+            min_size=min_size,
+            k=self.k,
+            sigma=self.sigma,
             risk=RiskWeights(a=self.risk_a, b=self.risk_b, c=self.risk_c, eps=self.risk_eps),
         )
 

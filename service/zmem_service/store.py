@@ -52,8 +52,7 @@ class StoredMemory:
 
 class Store(Protocol):
     def load(self) -> list[StoredMemory]: ...
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int,
-                    total_written: int) -> None: ...
+    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None: ...
     def insert(self, name: str, rows: Columns) -> None: ...
     def delete_memory(self, name: str) -> None: ...
     def commit(self) -> None: ...
@@ -68,8 +67,7 @@ class NullStore:
     def load(self) -> list[StoredMemory]:
         return []
 
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int,
-                    total_written: int) -> None:
+    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None:
         pass
 
     def insert(self, name: str, rows: Columns) -> None:
@@ -114,24 +112,25 @@ class SqliteStore:
     def load(self) -> list[StoredMemory]:
         out = []
         for name, settings_json, next_seq, total in self._db.execute(
-                "SELECT name, settings, next_seq, total_written FROM memories ORDER BY name"):
+            "SELECT name, settings, next_seq, total_written FROM memories ORDER BY name"
+        ):
             settings = MemorySettings.model_validate_json(settings_json)
             cur = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM episodes WHERE memory = ? "
-                "ORDER BY seq DESC LIMIT ?", (name, settings.capacity))
+                f"SELECT {', '.join(COLUMNS)} FROM episodes WHERE memory = ? ORDER BY seq DESC LIMIT ?",
+                (name, settings.capacity),
+            )
             rows = cur.fetchall()[::-1]
-            out.append(StoredMemory(name, settings, next_seq, total,
-                                    decode_rows(rows, settings.z_dim or 0)))
+            out.append(StoredMemory(name, settings, next_seq, total, decode_rows(rows, settings.z_dim or 0)))
         return out
 
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int,
-                    total_written: int) -> None:
+    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None:
         self._begin()
         self._db.execute(
             "INSERT INTO memories (name, settings, next_seq, total_written) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET settings = excluded.settings, "
             "next_seq = excluded.next_seq, total_written = excluded.total_written",
-            (name, settings.model_dump_json(), next_seq, total_written))
+            (name, settings.model_dump_json(), next_seq, total_written),
+        )
 
     def insert(self, name: str, rows: Columns) -> None:
         if not len(rows):
@@ -143,7 +142,8 @@ class SqliteStore:
         self._db.executemany(
             f"INSERT INTO episodes (memory, {', '.join(COLUMNS)}) "
             f"VALUES (?, {', '.join('?' * len(COLUMNS))})",
-            ((name, *r) for r in zip(*cols, strict=True)))
+            ((name, *r) for r in zip(*cols, strict=True)),
+        )
 
     def delete_memory(self, name: str) -> None:
         self._begin()
@@ -177,8 +177,11 @@ def decode_rows(rows: list[tuple], z_dim: int) -> Columns:
     by_name = dict(zip(COLUMNS, cols, strict=True))
     z = np.frombuffer(b"".join(by_name["z"]), dtype=np.float32).reshape(n, z_dim).copy()
     return Columns(
-        z=z, seq=np.array(by_name["seq"], np.int64), ts=np.array(by_name["ts"], np.float64),
-        id=np.array(by_name["id"], object), worker=np.array(by_name["worker"], object),
+        z=z,
+        seq=np.array(by_name["seq"], np.int64),
+        ts=np.array(by_name["ts"], np.float64),
+        id=np.array(by_name["id"], object),
+        worker=np.array(by_name["worker"], object),
         **{f: np.array(by_name[f], np.float32) for f in (*FLOAT_FIELDS, "risk_target")},
     )
 

@@ -139,13 +139,13 @@ def decode_episodes(body: bytes, content_type: str | None) -> EpisodeBatch:
     if len(dims) > 1:
         d0 = len(eps[0].z)
         i = next(i for i, e in enumerate(eps) if len(e.z) != d0)
-        raise ValidationFailed.at(["episodes", i, "z"],
-                                  f"z has {len(eps[i].z)} values; episode 0 has {d0}")
+        raise ValidationFailed.at(["episodes", i, "z"], f"z has {len(eps[i].z)} values; episode 0 has {d0}")
     d = dims.pop() if dims else 0
     return EpisodeBatch(
         z=np.array([e.z for e in eps], np.float32).reshape(len(eps), d),
         values={f: np.array([getattr(e, f) for e in eps], np.float32) for f in FLOAT_FIELDS},
-        ids=[e.id for e in eps], workers=[e.worker for e in eps],
+        ids=[e.id for e in eps],
+        workers=[e.worker for e in eps],
     )
 
 
@@ -167,8 +167,11 @@ def _episodes_from_safetensors(t: dict[str, np.ndarray], meta: dict[str, Any]) -
         value = meta.get(key)
         if value is None:
             value = [None] * b
-        if not isinstance(value, list) or len(value) != b or not all(
-                v is None or isinstance(v, str) for v in value):
+        if (
+            not isinstance(value, list)
+            or len(value) != b
+            or not all(v is None or isinstance(v, str) for v in value)
+        ):
             raise ValidationFailed.at([key], f"metadata {key} must be a list of {b} strings or nulls")
         lists[key] = value
     return EpisodeBatch(z=t["z"], values=values, ids=lists["id"], workers=lists["worker"])
@@ -207,8 +210,9 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValidationFailed.at(["z"], "z must be [d] or [B, d] with d >= 1 (rows of equal length)")
     if not np.isfinite(z).all():
-        raise ValidationFailed.at(["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
-                                  "must be finite (no NaN or inf)")
+        raise ValidationFailed.at(
+            ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])], "must be finite (no NaN or inf)"
+        )
     return Query(np.ascontiguousarray(z, np.float32), one_row, options)
 
 
@@ -224,7 +228,8 @@ def encode(request: Request, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     if wants_safetensors(request):
         body = safetensors.numpy.save(
             {k: v if v.flags.c_contiguous else v.copy() for k, v in arrays.items()},
-            metadata={k: json.dumps(v) for k, v in meta.items()})
+            metadata={k: json.dumps(v) for k, v in meta.items()},
+        )
         return Response(body, media_type=SAFETENSORS)
     payload = {**meta, **{k: v.tolist() for k, v in arrays.items()}}
     return Response(json.dumps(payload), media_type="application/json")

@@ -135,8 +135,7 @@ class Writer:
                 memory = planned_memory(planned, name)
                 if memory is not None:
                     settings = memory.settings.model_copy(update={"z_dim": p.z_dim})
-                    self.store.save_memory(name, settings, p.next_seq,
-                                           memory.total_written + p.count)
+                    self.store.save_memory(name, settings, p.next_seq, memory.total_written + p.count)
             self.store.commit()
         except BaseException as e:
             self.store.rollback()

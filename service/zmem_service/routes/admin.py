@@ -29,10 +29,18 @@ async def readyz(zmem: ZMemDep) -> JSONResponse:
 @router.get("/memories")
 async def list_memories(zmem: ZMemDep) -> dict[str, Any]:
     zmem.memory("default")  # 503 while loading
-    return {"memories": [
-        {"name": m.name, "size": m.size, "capacity": m.settings.capacity,
-         "z_dim": m.settings.z_dim, "total_written": m.total_written}
-        for m in zmem.memories.all()]}
+    return {
+        "memories": [
+            {
+                "name": m.name,
+                "size": m.size,
+                "capacity": m.settings.capacity,
+                "z_dim": m.settings.z_dim,
+                "total_written": m.total_written,
+            }
+            for m in zmem.memories.all()
+        ]
+    }
 
 
 @router.get("/memories/{name}")
@@ -45,8 +53,9 @@ async def get_memory(name: str, zmem: ZMemDep) -> dict[str, Any]:
 async def put_memory(name: str, body: MemorySettingsIn, zmem: ZMemDep) -> JSONResponse:
     check_name(name)
     settings, created = await zmem.put(name, body)
-    return JSONResponse({"name": name, "settings": settings.model_dump()},
-                        status_code=201 if created else 200)
+    return JSONResponse(
+        {"name": name, "settings": settings.model_dump()}, status_code=201 if created else 200
+    )
 
 
 @router.delete("/memories/{name}", status_code=204)

@@ -49,8 +49,11 @@ async def get_stats(name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
 @router.get("/export")
 async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
     body = await zmem.export_npz(name)
-    return Response(body, media_type="application/octet-stream", headers={
-        "content-disposition": f'attachment; filename="{name}.npz"'})
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={"content-disposition": f'attachment; filename="{name}.npz"'},
+    )
 
 
 @router.post("/import")

@@ -1,0 +1,313 @@
+"""`ZMemClient`: record episodes, query neighbours, and get a differentiable risk."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import uuid
+import weakref
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from . import _wire
+from ._exceptions import RequestRejected, ServerError, Timeout, TransportError
+from ._risk import kernel_risk
+from ._sender import Sender, columns
+
+ArrayLike = torch.Tensor | np.ndarray | list[float]
+
+
+class ZMemClient:
+    """A connection to one memory of a zmem service.
+
+    `record` returns at once (a background thread sends); `risk`, `neighbors` and
+    the other calls block for at most `timeout` seconds and raise a `ZMemError`
+    subclass on failure. Pickling keeps only the constructor arguments, so each
+    worker process that unpickles a client opens its own connection.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        memory: str = "default",
+        token: str | None = None,
+        timeout: float = 10.0,
+        queue_size: int = 100_000,
+        batch_size: int = 1024,
+        worker: str | None = None,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if queue_size < 1 or batch_size < 1:
+            raise ValueError(f"queue_size and batch_size must be >= 1, got {queue_size}, {batch_size}")
+        self.url = url.rstrip("/")
+        self.memory = memory
+        self.timeout = timeout
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._args = {
+            "url": url,
+            "memory": memory,
+            "token": token,
+            "timeout": timeout,
+            "queue_size": queue_size,
+            "batch_size": batch_size,
+            "worker": worker,
+        }
+        self._prefix = "/" if memory == "default" else f"/memories/{memory}/"
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        # Separate pools: the sender's retries never queue up behind a training step's query.
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._send_http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._sender = Sender(self._post_episodes, queue_size=queue_size, batch_size=batch_size)
+        self._ids = f"{uuid.uuid4().hex[:16]}-"
+        self._next_id = 0
+        self._z_dim: int | None = None
+        self._closed = False
+        _open_clients.add(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._args,))
+
+    def __repr__(self) -> str:
+        return f"ZMemClient({self.url!r}, memory={self.memory!r})"
+
+    # -- recording --------------------------------------------------------------------
+
+    def record(
+        self,
+        z: ArrayLike,
+        *,
+        soft_bind: float,
+        cone_vol: float,
+        lambda_bind: float,
+        E_T: float = 0.0,
+        lambda_T: float = 0.0,
+        Hr: float = 0.0,
+        id: str | None = None,
+        worker: str | None = None,
+    ) -> str:
+        """Queue one episode (z of shape [d] or [1, d]) and return its idempotency id.
+
+        Raises ValueError for invalid values (here, not later in the background),
+        QueueFull when the queue is full, SendFailed for an earlier permanent rejection.
+        """
+        arr = _as_numpy(z)
+        if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 1) or arr.size == 0:
+            raise ValueError(f"z must have shape [d] or [1, d], got {list(arr.shape)}")
+        vec = arr.astype(np.float32).reshape(-1)
+        if self._z_dim is not None and vec.shape[0] != self._z_dim:
+            raise ValueError(f"z has {vec.shape[0]} dimensions; earlier records had {self._z_dim}")
+        if not np.isfinite(vec).all():
+            raise ValueError("z must be finite (no NaN or inf)")
+        values = {
+            "soft_bind": soft_bind,
+            "cone_vol": cone_vol,
+            "lambda_bind": lambda_bind,
+            "E_T": E_T,
+            "lambda_T": lambda_T,
+            "Hr": Hr,
+        }
+        for name, value in values.items():
+            value = float(value)
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            values[name] = value
+        if not 0.0 <= values["soft_bind"] <= 1.0:
+            raise ValueError(f"soft_bind must be in [0, 1], got {values['soft_bind']}")
+        if values["cone_vol"] < 0:
+            raise ValueError(f"cone_vol must be >= 0, got {values['cone_vol']}")
+        if id is None:
+            id = f"{self._ids}{self._next_id}"
+            self._next_id += 1
+        self._sender.put({"z": vec, "id": id, "worker": worker or self.worker, **values})
+        self._z_dim = vec.shape[0]
+        return id
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Return once every recorded episode is acknowledged (stored durably).
+
+        Raises FlushTimeout when `timeout` runs out (the queue is kept) and
+        SendFailed when a batch was rejected for good.
+        """
+        self._sender.flush(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Episodes recorded but not yet acknowledged."""
+        return self._sender.pending
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (waiting at most `timeout` seconds), then close the connections."""
+        if self._closed:
+            return
+        try:
+            self._sender.close(timeout)
+        finally:
+            self._closed = True
+            self._http.close()
+            self._send_http.close()
+            _open_clients.discard(self)
+
+    def __enter__(self) -> ZMemClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _post_episodes(self, batch: list[dict[str, Any]]) -> None:
+        arrays, meta = columns(batch)
+        self._request(
+            self._send_http,
+            "POST",
+            "episodes",
+            content=_wire.encode(arrays, meta),
+            headers={"content-type": _wire.SAFETENSORS},
+        )
+
+    # -- queries ----------------------------------------------------------------------
+
+    def risk(
+        self,
+        z: torch.Tensor,
+        *,
+        k: int | None = None,
+        sigma: float | str | None = None,
+        squeeze: bool = True,
+        record: bool = True,
+    ) -> torch.Tensor:
+        """The seed's `memory_risk`: kernel risk of z's neighbourhood, differentiable in z.
+
+        z [d] or [1, d] → 0-dim tensor (the seed's shape); [B, d] → [B]; with
+        `squeeze=False` the shape is always z.shape[:-1] (a [1, d] query gives [1]).
+        Exactly 0 while the memory holds fewer than min_size episodes. On z's device
+        and dtype. `record=True` lets the service keep the value for its diagnostics.
+        """
+        risk, _ = self.risk_and_size(z, k=k, sigma=sigma, record=record)
+        if squeeze and z.dim() == 2 and z.shape[0] == 1:
+            return risk[0]
+        return risk
+
+    def risk_and_size(
+        self, z: torch.Tensor, *, k: int | None = None, sigma: float | str | None = None, record: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """risk(z, squeeze=False) and the memory's size when it answered."""
+        if z.dim() not in (1, 2):
+            raise ValueError(f"z must have shape [d] or [B, d], got {list(z.shape)}")
+        nb = self._neighbors(z.detach().to("cpu", torch.float32).numpy(), k, sigma, record)
+        rows = z if z.dim() == 2 else z.unsqueeze(0)
+        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=z.dtype)
+        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=z.dtype)
+        risk = kernel_risk(rows, nz, rt, nb["sigma"])
+        return (risk if z.dim() == 2 else risk[0]), int(nb["size"])
+
+    def neighbors(
+        self, z: ArrayLike, k: int | None = None, sigma: float | str | None = None
+    ) -> dict[str, Any]:
+        """The k nearest stored episodes: numpy `z` [B, k, d], `risk_target`, `d2` [B, k],
+        `seq` [B, k] (a 1-D z drops the B axis), and `size`, `active`, `k`, `sigma`."""
+        q = _as_numpy(z).astype(np.float32)
+        nb = self._neighbors(q if q.ndim == 2 else q.reshape(1, -1), k, sigma, False)
+        if q.ndim == 1:
+            nb.update({key: nb[key][0] for key in ("z", "risk_target", "d2", "seq")})
+        return nb
+
+    def _neighbors(
+        self, z: np.ndarray, k: int | None, sigma: float | str | None, record: bool
+    ) -> dict[str, Any]:
+        meta: dict[str, Any] = {"record": record}
+        if k is not None:
+            meta["k"] = k
+        if sigma is not None:
+            meta["sigma"] = sigma
+        r = self._request(
+            self._http,
+            "POST",
+            "neighbors",
+            content=_wire.encode({"z": z}, meta),
+            headers={"content-type": _wire.SAFETENSORS, "accept": _wire.SAFETENSORS},
+        )
+        arrays, info = _wire.decode(r.content)
+        return {**info, **arrays}
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self._request(self._http, "GET", "stats").json()
+        return stats
+
+    def export(self) -> dict[str, np.ndarray]:
+        """The whole buffer in arrival order, as the service's export file holds it."""
+        import io
+
+        r = self._request(self._http, "GET", "export")
+        with np.load(io.BytesIO(r.content), allow_pickle=False) as f:
+            return {key: f[key] for key in f.files}
+
+    def extract(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The seed's `extract_memory`: (zs [N, d], soft_bind, cone_vol, lambda_bind)."""
+        data = self.export()
+        return data["z"], data["soft_bind"], data["cone_vol"], data["lambda_bind"]
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """Create this memory with settings (z_dim, capacity, min_size, k, sigma, risk)."""
+        path = f"/memories/{self.memory}"
+        result: dict[str, Any] = self._request(self._http, "PUT", path, json=settings).json()
+        return result
+
+    def map_png(self, **params: Any) -> bytes:
+        return self._request(self._http, "GET", "map.png", params=params).content
+
+    def trail_png(self, **params: Any) -> bytes:
+        return self._request(self._http, "GET", "trail.png", params=params).content
+
+    def risk_png(self, **params: Any) -> bytes:
+        return self._request(self._http, "GET", "risk.png", params=params).content
+
+    def diagnostics(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(self._http, "GET", "diagnostics").json()
+        return result
+
+    def _request(self, http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        url = path if path.startswith("/") else self._prefix + path
+        try:
+            r = http.request(method, url, **kwargs)
+        except httpx.TimeoutException as e:
+            raise Timeout(f"{method} {self.url}{url}: no answer within {self.timeout}s") from e
+        except httpx.HTTPError as e:
+            raise TransportError(f"{method} {self.url}{url}: cannot reach the service: {e}") from e
+        if r.status_code >= 400:
+            try:
+                problem = r.json()
+            except ValueError:
+                problem = {"title": r.reason_phrase, "detail": r.text[:500]}
+            cls = RequestRejected if r.status_code < 500 else ServerError
+            raise cls(r.status_code, problem, f"{method} {self.url}{url}")
+        return r
+
+
+def _as_numpy(z: ArrayLike) -> np.ndarray:
+    if isinstance(z, torch.Tensor):
+        return z.detach().to("cpu").numpy()
+    return np.asarray(z)
+
+
+def _rebuild(args: dict[str, Any]) -> ZMemClient:
+    return ZMemClient(**args)
+
+
+_open_clients: weakref.WeakSet[ZMemClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # Episodes recorded just before the interpreter exits still reach the service.
+    for client in list(_open_clients):
+        try:
+            client.close(timeout=30.0)
+        except Exception as e:  # at exit there is no one left to raise to
+            print(f"zmem: {client!r} could not flush at exit: {e}")
