@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .errors import ZMemError
-from .routes import admin, memory
+from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
 
@@ -77,6 +77,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(memory.router)
     app.include_router(memory.router, prefix="/memories/{name}")
+    app.include_router(pictures.router)
+    app.include_router(pictures.router, prefix="/memories/{name}")
+    app.include_router(pictures.dashboard_router)
     return app
 
 

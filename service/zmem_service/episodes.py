@@ -43,6 +43,8 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     n = len(batch)
     if n > max_batch:
         raise ValidationFailed.at(["episodes"], f"{n} episodes in one request; the limit is {max_batch}")
+    if n == 0:
+        return
     if batch.z.ndim != 2 or batch.z.shape[1] < 1 or batch.z.shape[1] > MAX_Z_DIM:
         raise ValidationFailed.at(["episodes", "z"], f"z must be [B, d] with 1 <= d <= {MAX_Z_DIM}")
     errors: list[dict] = []
