@@ -54,6 +54,12 @@ class Server:
         self.stop()
         raise RuntimeError(f"zmem serve not ready after {timeout}s:\n{self.log.read_text()}")
 
+    def restart(self, *args: str) -> Server:
+        """Start again on the same port and data dir (with `args` when given)."""
+        if args:
+            self.args = list(args)
+        return self.start()
+
     def kill(self) -> None:
         """`kill -9`: no shutdown code runs."""
         if self.proc and self.proc.poll() is None:

@@ -78,21 +78,40 @@ class PictureCache:
 
         def job() -> Picture:
             cols = memory.snapshot()
-            return Picture.of(render_map(
-                cols.z, cols.soft_bind, cols.cone_vol, cols.lambda_bind, cols.risk_target,
-                title=_title(memory.name, cols), max_points=max_points, seed=seed, dpi=dpi,
-                eps=memory.settings.risk.eps))
+            return Picture.of(
+                render_map(
+                    cols.z,
+                    cols.soft_bind,
+                    cols.cone_vol,
+                    cols.lambda_bind,
+                    cols.risk_target,
+                    title=_title(memory.name, cols),
+                    max_points=max_points,
+                    seed=seed,
+                    dpi=dpi,
+                    eps=memory.settings.risk.eps,
+                )
+            )
 
         return await self._get(self._key(memory, "map", max_points, seed, dpi), job)
 
-    async def trail(self, memory: Memory, *, last: int, max_points: int, seed: int,
-                    dpi: int) -> Picture:
+    async def trail(
+        self, memory: Memory, *, last: int, max_points: int, seed: int, dpi: int
+    ) -> Picture:
         """The last ``last`` z's in arrival order over the buffer (``plots.render_trail``)."""
 
         def job() -> Picture:
             cols = memory.snapshot()
-            return Picture.of(render_trail(cols.z, last=last, title=_title(memory.name, cols),
-                                           max_points=max_points, seed=seed, dpi=dpi))
+            return Picture.of(
+                render_trail(
+                    cols.z,
+                    last=last,
+                    title=_title(memory.name, cols),
+                    max_points=max_points,
+                    seed=seed,
+                    dpi=dpi,
+                )
+            )
 
         return await self._get(self._key(memory, "trail", last, max_points, seed, dpi), job)
 
@@ -113,8 +132,9 @@ class PictureCache:
 
         def job() -> dict[str, Any]:
             cols = memory.snapshot()
-            return evaluate(cols.z, cols.soft_bind, cols.lambda_bind, risk,
-                            min_size=memory.settings.min_size)
+            return evaluate(
+                cols.z, cols.soft_bind, cols.lambda_bind, risk, min_size=memory.settings.min_size
+            )
 
         return await self._get(self._key(memory, "diagnostics", risk.size, digest), job)
 
@@ -164,6 +184,8 @@ def _title(name: str, cols: Columns) -> str:
     n = len(cols)
     if n == 0:
         return f"{name}: no episodes"
-    first, last = (datetime.fromtimestamp(float(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                   for t in (cols.ts[0], cols.ts[-1]))
+    first, last = (
+        datetime.fromtimestamp(float(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for t in (cols.ts[0], cols.ts[-1])
+    )
     return f"{name}: {n} episode{'' if n == 1 else 's'}, {first} → {last}"

@@ -41,24 +41,39 @@ Last = Annotated[int, Query(ge=1, le=100_000, description="how many recent z's")
 
 
 @router.get("/map.png", response_class=Response)
-async def get_map(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep,
-                  max_points: MaxPoints = 5000, seed: Seed = 0, dpi: Dpi = 100) -> Response:
+async def get_map(
+    request: Request,
+    name: NameDep,
+    zmem: ZMemDep,
+    pictures: PicturesDep,
+    max_points: MaxPoints = 5000,
+    seed: Seed = 0,
+    dpi: Dpi = 100,
+) -> Response:
     memory = zmem.memory(name)
     return _png(request, await pictures.map(memory, max_points=max_points, seed=seed, dpi=dpi))
 
 
 @router.get("/trail.png", response_class=Response)
-async def get_trail(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep,
-                    last: Last = 1000, max_points: MaxPoints = 5000, seed: Seed = 0,
-                    dpi: Dpi = 100) -> Response:
+async def get_trail(
+    request: Request,
+    name: NameDep,
+    zmem: ZMemDep,
+    pictures: PicturesDep,
+    last: Last = 1000,
+    max_points: MaxPoints = 5000,
+    seed: Seed = 0,
+    dpi: Dpi = 100,
+) -> Response:
     memory = zmem.memory(name)
     picture = await pictures.trail(memory, last=last, max_points=max_points, seed=seed, dpi=dpi)
     return _png(request, picture)
 
 
 @router.get("/risk.png", response_class=Response)
-async def get_risk(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep,
-                   dpi: Dpi = 100) -> Response:
+async def get_risk(
+    request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep, dpi: Dpi = 100
+) -> Response:
     return _png(request, await pictures.risk(zmem.memory(name), dpi=dpi))
 
 
