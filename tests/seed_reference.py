@@ -13,8 +13,9 @@ import torch
 
 
 class SeedMemory:
-    def __init__(self, mem_size: int = 50_000, mem_min: int = 500, mem_k: int = 64,
-                 mem_sigma: float = 1.0) -> None:
+    def __init__(
+        self, mem_size: int = 50_000, mem_min: int = 500, mem_k: int = 64, mem_sigma: float = 1.0
+    ) -> None:
         self.mem_size = mem_size
         self.mem_min = mem_min
         self.mem_k = mem_k
@@ -23,8 +24,14 @@ class SeedMemory:
 
     def append(self, z: torch.Tensor, soft_bind: float, cone_vol: float, lambda_bind: float) -> None:
         with torch.no_grad():
-            self.mem.append({"z": z.detach().cpu().squeeze(0), "soft_bind": float(soft_bind),
-                             "cone_vol": float(cone_vol), "lambda_bind": float(lambda_bind)})
+            self.mem.append(
+                {
+                    "z": z.detach().cpu().squeeze(0),
+                    "soft_bind": float(soft_bind),
+                    "cone_vol": float(cone_vol),
+                    "lambda_bind": float(lambda_bind),
+                }
+            )
 
     def _mem_tensors(self, device):
         zs = torch.stack([m["z"] for m in self.mem], dim=0).to(device)  # [N,z_dim]

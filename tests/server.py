@@ -35,16 +35,26 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Server:
-        cmd = [sys.executable, "-m", "zmem_service.cli", "serve", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--log-level", "warning", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zmem_service.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         env = {**os.environ, **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"zmem serve exited with {self.proc.returncode}:\n"
-                                   f"{self.log.read_text()}")
+                raise RuntimeError(f"zmem serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
                     return self

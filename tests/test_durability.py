@@ -26,8 +26,16 @@ def export(url: str, memory: str = "default") -> dict[str, np.ndarray]:
 
 
 def batch(tag: str, start: int, n: int, d: int = 4) -> list[dict]:
-    return [{"z": [float(start + i)] * d, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0,
-             "id": f"{tag}-{start + i}"} for i in range(n)]
+    return [
+        {
+            "z": [float(start + i)] * d,
+            "soft_bind": 0.5,
+            "cone_vol": 1.0,
+            "lambda_bind": 0.0,
+            "id": f"{tag}-{start + i}",
+        }
+        for i in range(n)
+    ]
 
 
 def writer(url: str, rank: int, acks: mp.Queue) -> None:
@@ -125,14 +133,25 @@ def test_settings_and_answers_survive_a_restart_with_other_flags(tmp_path) -> No
         rng = np.random.default_rng(0)
         for memory in ("default", "x"):
             prefix = "" if memory == "default" else "/memories/x"
-            eps = [{"z": rng.standard_normal(4).tolist(), "soft_bind": float(rng.uniform()),
-                    "cone_vol": 1.0, "lambda_bind": 0.0} for _ in range(400)]
+            eps = [
+                {
+                    "z": rng.standard_normal(4).tolist(),
+                    "soft_bind": float(rng.uniform()),
+                    "cone_vol": 1.0,
+                    "lambda_bind": 0.0,
+                }
+                for _ in range(400)
+            ]
             assert httpx.post(srv.url + prefix + "/episodes", json={"episodes": eps}).status_code == 200
         query = {"z": rng.standard_normal((3, 4)).tolist(), "sigma": "auto"}
-        before = {m: httpx.post(srv.url + p + "/neighbors", json=query).json()
-                  for m, p in (("default", ""), ("x", "/memories/x"))}
-        settings = {m: httpx.get(srv.url + p + "/stats").json()["settings"]
-                    for m, p in (("default", ""), ("x", "/memories/x"))}
+        before = {
+            m: httpx.post(srv.url + p + "/neighbors", json=query).json()
+            for m, p in (("default", ""), ("x", "/memories/x"))
+        }
+        settings = {
+            m: httpx.get(srv.url + p + "/stats").json()["settings"]
+            for m, p in (("default", ""), ("x", "/memories/x"))
+        }
         # SIGTERM: uvicorn drains, the lifespan closes the store, then re-raises the signal.
         assert srv.stop(timeout=30) in (0, -15)
 
@@ -156,9 +175,19 @@ def test_settings_and_answers_survive_a_restart_with_other_flags(tmp_path) -> No
 
 def test_export_import_round_trip(server) -> None:
     rng = np.random.default_rng(1)
-    eps = [{"z": rng.standard_normal(6).tolist(), "soft_bind": float(rng.uniform()),
-            "cone_vol": float(rng.uniform()), "lambda_bind": 1.0, "E_T": 2.0, "Hr": 3.0,
-            "worker": f"w{i % 2}", **({"id": f"i{i}"} if i % 3 else {})} for i in range(700)]
+    eps = [
+        {
+            "z": rng.standard_normal(6).tolist(),
+            "soft_bind": float(rng.uniform()),
+            "cone_vol": float(rng.uniform()),
+            "lambda_bind": 1.0,
+            "E_T": 2.0,
+            "Hr": 3.0,
+            "worker": f"w{i % 2}",
+            **({"id": f"i{i}"} if i % 3 else {}),
+        }
+        for i in range(700)
+    ]
     httpx.post(server.url + "/memories/src/episodes", json={"episodes": eps}).raise_for_status()
     original = httpx.get(server.url + "/memories/src/export").content
     r = httpx.post(server.url + "/memories/dst/import", content=original)

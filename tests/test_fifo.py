@@ -11,8 +11,17 @@ CAPACITY = 1000
 
 
 def episodes(start: int, n: int, d: int = 3) -> list[dict]:
-    return [{"z": [float(i)] * d, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": float(i % 7),
-             "id": f"ep{i}", "worker": f"w{i % 3}"} for i in range(start, start + n)]
+    return [
+        {
+            "z": [float(i)] * d,
+            "soft_bind": 0.5,
+            "cone_vol": 1.0,
+            "lambda_bind": float(i % 7),
+            "id": f"ep{i}",
+            "worker": f"w{i % 3}",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def export(client, path: str = "/export") -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import socket
 import uuid
 import weakref
@@ -40,9 +41,12 @@ class ZMemClient:
         queue_size: int = 100_000,
         batch_size: int = 1024,
         worker: str | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", memory) or memory in {".", ".."}:
+            raise ValueError(f"memory must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}, got {memory!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if queue_size < 1 or batch_size < 1:
@@ -63,8 +67,11 @@ class ZMemClient:
         self._prefix = "/" if memory == "default" else f"/memories/{memory}/"
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # Separate pools: the sender's retries never queue up behind a training step's query.
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-        self._send_http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # `transport` (e.g. httpx.MockTransport) is for tests; it is not pickled.
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._send_http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
         self._sender = Sender(self._post_episodes, queue_size=queue_size, batch_size=batch_size)
         self._ids = f"{uuid.uuid4().hex[:16]}-"
         self._next_id = 0

@@ -52,9 +52,9 @@ class Sender:
             self._raise_error()
             if self._closed:
                 raise RuntimeError("record() after close()")
-            if len(self._queue) >= self._queue_size:
+            if len(self._queue) + self._in_flight >= self._queue_size:
                 raise QueueFull(
-                    f"{len(self._queue)} episodes are waiting to be sent (queue_size="
+                    f"{len(self._queue) + self._in_flight} episodes are waiting to be sent (queue_size="
                     f"{self._queue_size}): the service has been unreachable for a while; "
                     "nothing was dropped"
                 )
