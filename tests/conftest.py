@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import settings
+
 from zmem_service.app import create_app
 from zmem_service.settings import ServiceSettings
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+
 from zmem_client import (
     FlushTimeout,
     QueueFull,

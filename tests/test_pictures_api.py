@@ -154,6 +154,18 @@ def test_recorded_queries_change_the_risk_picture(client: TestClient) -> None:
     assert len({empty, some, client.get("/risk.png").headers["etag"]}) == 3
 
 
+def test_writes_leave_the_risk_picture_alone(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(client, 100)
+    record_queries(client, 20)
+    calls = count_calls(monkeypatch, "render_risk")
+    etag = client.get("/risk.png").headers["etag"]
+    write(client, 10, seed=6)
+    assert client.get("/risk.png", headers={"If-None-Match": etag}).status_code == 304
+    assert len(calls) == 1
+
+
 def test_the_risk_picture_follows_a_full_series(make_client: Callable[..., TestClient]) -> None:
     """At its length limit a new query changes the series but not its length."""
     client = make_client(capacity=1000, min_size=10, recorded_queries=5)

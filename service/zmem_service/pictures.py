@@ -3,7 +3,8 @@
 Every snapshot, render and evaluation runs on one dedicated worker thread: never on the
 event loop (requests keep flowing while a map renders) nor on the kNN thread (searches
 never wait behind a picture). One thread, because Matplotlib is not thread-safe and
-because it bounds the CPU that dashboards can take from training.
+because it bounds the CPU that dashboards can take from training. Only the short copy of
+the recorded query risks, which the risk key needs, runs on asyncio's default pool.
 
 Results are cached, least recently used first out, under a key that names the memory
 object, what it held (its ``version``; for the risk series, a digest of the recorded
@@ -93,7 +94,7 @@ class PictureCache:
                 )
             )
 
-        return await self._get(self._key(memory, "map", max_points, seed, dpi), job)
+        return await self._get(self._key(memory, memory.version, "map", max_points, seed, dpi), job)
 
     async def trail(
         self, memory: Memory, *, last: int, max_points: int, seed: int, dpi: int
@@ -113,7 +114,9 @@ class PictureCache:
                 )
             )
 
-        return await self._get(self._key(memory, "trail", last, max_points, seed, dpi), job)
+        return await self._get(
+            self._key(memory, memory.version, "trail", last, max_points, seed, dpi), job
+        )
 
     async def risk(self, memory: Memory, *, dpi: int) -> Picture:
         """The kernel risk of the recorded queries (``plots.render_risk``)."""
@@ -136,15 +139,20 @@ class PictureCache:
                 cols.z, cols.soft_bind, cols.lambda_bind, risk, min_size=memory.settings.min_size
             )
 
-        return await self._get(self._key(memory, "diagnostics", risk.size, digest), job)
+        return await self._get(
+            self._key(memory, memory.version, "diagnostics", risk.size, digest), job
+        )
 
     def _key(self, memory: Memory, *parts: Hashable) -> tuple[Hashable, ...]:
+        """The cache key of `parts` (what the result depends on) for this memory object.
+
+        Callers read `memory.version` without the lock (an int read is atomic) before the
+        snapshot is taken, so a result is never older than its key.
+        """
         generation = self._generation.get(memory)
         if generation is None:
             generation = self._generation[memory] = next(self._counter)
-        # Read without the lock (an int read is atomic); the snapshot comes later, so the
-        # result is at least this version.
-        return (memory.name, generation, memory.version, *parts)
+        return (memory.name, generation, *parts)
 
     async def _get(self, key: Hashable, job: Callable[[], T]) -> T:
         if key in self._done:
