@@ -7,13 +7,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import __version__
+from .auth import Tokens, authorize, cookie_middleware
 from .errors import ZMemError
+from .metrics import Metrics
 from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
@@ -37,17 +39,27 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
-    body = {"type": "https://zmem.dev/problems/validation", "title": "Validation failed",
-            "status": status, "detail": f"{where}: {first['msg']}", "errors": errors}
+    body = {
+        "type": "https://zmem.dev/problems/validation",
+        "title": "Validation failed",
+        "status": status,
+        "detail": f"{where}: {first['msg']}",
+        "errors": errors,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    body = {"type": "about:blank", "title": str(exc.detail), "status": exc.status_code,
-            "detail": f"{request.method} {request.url.path}: {exc.detail}"}
-    return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM,
-                        headers=getattr(exc, "headers", None))
+    body = {
+        "type": "about:blank",
+        "title": str(exc.detail),
+        "status": exc.status_code,
+        "detail": f"{request.method} {request.url.path}: {exc.detail}",
+    }
+    return JSONResponse(
+        body, status_code=exc.status_code, media_type=PROBLEM, headers=getattr(exc, "headers", None)
+    )
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -58,7 +70,9 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """The zmem application. Memories load in the background: /readyz says when they're in."""
     settings = settings or ServiceSettings()
+    tokens = Tokens.from_settings(settings)
     zmem = ZMem(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,8 +82,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await asyncio.wait([loading])
         await asyncio.to_thread(zmem.close)
 
-    app = FastAPI(title="zmem", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="zmem", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)])
     app.state.zmem = zmem
+    app.state.tokens = tokens
+    app.state.metrics = metrics
+    app.middleware("http")(cookie_middleware)
+    app.middleware("http")(metrics.middleware)
     app.add_exception_handler(ZMemError, on_zmem_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
@@ -85,5 +103,4 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
 def _report_load_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("loading the memories failed; the service stays unready",
-                  exc_info=task.exception())
+        log.error("loading the memories failed; the service stays unready", exc_info=task.exception())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -62,10 +63,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         print(f"zmem serve: {e}", file=sys.stderr)
         return 2
-    # One process: the rings are process state.
+    # One process: the rings are process state. uvicorn's access log would print query
+    # strings (a dashboard's ?token=); the app's own access log (zmem.access) doesn't.
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(
         app,
         host=settings.host,
@@ -73,6 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         workers=1,
         timeout_graceful_shutdown=30,
+        access_log=False,
     )
     return 0
 

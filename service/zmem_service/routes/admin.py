@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..registry import check_name
 from ..settings import MemorySettingsIn
@@ -24,6 +25,15 @@ async def readyz(zmem: ZMemDep) -> JSONResponse:
     if not zmem.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ready", "knn": zmem.knn.name})
+
+
+@router.get("/metrics")
+async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
+    metrics = request.app.state.metrics
+    for memory in zmem.memories.all():
+        metrics.size.labels(memory.name).set(memory.size)
+    metrics.ring_bytes.set(zmem.memories.total_bytes())
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/memories")

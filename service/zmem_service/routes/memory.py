@@ -17,7 +17,11 @@ router = APIRouter()
 async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
     body = await read_body(request, zmem.settings.max_body_bytes)
     batch = decode_episodes(body, request.headers.get("content-type"))
-    return await zmem.write(name, batch)
+    reply = await zmem.write(name, batch)
+    metrics = request.app.state.metrics
+    metrics.episodes.labels(name).inc(reply["accepted"])
+    metrics.duplicates.labels(name).inc(reply["duplicates"])
+    return reply
 
 
 async def _query(request: Request, name: str, zmem: ZMemDep):  # type: ignore[no-untyped-def]

@@ -1,0 +1,111 @@
+"""Optional bearer tokens: a write token (everything) and a read token (reads only).
+
+Reads are the GET routes (export and metrics included) and the read-only POSTs
+`neighbors` and `risk`. A browser can't add a header to an `<img>`, so
+`GET /?token=…` stores the token in an HttpOnly cookie that later requests carry.
+`/healthz` and `/readyz` are always open. Tokens are compared in constant time
+and never logged (the access log drops query strings).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request, Response
+
+from .errors import Forbidden, Unauthorized
+from .settings import ServiceSettings
+
+COOKIE = "zmem_token"
+OPEN_PATHS = {"/healthz", "/readyz"}
+READ_POSTS = ("/neighbors", "/risk")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    write: str | None
+    read: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.write is not None
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> Tokens:
+        """Tokens from files or variables; a read token without a write token is refused."""
+        write = _secret(settings.token_file, settings.token)
+        read = _secret(settings.read_token_file, settings.read_token)
+        if read is not None and write is None:
+            raise ValueError(
+                "a read token without a write token leaves writes open: set ZMEM_TOKEN (or --token-file) too"
+            )
+        return cls(write, read)
+
+    def level(self, token: str | None) -> str | None:
+        """ "write", "read" or None for a presented token."""
+        if token is None:
+            return None
+        if self.write is not None and hmac.compare_digest(token.encode(), self.write.encode()):
+            return "write"
+        if self.read is not None and hmac.compare_digest(token.encode(), self.read.encode()):
+            return "read"
+        return None
+
+
+def _secret(path: Path | None, value: object) -> str | None:
+    if path is not None:
+        text = path.read_text().strip()
+        if not text:
+            raise ValueError(f"token file {path} is empty")
+        return text
+    if value is None:
+        return None
+    text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+    return text or None
+
+
+def presented(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    if request.url.path == "/" and "token" in request.query_params:
+        return request.query_params["token"]
+    return request.cookies.get(COOKIE)
+
+
+def is_read(request: Request) -> bool:
+    return request.method in ("GET", "HEAD") or (
+        request.method == "POST" and request.url.path.endswith(READ_POSTS)
+    )
+
+
+def authorize(request: Request) -> None:
+    """FastAPI dependency on every route: raise 401/403 unless the token allows the request.
+
+    On `GET /?token=…` with a valid token, the answer sets the HttpOnly cookie.
+    """
+    tokens: Tokens = request.app.state.tokens
+    if not tokens.enabled or request.url.path in OPEN_PATHS:
+        return
+    token = presented(request)
+    level = tokens.level(token)
+    if level is None:
+        raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
+    if level == "read" and not is_read(request):
+        raise Forbidden("the read token can't write; use the write token")
+    if request.url.path == "/" and "token" in request.query_params:
+        request.state.zmem_cookie = token
+
+
+async def cookie_middleware(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Set the token cookie that `authorize` accepted from `GET /?token=…`."""
+    response = await call_next(request)
+    token = getattr(request.state, "zmem_cookie", None)
+    if token:
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+    return response
