@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .auth import Tokens, authorize, cookie_middleware
+from .auth import CookieMiddleware, Tokens, authorize
 from .errors import ZMemError
-from .metrics import Metrics
+from .metrics import Metrics, MetricsMiddleware
 from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
@@ -86,8 +86,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.zmem = zmem
     app.state.tokens = tokens
     app.state.metrics = metrics
-    app.middleware("http")(cookie_middleware)
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(CookieMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ZMemError, on_zmem_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

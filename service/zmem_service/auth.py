@@ -10,11 +10,13 @@ and never logged (the access log drops query strings).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 
-from fastapi import Request, Response
+from fastapi import Request
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import Forbidden, Unauthorized
 from .settings import ServiceSettings
@@ -100,12 +102,25 @@ def authorize(request: Request) -> None:
         request.state.zmem_cookie = token
 
 
-async def cookie_middleware(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Set the token cookie that `authorize` accepted from `GET /?token=…`."""
-    response = await call_next(request)
-    token = getattr(request.state, "zmem_cookie", None)
-    if token:
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
-    return response
+class CookieMiddleware:
+    """Pure ASGI: adds the Set-Cookie for a token that `authorize` accepted from `GET /?token=…`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_cookie(message: Message) -> None:
+            token = scope.get("state", {}).get("zmem_cookie")
+            if message["type"] == "http.response.start" and token:
+                headers = MutableHeaders(scope=message)
+                cookie = SimpleCookie()
+                cookie[COOKIE] = token
+                cookie[COOKIE].update({"httponly": True, "samesite": "strict", "path": "/"})
+                headers.append("set-cookie", cookie.output(header="").strip())
+            await send(message)
+
+        await self.app(scope, receive, send_cookie)

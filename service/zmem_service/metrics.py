@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("zmem.access")
 
@@ -38,16 +37,33 @@ class Metrics:
         self.size = Gauge("zmem_memory_size", "episodes held", ["memory"], registry=self.registry)
         self.ring_bytes = Gauge("zmem_ring_bytes", "bytes held by all rings", registry=self.registry)
 
-    async def middleware(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+
+class MetricsMiddleware:
+    """Pure ASGI (no per-request task or body copy): counts, times and logs each request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - start
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        self.requests.labels(route, request.method, str(response.status_code)).inc()
-        self.latency.labels(route, request.method).observe(elapsed)
-        access_log.info(
-            "%s %s %d %.1fms", request.method, request.url.path, response.status_code, 1000 * elapsed
-        )
-        return response
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", "unmatched")
+            m = self.metrics
+            m.requests.labels(route, scope["method"], str(status)).inc()
+            m.latency.labels(route, scope["method"]).observe(elapsed)
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, 1000 * elapsed)
