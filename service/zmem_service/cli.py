@@ -38,10 +38,41 @@ def main(argv: list[str] | None = None) -> int:
         env = "ZMEM_" + flag.upper().replace("-", "_")
         serve.add_argument(f"--{flag}", type=kind, help=f"{text} [{env}]")
     serve.add_argument("--log-level", default="info")
+    backup = sub.add_parser("backup", help="copy a live data dir's store consistently")
+    backup.add_argument("--data-dir", default=None, help="the service's data dir [ZMEM_DATA_DIR]")
+    backup.add_argument("dest", help="file to write (a SQLite database)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "backup":
+        return _backup(args)
     return 2
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """SQLite's online backup: a consistent copy while the service keeps writing."""
+    import os
+    import sqlite3
+    from pathlib import Path
+
+    from .store import SqliteStore
+
+    data_dir = Path(args.data_dir or os.environ.get("ZMEM_DATA_DIR", "zmem-data"))
+    source = data_dir / SqliteStore.FILE
+    if not source.exists():
+        print(f"zmem backup: no store at {source}", file=sys.stderr)
+        return 2
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(args.dest)
+    with dst:
+        src.backup(dst)
+    n = dst.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
+    src.close()
+    dst.close()
+    print(
+        f"zmem backup: {n} episodes copied to {args.dest} (restore: use it as <data-dir>/{SqliteStore.FILE})"
+    )
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,97 @@
+"""Packaging rules: the service needs no torch, the client no server libraries; the CLI works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+
+from .server import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return set(out.stdout.split())
+
+
+def test_the_service_does_not_import_torch() -> None:
+    loaded = modules_after(
+        "from zmem_service.app import create_app; from zmem_service.settings import ServiceSettings;"
+        "import tempfile; create_app(ServiceSettings(data_dir=tempfile.mkdtemp()))"
+    )
+    assert "torch" not in loaded and "fastapi" in loaded
+
+
+def test_the_client_does_not_import_server_libraries() -> None:
+    loaded = modules_after("import zmem_client")
+    assert not loaded & {"fastapi", "faiss", "matplotlib", "uvicorn", "starlette"}
+
+
+def test_cli_help_needs_nothing_heavy() -> None:
+    loaded = modules_after("import zmem_service.cli")
+    assert not loaded & {"torch", "fastapi", "faiss"}
+
+
+def test_extras_and_entry_point() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert {"client", "service", "service-gpu", "dev"} <= extras.keys()
+    assert any(d.startswith("faiss-cpu") for d in extras["service"])
+    assert not any(d.startswith("faiss-cpu") for d in extras["service-gpu"])
+    assert any(d.startswith("torch") for d in extras["client"])
+    assert not any(d.startswith("torch") for d in extras["service"])
+    assert project["scripts"]["zmem"] == "zmem_service.cli:main"
+
+
+def test_device_cuda_is_refused_clearly(tmp_path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "zmem_service.cli", "serve", "--device", "cuda", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "GPU kNN backend is not available" in r.stderr
+
+
+def test_backup_of_a_live_store(tmp_path) -> None:
+    srv = Server(tmp_path / "data").start()
+    try:
+        eps = [{"z": [float(i)], "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0} for i in range(100)]
+        httpx.post(srv.url + "/episodes", json={"episodes": eps}).raise_for_status()
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "zmem_service.cli",
+                "backup",
+                "--data-dir",
+                str(tmp_path / "data"),
+                str(tmp_path / "copy.sqlite3"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "100 episodes" in r.stdout
+    finally:
+        srv.stop()
+    restored = Server(tmp_path / "restored")
+    (tmp_path / "restored").mkdir()
+    (tmp_path / "copy.sqlite3").rename(tmp_path / "restored" / "zmem.sqlite3")
+    restored.start()
+    try:
+        assert httpx.get(restored.url + "/stats").json()["size"] == 100
+    finally:
+        restored.stop()
