@@ -1,0 +1,31 @@
+"""No Docker engine runs here: the Dockerfile and compose file are checked statically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_installs_the_service_and_serves_on_all_interfaces() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM python:3.11")
+    assert any(line.startswith("RUN pip install") and '".[service]"' in line for line in lines)
+    for path in ("pyproject.toml", "constraints.txt", "service", "client"):
+        assert any(line.startswith("COPY") and path in line for line in lines), path
+        assert (ROOT / path).exists(), path
+    assert "ZMEM_HOST=0.0.0.0" in text and "ZMEM_DATA_DIR=/data" in text
+    assert 'CMD ["zmem", "serve"]' in text and "USER zmem" in text
+    assert "/readyz" in text
+
+
+def test_compose_builds_that_dockerfile_with_a_volume() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    svc = compose["services"]["zmem"]
+    assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).exists()
+    assert any(v.endswith(":/data") for v in svc["volumes"])
+    assert "zmem-data" in compose["volumes"]
+    assert svc["ports"] == ["127.0.0.1:8000:8000"]
