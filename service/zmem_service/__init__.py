@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "create_app"]
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> object:
     # Lazy, so `import zmem_service` (e.g. for the CLI) doesn't import FastAPI and FAISS.
     if name == "create_app":
         from .app import create_app

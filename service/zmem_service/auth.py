@@ -119,7 +119,7 @@ class CookieMiddleware:
                 headers = MutableHeaders(scope=message)
                 cookie = SimpleCookie()
                 cookie[COOKIE] = token
-                cookie[COOKIE].update({"httponly": True, "samesite": "strict", "path": "/"})
+                cookie[COOKIE].update({"httponly": "true", "samesite": "strict", "path": "/"})
                 headers.append("set-cookie", cookie.output(header="").strip())
             await send(message)
 

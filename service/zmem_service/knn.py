@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 SMALL_QUERY_ROWS = 16
 """Up to this many query rows, search single-threaded (the pool costs more than it saves)."""
 
@@ -90,7 +92,7 @@ class KnnExecutor:
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zmem-knn")
 
-    def submit(self, fn, /, *args):  # type: ignore[no-untyped-def]
+    def submit(self, fn: Callable[..., T], /, *args: Any) -> concurrent.futures.Future[T]:
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:

@@ -186,7 +186,7 @@ def write_npz(settings: MemorySettings, rows: Columns) -> bytes:
         arrays[key] = np.array(["" if v is None else v for v in arrays[key]], dtype=np.str_)
     arrays["settings"] = np.array(settings.model_dump_json())
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs as bools
     return buf.getvalue()
 
 

@@ -194,9 +194,9 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
     try:
         if z is None:
             parsed = QueryIn.model_validate(merged)
-            rows = parsed.z
-            if rows and isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:  # type: ignore[arg-type]
-                i = next(i for i, r in enumerate(rows) if len(r) != len(rows[0]))  # type: ignore[arg-type]
+            rows: list[Any] = parsed.z
+            if rows and isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:
+                i = next(i for i, r in enumerate(rows) if len(r) != len(rows[0]))
                 raise ValidationFailed.at(["z", i], "rows of z must all have the same length")
             z = np.array(rows, np.float32) if rows else np.zeros((0,), np.float32)
             options: QueryOptions = parsed

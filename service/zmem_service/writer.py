@@ -132,10 +132,10 @@ class Writer:
             for _, plan in planned:
                 self.store.insert(plan.memory.name, plan.rows)
             for name, p in pending.items():
-                memory = planned_memory(planned, name)
-                if memory is not None:
-                    settings = memory.settings.model_copy(update={"z_dim": p.z_dim})
-                    self.store.save_memory(name, settings, p.next_seq, memory.total_written + p.count)
+                owner = planned_memory(planned, name)
+                if owner is not None:
+                    settings = owner.settings.model_copy(update={"z_dim": p.z_dim})
+                    self.store.save_memory(name, settings, p.next_seq, owner.total_written + p.count)
             self.store.commit()
         except BaseException as e:
             self.store.rollback()
@@ -159,7 +159,10 @@ class Writer:
                 continue
             self._trimmed[memory.name] = memory.total_written
             with memory.lock:
-                oldest = int(memory.ring.column("seq")[memory.ring.order()[0]]) if memory.size else 0
+                ring = memory.ring
+                if ring is None or ring.size == 0:
+                    continue
+                oldest = int(ring.column("seq")[ring.order()[0]])
             try:
                 self.store.trim(memory.name, oldest)
                 self.store.commit()

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from ..wire import decode_episodes, decode_query, encode, neighbors_arrays, read_body
+from ..memory import Neighbors
+from ..service import ZMem
+from ..wire import Query, decode_episodes, decode_query, encode, neighbors_arrays, read_body
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
@@ -24,7 +26,7 @@ async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[
     return reply
 
 
-async def _query(request: Request, name: str, zmem: ZMemDep):  # type: ignore[no-untyped-def]
+async def _query(request: Request, name: str, zmem: ZMem) -> tuple[Query, Neighbors]:
     body = await read_body(request, zmem.settings.max_body_bytes)
     query = decode_query(body, request.headers.get("content-type"), dict(request.query_params))
     return query, await zmem.search(name, query)
