@@ -52,10 +52,14 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     def bad(rows: np.ndarray, field: str, msg: str) -> None:
         errors.extend({"loc": ["episodes", int(i), field], "msg": msg} for i in rows[:MAX_ERRORS])
 
-    bad(np.flatnonzero(~np.isfinite(batch.z).all(axis=1)), "z", "must be finite (no NaN or inf)")
+    bad(
+        np.flatnonzero(~np.isfinite(batch.z).all(axis=1)),
+        "z",
+        "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
+    )
     for field in FLOAT_FIELDS:
         col = batch.values[field]
-        bad(np.flatnonzero(~np.isfinite(col)), field, "must be a finite number")
+        bad(np.flatnonzero(~np.isfinite(col)), field, "must be a finite float32 number")
     soft, cone = batch.values["soft_bind"], batch.values["cone_vol"]
     with np.errstate(invalid="ignore"):
         bad(np.flatnonzero((soft < 0) | (soft > 1)), "soft_bind", "must be in [0, 1]")
@@ -63,8 +67,8 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     seen: dict[str, int] = {}
     for i, (id_, worker) in enumerate(zip(batch.ids, batch.workers, strict=True)):
         if id_ is not None:
-            if not id_ or len(id_) > MAX_ID_CHARS:
-                bad(np.array([i]), "id", f"must be 1..{MAX_ID_CHARS} characters")
+            if not id_ or len(id_) > MAX_ID_CHARS or "\x00" in id_:
+                bad(np.array([i]), "id", f"must be 1..{MAX_ID_CHARS} characters, no NUL")
             elif id_ in seen:
                 bad(np.array([i]), "id", f"repeats the id of episode {seen[id_]} in this request")
             seen.setdefault(id_, i)

@@ -59,7 +59,10 @@ class FaissCpuKnn:
         self._threads = threads or os.cpu_count() or 1
 
     def search(self, xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        self._faiss.omp_set_num_threads(1 if len(xq) <= SMALL_QUERY_ROWS else self._threads)
+        # Never more threads than query rows: FAISS was seen to return wrong neighbours
+        # on large data when it splits fewer queries over more threads.
+        threads = 1 if len(xq) <= SMALL_QUERY_ROWS else min(self._threads, len(xq))
+        self._faiss.omp_set_num_threads(threads)
         _, idx = self._faiss.knn(xq, xb, candidates(k, len(xb)))
         return refine(xb, xq, idx.astype(np.int64), k)
 
@@ -71,9 +74,9 @@ class NumpyKnn:
 
     def search(self, xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         d2 = ((xq[:, None, :].astype(np.float64) - xb[None].astype(np.float64)) ** 2).sum(-1)
-        c = candidates(k, len(xb))
-        part = np.argpartition(d2, c - 1, axis=-1)[:, :c]
-        return refine(xb, xq, part, k)
+        rows = np.broadcast_to(np.arange(len(xb)), d2.shape)
+        idx = np.lexsort((rows, d2), axis=-1)[:, :k]  # a full sort: slow, but ties exact
+        return np.take_along_axis(d2, idx, -1).astype(np.float32), idx.astype(np.int64)
 
 
 def make_backend(device: str, threads: int = 0) -> KnnBackend:

@@ -6,6 +6,8 @@ import logging
 import re
 from typing import Any
 
+from pydantic import ValidationError
+
 from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
 from .memory import Memory
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
@@ -105,8 +107,12 @@ class Memories:
         """
         try:
             wanted = self.settings.resolve(body)
-        except ValueError as e:
-            raise ValidationFailed(str(e), errors=[{"loc": ["body"], "msg": str(e)}]) from None
+        except ValidationError as e:
+            errors = [
+                {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, ")}
+                for err in e.errors()
+            ]
+            raise ValidationFailed(errors[0]["msg"], errors=errors) from None
         current = self._items.get(name)
         if current is None or (current.settings.z_dim is None and current.size == 0):
             return wanted, current is None or current.settings != wanted

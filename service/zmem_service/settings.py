@@ -19,6 +19,8 @@ Sigma = float | Literal["auto"]
 MAX_CAPACITY = 10_000_000
 MAX_Z_DIM = 4096
 MAX_K = 1024
+# sigma² must stay a normal positive float64: outside this range the kernel is 0/0.
+MIN_SIGMA, MAX_SIGMA = 1e-12, 1e12
 
 
 class RiskWeights(BaseModel):
@@ -48,8 +50,8 @@ class MemorySettings(BaseModel):
     def _check(self) -> MemorySettings:
         if self.min_size > self.capacity:
             raise ValueError(f"min_size ({self.min_size}) must be <= capacity ({self.capacity})")
-        if isinstance(self.sigma, float) and not (self.sigma > 0 and self.sigma < float("inf")):
-            raise ValueError(f"sigma must be a positive finite number or 'auto', got {self.sigma}")
+        if isinstance(self.sigma, float) and not MIN_SIGMA <= self.sigma <= MAX_SIGMA:
+            raise ValueError(f"sigma must be in [{MIN_SIGMA}, {MAX_SIGMA}] or 'auto', got {self.sigma}")
         return self
 
     def differences(self, other: MemorySettings) -> list[dict[str, Any]]:
@@ -136,8 +138,8 @@ class ServiceSettings(BaseSettings):
         """Fill the missing fields of a PUT body from the defaults."""
         given = requested.model_dump(exclude_none=True)
         base = self.memory_defaults().model_dump()
-        if "capacity" in given and "min_size" not in given and self.min_size is None:
-            base["min_size"] = min(500, given["capacity"])
+        if "capacity" in given and "min_size" not in given:
+            base["min_size"] = min(base["min_size"], given["capacity"])
         base.update(given)
         return MemorySettings.model_validate(base)
 

@@ -23,10 +23,11 @@ from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, EpisodeBatch
 from .errors import BadRequest, PayloadTooLarge, ValidationFailed
 from .memory import Neighbors
 from .ring import FLOAT_FIELDS
-from .settings import MAX_K
+from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA
 
 SAFETENSORS = "application/x-safetensors"
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# strict: a JSON string or boolean is not a number (ints are).
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 class EpisodeIn(BaseModel):
@@ -55,7 +56,7 @@ class QueryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: int | None = Field(None, ge=1, le=MAX_K)
-    sigma: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["auto"] | None = None
+    sigma: Annotated[float, Field(ge=MIN_SIGMA, le=MAX_SIGMA, strict=True)] | Literal["auto"] | None = None
     record: bool = False
 
 
@@ -105,6 +106,8 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
 
 
 def parse_safetensors(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -141,9 +144,12 @@ def decode_episodes(body: bytes, content_type: str | None) -> EpisodeBatch:
         i = next(i for i, e in enumerate(eps) if len(e.z) != d0)
         raise ValidationFailed.at(["episodes", i, "z"], f"z has {len(eps[i].z)} values; episode 0 has {d0}")
     d = dims.pop() if dims else 0
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which `validate` names
+        z = np.array([e.z for e in eps], np.float32).reshape(len(eps), d)
+        values = {f: np.array([getattr(e, f) for e in eps], np.float32) for f in FLOAT_FIELDS}
     return EpisodeBatch(
-        z=np.array([e.z for e in eps], np.float32).reshape(len(eps), d),
-        values={f: np.array([getattr(e, f) for e in eps], np.float32) for f in FLOAT_FIELDS},
+        z=z,
+        values=values,
         ids=[e.id for e in eps],
         workers=[e.worker for e in eps],
     )
@@ -198,7 +204,8 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
             if rows and isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:
                 i = next(i for i, r in enumerate(rows) if len(r) != len(rows[0]))
                 raise ValidationFailed.at(["z", i], "rows of z must all have the same length")
-            z = np.array(rows, np.float32) if rows else np.zeros((0,), np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf: named below
+                z = np.array(rows, np.float32) if rows else np.zeros((0,), np.float32)
             options: QueryOptions = parsed
         else:
             options = QueryOptions.model_validate(merged)
@@ -211,7 +218,8 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
         raise ValidationFailed.at(["z"], "z must be [d] or [B, d] with d >= 1 (rows of equal length)")
     if not np.isfinite(z).all():
         raise ValidationFailed.at(
-            ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])], "must be finite (no NaN or inf)"
+            ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
+            "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
         )
     return Query(np.ascontiguousarray(z, np.float32), one_row, options)
 
