@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from zmem_service.diagnostics import (
     READING_1_WITHOUT_2,
     READING_2_WITHOUT_1,

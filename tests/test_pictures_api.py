@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import zmem_service.pictures
 from fastapi.testclient import TestClient
+
 from zmem_service.pictures import PictureCache
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,16 +60,18 @@ def record_queries(client: TestClient, n: int, *, base: str = "", seed: int = 1)
 def count_calls(
     monkeypatch: pytest.MonkeyPatch, name: str, before: Callable[[], None] = lambda: None
 ) -> list[str]:
-    """Wrap `zmem_service.pictures.<name>`; returns the names of the threads that called it."""
-    real = getattr(zmem_service.pictures, name)
+    """Count what the cache hands to its render process by function name (`render_map`,
+    `evaluate`, …); returns the names of the threads that handed it over."""
+    real = PictureCache._run
     threads: list[str] = []
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        before()
-        return real(*args, **kwargs)
+    def wrapper(self: PictureCache, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if fn.__name__ == name:
+            threads.append(threading.current_thread().name)
+            before()
+        return real(self, fn, *args, **kwargs)
 
-    monkeypatch.setattr(zmem_service.pictures, name, wrapper)
+    monkeypatch.setattr(PictureCache, "_run", wrapper)
     return threads
 
 
@@ -104,10 +106,7 @@ def test_parameters_change_the_picture(client: TestClient) -> None:
     plain = client.get("/map.png")
     assert png_size(client.get("/map.png?dpi=50").content) == (600, 500)
     assert client.get("/map.png?max_points=50").content != plain.content
-    assert (
-        client.get("/map.png?max_points=50&seed=1").content
-        != client.get("/map.png?max_points=50").content
-    )
+    assert client.get("/map.png?max_points=50&seed=1").content != client.get("/map.png?max_points=50").content
 
 
 def test_trail_and_risk_are_pngs(client: TestClient) -> None:
@@ -154,9 +153,7 @@ def test_recorded_queries_change_the_risk_picture(client: TestClient) -> None:
     assert len({empty, some, client.get("/risk.png").headers["etag"]}) == 3
 
 
-def test_writes_leave_the_risk_picture_alone(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_writes_leave_the_risk_picture_alone(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     write(client, 100)
     record_queries(client, 20)
     calls = count_calls(monkeypatch, "render_risk")
@@ -319,22 +316,25 @@ def test_a_slow_render_leaves_the_event_loop_free(
 
 def test_the_cache_is_bounded(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     write(client, 100)
-    client.app.state.pictures = PictureCache(max_entries=2)  # type: ignore[attr-defined]
+    cache = client.app.state.pictures = PictureCache(max_entries=2)  # type: ignore[attr-defined]
     calls = count_calls(monkeypatch, "render_map")
-    for dpi in (20, 21, 22, 20):  # 20 was evicted by 22
-        client.get(f"/map.png?dpi={dpi}")
-    assert len(calls) == 4
-    client.get("/map.png?dpi=22")
-    assert len(calls) == 4
+    try:
+        for dpi in (20, 21, 22, 20):  # 20 was evicted by 22
+            client.get(f"/map.png?dpi={dpi}")
+        assert len(calls) == 4
+        client.get("/map.png?dpi=22")
+        assert len(calls) == 4
+    finally:
+        cache.close()
 
 
 def test_a_failed_render_is_not_cached(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     write(client, 100)
 
-    def broken(*args: Any, **kwargs: Any) -> bytes:
+    def broken(self: PictureCache, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(zmem_service.pictures, "render_map", broken)
+    monkeypatch.setattr(PictureCache, "_run", broken)
     with pytest.raises(RuntimeError, match="boom"):  # the TestClient re-raises what gave a 500
         client.get("/map.png")
     monkeypatch.undo()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from zmem_service import plots
 from zmem_service.plots import pca_basis, render_map, render_risk, render_trail
 

@@ -16,6 +16,7 @@ from . import __version__
 from .auth import CookieMiddleware, Tokens, authorize
 from .errors import ZMemError
 from .metrics import Metrics, MetricsMiddleware
+from .pictures import PictureCache
 from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
@@ -78,8 +79,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(asyncio.to_thread(zmem.load))
         loading.add_done_callback(_report_load_failure)
+        # Its render process starts with the first picture (about a second of imports).
+        app.state.pictures = PictureCache()
         yield
         await asyncio.wait([loading])
+        await asyncio.to_thread(app.state.pictures.close)
         await asyncio.to_thread(zmem.close)
 
     app = FastAPI(title="zmem", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)])

@@ -43,13 +43,16 @@ class Thresholds:
 def spike_threshold(risk: np.ndarray, mad_k: float = 5.0) -> float | None:
     """``median + mad_k · MAD`` of ``risk`` [n] (raw MAD, unscaled); None when n = 0.
 
-    A query is a spike when its risk is strictly greater than this.
+    A query is a spike when its risk is strictly greater than this. The MAD is floored
+    at 1e-6 · max(1, |median|): risks are O(1) quantities, and a series of near-zero
+    risks (queries far from every stored z) would otherwise have MAD ≈ 0 and call half
+    its noise spikes.
     """
     r = np.asarray(risk, dtype=np.float64).ravel()
     if r.size == 0:
         return None
     med = float(np.median(r))
-    mad = float(np.median(np.abs(r - med)))
+    mad = max(float(np.median(np.abs(r - med))), 1e-6 * max(1.0, abs(med)))
     return med + mad_k * mad
 
 
@@ -198,9 +201,7 @@ def evaluate(
     idx = _sample(n, sample, np.random.default_rng(seed))
     full = _density(z[idx], neighbors, seed)
     density = _density_criterion(full, idx.size, judge, n, need, thresholds)
-    reliability = _reliability_criterion(
-        full, soft[idx], lam[idx], idx.size, judge, n, need, thresholds
-    )
+    reliability = _reliability_criterion(full, soft[idx], lam[idx], idx.size, judge, n, need, thresholds)
     # The seed's cross-readings go on the criterion that failed.
     if density["passed"] is True and reliability["passed"] is False:
         reliability["reading"] += f"; {READING_1_WITHOUT_2}"
@@ -360,7 +361,5 @@ def _convergence_criterion(
             **spikes,
             "required_size": int(need),
         },
-        "reading": _judged(
-            passed, f"converging: {cluster}; {spike_text}", "; ".join(problems), n, need
-        ),
+        "reading": _judged(passed, f"converging: {cluster}; {spike_text}", "; ".join(problems), n, need),
     }

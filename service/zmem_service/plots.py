@@ -217,14 +217,10 @@ def render_trail(
     fig.suptitle(f"{title}\nlast {m} of {n} episodes in arrival order")
     ax = fig.subplots()
     extent = _extent(np.vstack([bg, trail]))
-    hb = ax.hexbin(
-        bg[:, 0], bg[:, 1], gridsize=60, bins="log", cmap="Greys", mincnt=1, extent=extent
-    )
+    hb = ax.hexbin(bg[:, 0], bg[:, 1], gridsize=60, bins="log", cmap="Greys", mincnt=1, extent=extent)
     fig.colorbar(hb, ax=ax, label=f"buffer density (points per cell, {bg.shape[0]} sampled)")
     ax.plot(trail[:, 0], trail[:, 1], color="tab:blue", lw=0.5, alpha=0.2, zorder=2)
-    sc = ax.scatter(
-        trail[:, 0], trail[:, 1], c=order, cmap="plasma", s=12, lw=0, alpha=0.85, zorder=3
-    )
+    sc = ax.scatter(trail[:, 0], trail[:, 1], c=order, cmap="plasma", s=12, lw=0, alpha=0.85, zorder=3)
     fig.colorbar(sc, ax=ax, label="arrival order (index in buffer, oldest = 0)")
     marks: dict[str, Any] = {"s": 160, "edgecolors": "black", "linewidths": 1.2, "zorder": 4}
     ax.scatter(trail[0, 0], trail[0, 1], marker="o", c="white", label="start", **marks)

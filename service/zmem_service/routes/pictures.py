@@ -5,8 +5,8 @@
 an ETag and `Cache-Control: no-cache`, so a browser revalidates and gets a 304 while the
 memory is unchanged.
 
-Auth seam (SPEC §4, not built yet): the read-token check goes in as a dependency of both
-routers, and `GET /?token=…` is where the HttpOnly cookie gets set.
+Auth is app-wide (`auth.authorize`, a dependency of every route, and `auth.CookieMiddleware`
+for `GET /?token=…`): these are read routes and need no more than a read token.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ dashboard_router = APIRouter()
 
 
 def get_pictures(request: Request) -> PictureCache:
-    """The app's picture cache, made on first use (one per app)."""
-    cache: PictureCache | None = getattr(request.app.state, "pictures", None)
-    if cache is None:
-        cache = request.app.state.pictures = PictureCache()
+    """The app's picture cache (made by the lifespan, one per app)."""
+    cache: PictureCache = request.app.state.pictures
     return cache
 
 
