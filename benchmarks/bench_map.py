@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{'first render':44} {first_ms:9.1f}")
     print(f"{'cached (200, same ETag)':44} {median_ms(cached):9.2f}")
     print(f"{'revalidated (If-None-Match → 304)':44} {median_ms(revalidated):9.2f}")
-    print(f"\nneighbors(z) latency, k=64, single query")
+    print("\nneighbors(z) latency, k=64, single query")
     print(f"{'':44} {'median ms':>9} {'p99 ms':>9} {'calls':>7}")
     for name, t in (
         ("alone", quiet),
