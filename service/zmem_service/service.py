@@ -167,17 +167,24 @@ class ZMem:
                 f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
                 f"{self.settings.max_response_floats}: ask for fewer rows or a smaller k",
             )
-        future = self._knn_thread.submit(
-            memory.search, self.knn, query.z, query.options.k, query.options.sigma
-        )
-        nb: Neighbors = await asyncio.wrap_future(future)
-        if query.options.record and nb.active and self.settings.recorded_queries:
-            memory.record_risk(nb.kernel_risk(), self.settings.recorded_queries)
-        return nb
+        keep = self.settings.recorded_queries if query.options.record else 0
+
+        def search() -> Neighbors:
+            nb = memory.search(self.knn, query.z, query.options.k, query.options.sigma)
+            if keep and nb.active:
+                memory.record_risk(nb.kernel_risk(), keep)
+            return nb
+
+        # Everything that takes the memory's lock runs off the event loop: a long search
+        # holds it, and the loop must keep serving other requests meanwhile.
+        return await asyncio.wrap_future(self._knn_thread.submit(search))
+
+    async def stats(self, name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.memory(name).stats)
 
     async def export_npz(self, name: str) -> bytes:
         memory = self.memory(name)
-        return await asyncio.to_thread(write_npz, memory.settings, memory.snapshot())
+        return await asyncio.to_thread(lambda: write_npz(memory.settings, memory.snapshot()))
 
 
 def write_npz(settings: MemorySettings, rows: Columns) -> bytes:

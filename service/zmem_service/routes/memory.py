@@ -49,7 +49,7 @@ async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
 
 @router.get("/stats")
 async def get_stats(name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    return zmem.memory(name).stats()
+    return await zmem.stats(name)
 
 
 @router.get("/export")
