@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 
@@ -60,3 +61,23 @@ def test_concurrent_writes_to_several_memories_share_commits(tmp_path) -> None:
     assert stored["a"].next_seq == stored["b"].next_seq == 121
     assert len(stored["a"].rows) == len(stored["b"].rows) == 100  # trimmed to capacity on load
     assert stored["b"].settings.z_dim == 4
+
+
+def test_a_request_that_went_away_leaves_the_writer_working(tmp_path) -> None:
+    memories = Memories(ServiceSettings(data_dir=tmp_path))
+    writer = Writer(memories, SqliteStore(tmp_path))
+    hold = threading.Event()
+    blocker = writer.call(lambda: hold.wait(10))
+
+    async def main() -> dict:
+        first = asyncio.ensure_future(blocker)
+        gone = asyncio.ensure_future(writer.write("default", batch(2, 3, "gone")))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # the client disconnected while its write was queued
+        hold.set()
+        await first
+        return await asyncio.wait_for(writer.write("default", batch(2, 3, "kept")), 10)
+
+    reply = asyncio.run(main())
+    writer.close()
+    assert reply["accepted"] == 2 and reply["size"] == 2  # the cancelled write was skipped

@@ -108,11 +108,11 @@ class Memories:
         try:
             wanted = self.settings.resolve(body)
         except ValidationError as e:
-            errors = [
+            errors: list[dict[str, Any]] = [
                 {"loc": ["body", *err["loc"]], "msg": err["msg"].removeprefix("Value error, ")}
                 for err in e.errors()
             ]
-            raise ValidationFailed(errors[0]["msg"], errors=errors) from None
+            raise ValidationFailed(str(errors[0]["msg"]), errors=errors) from None
         current = self._items.get(name)
         if current is None or (current.settings.z_dim is None and current.size == 0):
             return wanted, current is None or current.settings != wanted

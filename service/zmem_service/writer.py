@@ -70,30 +70,41 @@ class Writer:
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.fn is not None:
-                self._run_alone(job)
-                continue
-            group = [job]
-            while len(group) < MAX_GROUP:
+            jobs = [self._queue.get()]
+            while len(jobs) < MAX_GROUP and jobs[-1] is not None:
                 try:
-                    nxt = self._queue.get_nowait()
+                    jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if nxt is None or nxt.fn is not None:
-                    self._write_group(group)
-                    group = []
-                    if nxt is None:
-                        return
-                    self._run_alone(nxt)
-                    break
-                group.append(nxt)
-            if group:
-                self._write_group(group)
+            group: list[Job] = []
+            for job in jobs:
+                # Claim the job; one whose request went away (future cancelled) is skipped.
+                if job is not None and not job.future.set_running_or_notify_cancel():
+                    continue
+                if job is not None and job.write is not None:
+                    group.append(job)
+                    continue
+                self._guarded(group, self._write_group)
+                group = []
+                if job is None:
+                    return
+                self._guarded([job], self._run_alone)
+            self._guarded(group, self._write_group)
 
-    def _run_alone(self, job: Job) -> None:
+    def _guarded(self, jobs: list[Job], step: Callable[[list[Job]], None]) -> None:
+        """Run a step; should it break, fail its unanswered jobs and keep the writer alive."""
+        if not jobs:
+            return
+        try:
+            step(jobs)
+        except Exception as e:
+            log.exception("writer step failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(Unavailable(f"internal error while writing: {e}"))
+
+    def _run_alone(self, jobs: list[Job]) -> None:
+        (job,) = jobs
         try:
             assert job.fn is not None
             result = job.fn()
