@@ -74,6 +74,7 @@ def test_a_request_that_went_away_leaves_the_writer_working(tmp_path) -> None:
         gone = asyncio.ensure_future(writer.write("default", batch(2, 3, "gone")))
         await asyncio.sleep(0.05)
         gone.cancel()  # the client disconnected while its write was queued
+        await asyncio.sleep(0.05)  # the cancellation reaches the queued job on the next loop turn
         hold.set()
         await first
         return await asyncio.wait_for(writer.write("default", batch(2, 3, "kept")), 10)

@@ -6,6 +6,7 @@ import atexit
 import os
 import re
 import socket
+import threading
 import uuid
 import weakref
 from typing import Any
@@ -20,6 +21,7 @@ from ._risk import kernel_risk
 from ._sender import Sender, columns
 
 ArrayLike = torch.Tensor | np.ndarray | list[float]
+MAX_BATCH = 10_000  # the service's per-request limit
 
 
 class ZMemClient:
@@ -49,8 +51,10 @@ class ZMemClient:
             raise ValueError(f"memory must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}, got {memory!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if queue_size < 1 or batch_size < 1:
-            raise ValueError(f"queue_size and batch_size must be >= 1, got {queue_size}, {batch_size}")
+        if queue_size < 1 or not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(
+                f"queue_size must be >= 1 and batch_size in 1..{MAX_BATCH}, got {queue_size}, {batch_size}"
+            )
         self.url = url.rstrip("/")
         self.memory = memory
         self.timeout = timeout
@@ -76,6 +80,7 @@ class ZMemClient:
         self._ids = f"{uuid.uuid4().hex[:16]}-"
         self._next_id = 0
         self._z_dim: int | None = None
+        self._record_lock = threading.Lock()  # the z_dim check and the enqueue are one step
         self._closed = False
         _open_clients.add(self)
 
@@ -109,8 +114,6 @@ class ZMemClient:
         if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 1) or arr.size == 0:
             raise ValueError(f"z must have shape [d] or [1, d], got {list(arr.shape)}")
         vec = arr.astype(np.float32).reshape(-1)
-        if self._z_dim is not None and vec.shape[0] != self._z_dim:
-            raise ValueError(f"z has {vec.shape[0]} dimensions; earlier records had {self._z_dim}")
         if not np.isfinite(vec).all():
             raise ValueError("z must be finite (no NaN or inf)")
         values = {
@@ -130,11 +133,19 @@ class ZMemClient:
             raise ValueError(f"soft_bind must be in [0, 1], got {values['soft_bind']}")
         if values["cone_vol"] < 0:
             raise ValueError(f"cone_vol must be >= 0, got {values['cone_vol']}")
-        if id is None:
-            id = f"{self._ids}{self._next_id}"
-            self._next_id += 1
-        self._sender.put({"z": vec, "id": id, "worker": worker or self.worker, **values})
-        self._z_dim = vec.shape[0]
+        for name, text, limit in (("id", id, 128), ("worker", worker, 64)):
+            if text is not None and not _valid_text(text, limit):
+                raise ValueError(
+                    f"{name} must be 1..{limit} characters of valid text without NUL, got {text!r}"
+                )
+        with self._record_lock:
+            if self._z_dim is not None and vec.shape[0] != self._z_dim:
+                raise ValueError(f"z has {vec.shape[0]} dimensions; earlier records had {self._z_dim}")
+            if id is None:
+                id = f"{self._ids}{self._next_id}"
+                self._next_id += 1
+            self._sender.put({"z": vec, "id": id, "worker": worker or self.worker, **values})
+            self._z_dim = vec.shape[0]
         return id
 
     def flush(self, timeout: float | None = None) -> None:
@@ -151,16 +162,18 @@ class ZMemClient:
         return self._sender.pending
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush (waiting at most `timeout` seconds), then close the connections."""
+        """Flush (waiting at most `timeout` seconds), then close the connections.
+
+        When the flush times out or fails, it raises and the client stays open with
+        its queue, so a later `close()` or `flush()` can finish the job.
+        """
         if self._closed:
             return
-        try:
-            self._sender.close(timeout)
-        finally:
-            self._closed = True
-            self._http.close()
-            self._send_http.close()
-            _open_clients.discard(self)
+        self._sender.close(timeout)
+        self._closed = True
+        self._http.close()
+        self._send_http.close()
+        _open_clients.discard(self)
 
     def __enter__(self) -> ZMemClient:
         return self
@@ -207,10 +220,19 @@ class ZMemClient:
         """risk(z, squeeze=False) and the memory's size when it answered."""
         if z.dim() not in (1, 2):
             raise ValueError(f"z must have shape [d] or [B, d], got {list(z.shape)}")
-        nb = self._neighbors(z.detach().to("cpu", torch.float32).numpy(), k, sigma, record)
         rows = z if z.dim() == 2 else z.unsqueeze(0)
-        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=z.dtype)
-        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=z.dtype)
+        if not rows.is_floating_point():
+            rows = rows.to(torch.get_default_dtype())
+        try:
+            nb = self._neighbors(rows.detach().to("cpu", torch.float32).numpy(), k, sigma, record)
+        except RequestRejected as e:
+            if e.status != 404:
+                raise
+            # A memory nobody wrote to yet is empty: below min_size, the risk is 0 (the seed's rule).
+            risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
+            return (risk if z.dim() == 2 else risk[0]), 0
+        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=rows.dtype)
+        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=rows.dtype)
         risk = kernel_risk(rows, nz, rt, nb["sigma"])
         return (risk if z.dim() == 2 else risk[0]), int(nb["size"])
 
@@ -295,6 +317,16 @@ class ZMemClient:
             cls = RequestRejected if r.status_code < 500 else ServerError
             raise cls(r.status_code, problem, f"{method} {self.url}{url}")
         return r
+
+
+def _valid_text(text: str, limit: int) -> bool:
+    if not 0 < len(text) <= limit or "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_numpy(z: ArrayLike) -> np.ndarray:

@@ -7,7 +7,7 @@ ZMemError
 │   ├── RequestRejected     4xx: this request is wrong and won't succeed on a retry
 │   └── ServerError         5xx: overloaded (503), out of budget (507), or a bug
 ├── QueueFull               `record` while the send queue is full (the service is down)
-├── SendFailed              a recorded batch was rejected for good; `.cause` is the HTTPError
+├── SendFailed              a recorded batch was rejected for good (or sending broke); `.cause` says why
 └── FlushTimeout            `flush(timeout)` ran out; nothing was dropped
 """
 
@@ -50,7 +50,7 @@ class QueueFull(ZMemError):
 
 
 class SendFailed(ZMemError):
-    def __init__(self, message: str, cause: HTTPError) -> None:
+    def __init__(self, message: str, cause: BaseException) -> None:
         super().__init__(message)
         self.cause = cause
 

@@ -83,12 +83,11 @@ class Sender:
             self._raise_error()
 
     def close(self, timeout: float | None = None) -> None:
-        try:
-            self.flush(timeout)
-        finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
+        """Flush, then stop the thread; a flush that times out or fails leaves it running."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -105,10 +104,15 @@ class Sender:
                 n = min(self._batch_size, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
                 self._in_flight = n
-            self._send(batch)
-            with self._cond:
-                self._in_flight = 0
-                self._cond.notify_all()
+            try:
+                self._send(first_of_each_id(batch))
+            except Exception as e:  # a bug here must surface, not leave flush() waiting forever
+                with self._cond:
+                    self._error = SendFailed(f"sending {n} recorded episodes failed: {e!r}", e)
+            finally:
+                with self._cond:
+                    self._in_flight = 0
+                    self._cond.notify_all()
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
         attempt = 0
@@ -132,6 +136,17 @@ class Sender:
     def _reject(self, batch: list[dict[str, Any]], e: HTTPError) -> None:
         with self._cond:
             self._error = SendFailed(f"the service rejected {len(batch)} recorded episodes for good: {e}", e)
+
+
+def first_of_each_id(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The batch without later repeats of an id (the service keeps the first write of an id)."""
+    seen: set[str] = set()
+    out = []
+    for episode in batch:
+        if episode["id"] not in seen:
+            seen.add(episode["id"])
+            out.append(episode)
+    return out
 
 
 def columns(batch: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

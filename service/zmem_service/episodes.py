@@ -35,7 +35,24 @@ class EpisodeBatch:
         """r = a·(1 − soft_bind) + b·log(cone_vol + eps) + c·lambda_bind, float32 [B]."""
         v = self.values
         soft, cone, lam = (v[f].astype(np.float64) for f in ("soft_bind", "cone_vol", "lambda_bind"))
-        return (w.a * (1.0 - soft) + w.b * np.log(cone + w.eps) + w.c * lam).astype(np.float32)
+        r = w.a * (1.0 - soft) + w.b * np.log(cone + w.eps) + w.c * lam
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 → inf, refused by the caller
+            return r.astype(np.float32)
+
+
+def string_problem(text: str | None, limit: int, *, allow_empty: bool) -> str | None:
+    """Why `text` can't be an id or worker name (None when it can)."""
+    if text is None:
+        return None
+    if len(text) > limit or (not text and not allow_empty):
+        return f"must be {0 if allow_empty else 1}..{limit} characters"
+    if "\x00" in text:
+        return "must not contain NUL"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (no lone surrogates)"
+    return None
 
 
 def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
@@ -67,13 +84,15 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     seen: dict[str, int] = {}
     for i, (id_, worker) in enumerate(zip(batch.ids, batch.workers, strict=True)):
         if id_ is not None:
-            if not id_ or len(id_) > MAX_ID_CHARS or "\x00" in id_:
-                bad(np.array([i]), "id", f"must be 1..{MAX_ID_CHARS} characters, no NUL")
+            problem = string_problem(id_, MAX_ID_CHARS, allow_empty=False)
+            if problem:
+                bad(np.array([i]), "id", problem)
             elif id_ in seen:
                 bad(np.array([i]), "id", f"repeats the id of episode {seen[id_]} in this request")
             seen.setdefault(id_, i)
-        if worker is not None and len(worker) > MAX_WORKER_CHARS:
-            bad(np.array([i]), "worker", f"must be at most {MAX_WORKER_CHARS} characters")
+        problem = string_problem(worker, MAX_WORKER_CHARS, allow_empty=True)
+        if worker is not None and problem:
+            bad(np.array([i]), "worker", problem)
     if errors:
         errors.sort(key=lambda e: (e["loc"][1], e["loc"][2]))
         first = errors[0]

@@ -90,7 +90,7 @@ class Memory:
     query_risk: collections.deque[float] = field(default_factory=collections.deque)
     version: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _auto_sigma: tuple[int, float] | None = None  # (total_written when computed, sigma)
+    _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
 
     def __post_init__(self) -> None:
         if self.settings.z_dim is not None and self.ring is None:
@@ -124,6 +124,14 @@ class Memory:
             raise ValidationFailed.at(
                 ["episodes", 0, "z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {pending.z_dim}"
             )
+        targets = batch.risk_targets(self.settings.risk)
+        if not np.isfinite(targets).all():
+            i = int(np.flatnonzero(~np.isfinite(targets))[0])
+            raise ValidationFailed.at(
+                ["episodes", i, "cone_vol"],
+                f"the risk target a·(1−soft_bind) + b·log(cone_vol+eps) + c·lambda_bind is "
+                f"{targets[i]} with this memory's weights; it must be a finite float32",
+            )
         keep = np.array(
             [i is None or (i not in self.ids and i not in pending.ids) for i in batch.ids], dtype=bool
         )
@@ -132,7 +140,7 @@ class Memory:
         ids = np.array(batch.ids, dtype=object)[keep]
         rows = Columns(
             z=np.ascontiguousarray(batch.z[keep], dtype=np.float32),
-            risk_target=batch.risk_targets(self.settings.risk)[keep],
+            risk_target=targets[keep],
             seq=seq,
             ts=np.full(n, now, np.float64),
             id=ids,
@@ -174,12 +182,31 @@ class Memory:
 
     # -- reads (kNN thread) -------------------------------------------------------------
 
-    def search(self, knn: KnnBackend, zq: np.ndarray, k: int | None, sigma: float | str | None) -> Neighbors:
-        """The k nearest stored episodes to each row of zq (float32 [B, d])."""
+    def search(
+        self, knn: KnnBackend, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int
+    ) -> Neighbors:
+        """The k nearest stored episodes to each row of zq (float32 [B, d]).
+
+        Raises ValidationFailed when d isn't the memory's z_dim or the answer would
+        hold more than `max_floats` floats; both are checked under the lock, against
+        the memory as the search sees it.
+        """
         b, d = zq.shape
         with self.lock:
+            z_dim = self.settings.z_dim
+            if z_dim is not None and d != z_dim:
+                raise ValidationFailed.at(
+                    ["z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {z_dim}"
+                )
             want = self.settings.k if k is None else k
             size = self.size
+            floats = b * min(want, size) * d
+            if floats > max_floats:
+                raise ValidationFailed.at(
+                    ["k"],
+                    f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
+                    f"{max_floats}: ask for fewer rows or a smaller k",
+                )
             resolved = self._sigma(knn, self.settings.sigma if sigma is None else sigma)
             if not self.active or self.ring is None:
                 return Neighbors(
@@ -205,22 +232,26 @@ class Memory:
         )
 
     def _sigma(self, knn: KnnBackend, sigma: float | str) -> float:
-        """A numeric sigma; "auto" is recomputed every capacity/10 writes (lock held)."""
+        """A numeric sigma; "auto" is recomputed once per capacity/10 writes (lock held).
+
+        While the memory is inactive "auto" is 1.0 and nothing is kept, so a value
+        computed on a nearly empty memory never outlives its emptiness.
+        """
         if sigma != "auto":
             return float(sigma)
-        every = max(1, self.settings.capacity // 10)
-        if self._auto_sigma and self.total_written - self._auto_sigma[0] < every:
+        if not self.active or self.ring is None or self.size < 2:
+            return 1.0
+        bucket = self.total_written // max(1, self.settings.capacity // 10)
+        if self._auto_sigma and self._auto_sigma[0] == bucket:
             return self._auto_sigma[1]
-        value = 1.0
-        if self.ring is not None and self.size >= 2:
-            rng = np.random.default_rng(0)
-            n = min(self.size, AUTO_SIGMA_SAMPLE)
-            sample = self.ring.z[np.sort(rng.choice(self.size, n, replace=False))]
-            kk = min(self.settings.k, self.size - 1)
-            d2, _ = knn.search(self.ring.z, sample, kk + 1)  # the first hit is the row itself
-            mean = float(d2[:, kk].astype(np.float64).mean())
-            value = float(np.sqrt(mean)) if mean > 0 else 1.0
-        self._auto_sigma = (self.total_written, value)
+        rng = np.random.default_rng(0)
+        n = min(self.size, AUTO_SIGMA_SAMPLE)
+        sample = self.ring.z[np.sort(rng.choice(self.size, n, replace=False))]
+        kk = min(self.settings.k, self.size - 1)
+        d2, _ = knn.search(self.ring.z, sample, kk + 1)  # the first hit is the row itself
+        mean = float(d2[:, kk].astype(np.float64).mean())
+        value = float(np.sqrt(mean)) if mean > 0 else 1.0
+        self._auto_sigma = (bucket, value)
         return value
 
     def record_risk(self, risk: np.ndarray, keep: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .episodes import EpisodeBatch, validate
+from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, EpisodeBatch, string_problem, validate
 from .errors import Conflict, Unavailable, ValidationFailed
 from .knn import KnnExecutor, make_backend
 from .memory import Memory, Neighbors
@@ -27,6 +27,7 @@ from .wire import Query
 from .writer import Writer
 
 log = logging.getLogger("zmem")
+MAX_SEQ = 2**53  # seqs stay exact as JSON numbers and as SQLite integers
 EXPORT_FIELDS = (
     "z",
     "soft_bind",
@@ -104,9 +105,9 @@ class ZMem:
         def put() -> tuple[MemorySettings, bool]:
             settings, changed = self.memories.resolve_put(name, body)
             if changed:
-                memory = Memory(name, settings)
                 self.writer.store.save_memory(name, settings, 1, 0)
-                self.memories.add(memory)
+                self.writer.store.commit()  # the registry follows the store, never leads it
+                self.memories.add(Memory(name, settings))
             return settings, changed
 
         return await self.writer.call(put)
@@ -116,6 +117,7 @@ class ZMem:
 
         def delete() -> None:
             self.writer.store.delete_memory(name)
+            self.writer.store.commit()
             self.memories.remove(name)
 
         await self.writer.call(delete)
@@ -142,6 +144,7 @@ class ZMem:
             )
             writer.store.save_memory(name, settings, int(rows.seq[-1]) + 1 if len(rows) else 1, len(kept))
             writer.store.insert(name, kept)
+            writer.store.commit()
             memory.apply(kept)
             memory.total_written = len(kept)
             self.memories.add(memory)
@@ -153,24 +156,14 @@ class ZMem:
 
     async def search(self, name: str, query: Query) -> Neighbors:
         memory = self.memory(name)
-        b, d = query.z.shape
-        z_dim = memory.settings.z_dim
-        if z_dim is not None and d != z_dim:
-            raise ValidationFailed.at(["z"], f"z has {d} dimensions; memory {name!r} has z_dim {z_dim}")
+        b = query.z.shape[0]
         if b > self.settings.max_batch:
             raise ValidationFailed.at(["z"], f"{b} query rows; the limit is {self.settings.max_batch}")
-        k = query.options.k or memory.settings.k
-        floats = b * min(k, memory.size) * d
-        if floats > self.settings.max_response_floats:
-            raise ValidationFailed.at(
-                ["k"],
-                f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
-                f"{self.settings.max_response_floats}: ask for fewer rows or a smaller k",
-            )
         keep = self.settings.recorded_queries if query.options.record else 0
+        max_floats = self.settings.max_response_floats
 
         def search() -> Neighbors:
-            nb = memory.search(self.knn, query.z, query.options.k, query.options.sigma)
+            nb = memory.search(self.knn, query.z, query.options.k, query.options.sigma, max_floats)
             if keep and nb.active:
                 memory.record_risk(nb.kernel_risk(), keep)
             return nb
@@ -218,13 +211,27 @@ def read_npz(body: bytes) -> tuple[MemorySettings, Columns]:
             ["z"], f"shape {list(z.shape)} does not match {n} rows of z_dim {settings.z_dim}"
         )
     if settings.z_dim is None:
-        settings = settings.model_copy(update={"z_dim": int(z.shape[1])})
+        try:  # validated like any memory's settings: a bad file must not poison the store
+            settings = MemorySettings.model_validate({**settings.model_dump(), "z_dim": int(z.shape[1])})
+        except ValueError as e:
+            raise ValidationFailed.at(["z"], f"z_dim {z.shape[1]} is not valid: {e}") from None
     for key in (*FLOAT_FIELDS, "risk_target", "ts", "id", "worker"):
         if data[key].shape != (n,):
             raise ValidationFailed.at([key], f"shape {list(data[key].shape)}; expected [{n}]")
+    if data["seq"].dtype.kind not in "iu":
+        raise ValidationFailed.at(["seq"], f"seqs must be integers, not {data['seq'].dtype}")
     seq = data["seq"].astype(np.int64)
     if n and (np.diff(seq) <= 0).any():
         raise ValidationFailed.at(["seq"], "seqs must increase strictly")
+    if n and (seq[0] < 1 or seq[-1] >= MAX_SEQ):
+        raise ValidationFailed.at(["seq"], f"seqs must lie in [1, 2**53), got {seq[0]}..{seq[-1]}")
+    ids = [str(v) or None for v in data["id"]]
+    workers = [str(v) or None for v in data["worker"]]
+    for key, values, limit in (("id", ids, MAX_ID_CHARS), ("worker", workers, MAX_WORKER_CHARS)):
+        for i, text in enumerate(values):
+            problem = string_problem(text, limit, allow_empty=True)
+            if problem:
+                raise ValidationFailed.at([key, i], problem)
     numeric = [z, *(data[k] for k in (*FLOAT_FIELDS, "risk_target", "ts"))]
     if not all(np.isfinite(a.astype(np.float64)).all() for a in numeric):
         raise ValidationFailed.at(["body"], "the file holds NaN or inf")
@@ -232,7 +239,7 @@ def read_npz(body: bytes) -> tuple[MemorySettings, Columns]:
         z=np.ascontiguousarray(z, np.float32),
         seq=seq,
         ts=data["ts"].astype(np.float64),
-        id=np.array([str(v) or None for v in data["id"]], object),
-        worker=np.array([str(v) or None for v in data["worker"]], object),
+        id=np.array(ids, object),
+        worker=np.array(workers, object),
         **{k: data[k].astype(np.float32) for k in (*FLOAT_FIELDS, "risk_target")},
     )

@@ -9,6 +9,7 @@ share one commit (see `writer.py`). `NullStore` keeps nothing (`--durability non
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from .ring import FLOAT_FIELDS, Columns
 from .settings import MemorySettings
+
+log = logging.getLogger("zmem")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
@@ -114,7 +117,11 @@ class SqliteStore:
         for name, settings_json, next_seq, total in self._db.execute(
             "SELECT name, settings, next_seq, total_written FROM memories ORDER BY name"
         ):
-            settings = MemorySettings.model_validate_json(settings_json)
+            try:
+                settings = MemorySettings.model_validate_json(settings_json)
+            except ValueError:
+                log.exception("memory %r has invalid stored settings; it is not loaded (its rows stay)", name)
+                continue
             cur = self._db.execute(
                 f"SELECT {', '.join(COLUMNS)} FROM episodes WHERE memory = ? ORDER BY seq DESC LIMIT ?",
                 (name, settings.capacity),

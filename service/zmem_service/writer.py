@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ class Writer:
         self.store = store
         self.closing = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._trimmed: dict[str, int] = {}
+        # Per memory object: a re-created memory starts its own count.
+        self._trimmed: weakref.WeakKeyDictionary[Memory, int] = weakref.WeakKeyDictionary()
         self._thread = threading.Thread(target=self._run, name="zmem-writer", daemon=True)
         self._thread.start()
 
@@ -148,8 +150,13 @@ class Writer:
                     settings = owner.settings.model_copy(update={"z_dim": p.z_dim})
                     self.store.save_memory(name, settings, p.next_seq, owner.total_written + p.count)
             self.store.commit()
-        except BaseException as e:
+        except Exception as e:
             self.store.rollback()
+            if len(planned) > 1:
+                # Nothing was applied: retry each job alone, so one bad job fails by itself.
+                for job, _ in planned:
+                    self._write_group([job])
+                return
             log.exception("commit failed")
             for job, _ in planned:
                 self._fail(job, Unavailable(f"the store could not commit: {e}"))
@@ -166,9 +173,9 @@ class Writer:
         """Delete stored rows that have left the ring, every capacity/10 writes per memory."""
         for memory in touched:
             every = max(1000, memory.settings.capacity // 10)
-            if memory.total_written - self._trimmed.get(memory.name, 0) < every:
+            if memory.total_written - self._trimmed.get(memory, 0) < every:
                 continue
-            self._trimmed[memory.name] = memory.total_written
+            self._trimmed[memory] = memory.total_written
             with memory.lock:
                 ring = memory.ring
                 if ring is None or ring.size == 0:
