@@ -8,7 +8,6 @@ share one commit (see `writer.py`). `NullStore` keeps nothing (`--durability non
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -197,7 +196,3 @@ def open_store(data_dir: Path, durability: str) -> Store:
     if durability == "none":
         return NullStore()
     return SqliteStore(data_dir, "FULL" if durability == "full" else "NORMAL")
-
-
-def settings_json(settings: MemorySettings) -> str:
-    return json.dumps(settings.model_dump(), sort_keys=True)
