@@ -50,6 +50,7 @@ def npz(**overrides: np.ndarray | str) -> bytes:
     }
     for f in (*FLOAT_FIELDS, "risk_target"):
         data[f] = np.zeros(n, np.float32)
+    data["soft_bind"] = data["cone_vol"] = np.ones(n, np.float32)  # risk target 0 with these weights
     data.update(overrides)
     buf = io.BytesIO()
     np.savez(buf, **{k: np.array(v) for k, v in data.items()})

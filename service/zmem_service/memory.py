@@ -22,13 +22,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from .episodes import EpisodeBatch
-from .errors import ValidationFailed, ZMemError
+from .errors import InsufficientStorage, ValidationFailed, ZMemError
 from .index import Engine, Index
 from .kernel import kernel_stats
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
 
 AUTO_SIGMA_SAMPLE = 1000
+MAX_SEQ = 2**53
+STATS_SAMPLE = 10_000
+"""Stats summarise at most this many episodes (evenly spread over arrival order)."""
+"""Seqs stay below it: exact as JSON numbers and as SQLite integers."""
 
 
 @dataclass
@@ -147,8 +151,9 @@ class Memory:
     ids: dict[str, int] = field(default_factory=dict)
     workers: collections.Counter[str] = field(default_factory=collections.Counter)
     query_risk: collections.deque[float] = field(default_factory=collections.deque)
-    _id_bytes: int = 0
+    _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
+    _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -211,6 +216,8 @@ class Memory:
             [i is None or (i not in self.ids and i not in pending.ids) for i in batch.ids], dtype=bool
         )
         n = int(keep.sum())
+        if pending.next_seq + n >= MAX_SEQ:
+            raise InsufficientStorage(f"memory {self.name!r} has used up its seqs (they stay below 2**53)")
         seq = np.arange(pending.next_seq, pending.next_seq + n, dtype=np.int64)
         ids = np.array(batch.ids, dtype=object)[keep]
         rows = Columns(
@@ -227,7 +234,8 @@ class Memory:
         pending.next_seq += n
         pending.count += n
         pending.z_dim = d
-        return WritePlan(self, rows, duplicates=len(batch) - n, new_bytes=grown + id_bytes(ids))
+        names = {w for w in rows.worker if w is not None and w not in self.workers}
+        return WritePlan(self, rows, duplicates=len(batch) - n, new_bytes=grown + id_bytes([*ids, *names]))
 
     def reserve(self, count: int, z_dim: int) -> None:
         """Secure everything appending `count` episodes of `z_dim` needs (ring and index room).
@@ -262,6 +270,8 @@ class Memory:
                     self._id_bytes -= id_bytes([id_])
             for w in gone.worker:
                 self.workers[w or ""] -= 1
+                if w and not self.workers[w]:
+                    self._id_bytes -= id_bytes([w])
             if n > self.settings.capacity:
                 rows = rows.take(slice(n - self.settings.capacity, None))
             self.index.reserve(self.ring.allocation_after(len(rows)))  # a no-op after `reserve`
@@ -270,6 +280,7 @@ class Memory:
             new_ids = [(i, int(s)) for i, s in zip(rows.id, rows.seq, strict=True) if i is not None]
             self.ids.update(new_ids)
             self._id_bytes += id_bytes([i for i, _ in new_ids])
+            self._id_bytes += id_bytes({w for w in rows.worker if w and not self.workers[w]})
             self.workers.update(w or "" for w in rows.worker)
             self.workers = +self.workers  # drop zero counts
             self.next_seq = int(rows.seq[-1]) + 1
@@ -283,9 +294,10 @@ class Memory:
                 return None
             return int(self.ring.column("seq")[self.ring.order()[0]])
 
-    def bytes_for(self, count: int, ids: Iterable[str | None]) -> int:
-        """What this memory will hold once `count` episodes with these ids are appended."""
-        return self._bytes_after(count, self.settings.z_dim) + id_bytes(ids)
+    def bytes_for(self, rows: Columns) -> int:
+        """What this (empty) memory will hold once `rows` are appended."""
+        names = {w for w in rows.worker if w is not None}
+        return self._bytes_after(len(rows), self.settings.z_dim) + id_bytes([*rows.id, *names])
 
     def clear(self) -> None:
         """Drop everything held, device memory included: the memory was deleted or replaced.
@@ -461,8 +473,10 @@ class Memory:
             return self.ring.ordered()
 
     def stats(self) -> dict[str, Any]:
+        """Counters, settings and per-field summaries, cheaply: the summaries are computed over
+        at most STATS_SAMPLE episodes spread evenly over arrival order (all of them when the
+        memory holds fewer), and reused while the memory is unchanged."""
         with self._lock:
-            cols = self.ring.ordered() if self.ring else None
             out: dict[str, Any] = {
                 "name": self.name,
                 "size": self.size,
@@ -474,19 +488,39 @@ class Memory:
                 "next_seq": self.next_seq,
                 "generation": self.generation,
                 "recorded_queries": len(self.query_risk),
+                "bytes": self.nbytes,
                 "workers": dict(sorted(self.workers.items())),
             }
-        out["seq_range"] = [int(cols.seq[0]), int(cols.seq[-1])] if cols is not None and len(cols) else None
-        out["ts_range"] = [float(cols.ts[0]), float(cols.ts[-1])] if cols is not None and len(cols) else None
-        out["fields"] = {
-            f: summary(getattr(cols, f)) if cols is not None else None for f in (*FLOAT_FIELDS, "risk_target")
+            cached = self._stats_cache
+            if cached is not None and cached[0] == self.version:
+                return {**out, **cached[1]}
+            version = self.version
+            sample = None
+            if self.ring is not None and self.ring.size:
+                order = self.ring.order()
+                picked = order[np.unique(np.linspace(0, len(order) - 1, STATS_SAMPLE).astype(np.int64))]
+                sample = {f: self.ring.column(f)[picked] for f in (*FLOAT_FIELDS, "risk_target")}
+                sample["z_norm"] = np.linalg.norm(self.ring.column("z")[picked], axis=1)
+                ends = order[[0, -1]]
+                seq_range = [int(s) for s in self.ring.column("seq")[ends]]
+                ts_range = [float(t) for t in self.ring.column("ts")[ends]]
+        summaries: dict[str, Any] = {
+            "seq_range": seq_range if sample else None,
+            "ts_range": ts_range if sample else None,
+            "summary_sample": len(sample["z_norm"]) if sample else 0,
+            "fields": {f: summary(sample[f]) if sample else None for f in (*FLOAT_FIELDS, "risk_target")},
+            "z_norm": summary(sample["z_norm"]) if sample else None,
         }
-        out["z_norm"] = summary(np.linalg.norm(cols.z, axis=1)) if cols is not None else None
-        return out
+        with self._lock:
+            if self.version == version:
+                self._stats_cache = (version, summaries)
+        return {**out, **summaries}
 
 
-ID_ENTRY_BYTES = 64
-"""What one id costs beyond its string: its slot in the id dict and its ring reference."""
+ID_ENTRY_BYTES = 96
+"""What one id (or worker name) costs beyond `sys.getsizeof` of its string: allocator slack
+and its dict entry with the seq it maps to (measured: 200 B per 128-character string, 70 B
+per dict entry)."""
 
 
 def id_bytes(ids: Iterable[str | None]) -> int:

@@ -3,21 +3,33 @@
 Arrays: z, soft_bind, cone_vol, E_T, lambda_bind, lambda_T, Hr, risk_target, seq,
 ts (float epoch seconds), id and worker (fixed-width unicode, "" for none), and
 `settings` (a 0-d JSON string). Loadable with `allow_pickle=False`.
+
+An import is read from a file (the request body is streamed to a temporary file),
+and nothing is decompressed before the archive's member names, declared sizes,
+dtypes and shapes have been checked against the settings: a zip bomb or an
+unknown member is refused before it costs memory. Rows then pass the same checks
+as written episodes, so anything an import accepts, a later export reproduces and
+a later import accepts again.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import zipfile
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
-from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, string_problem
-from .errors import ValidationFailed
+from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, EpisodeBatch, string_problem
+from .errors import InsufficientStorage, ValidationFailed
+from .memory import MAX_SEQ
 from .ring import FLOAT_FIELDS, Columns
-from .settings import MemorySettings
+from .settings import MAX_CAPACITY, MAX_Z_DIM, MemorySettings
 
-MAX_SEQ = 2**53  # seqs stay exact as JSON numbers and as SQLite integers
+MAX_TS = 2.0**35  # epoch seconds (the year 3058): beyond it a timestamp is garbage
+MAX_Z_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
+"""‖z‖² of an admissible z: any squared distance between two of them stays finite in float32."""
 EXPORT_FIELDS = (
     "z",
     "soft_bind",
@@ -32,68 +44,171 @@ EXPORT_FIELDS = (
     "id",
     "worker",
 )
+MEMBERS = {f"{name}.npy" for name in (*EXPORT_FIELDS, "settings")}
+MAX_SETTINGS_BYTES = 64 * 1024
+NPY_HEADER_SLACK = 4096  # an .npy member's header, beyond its data
 
 
-def write_npz(settings: MemorySettings, rows: Columns) -> bytes:
+def write_npz(settings: MemorySettings, rows: Columns, out: IO[bytes] | Path) -> None:
+    """Write the export file of `rows` to `out` (a path or a binary file), member by member."""
     arrays: dict[str, np.ndarray] = {f: getattr(rows, f) for f in EXPORT_FIELDS}
     for key in ("id", "worker"):
         arrays[key] = np.array(["" if v is None else v for v in arrays[key]], dtype=np.str_)
+        if arrays[key].dtype.itemsize == 0:  # no rows, or only empty strings: keep a valid width
+            arrays[key] = arrays[key].astype("<U1")
     arrays["settings"] = np.array(settings.model_dump_json())
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs as bools
-    return buf.getvalue()
+    np.savez(out, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs as bools
 
 
-def read_npz(body: bytes) -> tuple[MemorySettings, Columns]:
-    """Settings and rows of an export file; a 422 names what is wrong with it."""
+def read_npz(path: Path, room: int) -> tuple[MemorySettings, Columns]:
+    """Settings and rows of an export file; a 422 names what is wrong with it, a 507 says it
+    would need more than `room` bytes (what the memory budget has left) to load."""
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as f:
-            data = {key: f[key] for key in f.files}
-    except Exception as e:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
         raise ValidationFailed.at(["body"], f"not a zmem export (.npz): {e}") from None
-    missing = [k for k in (*EXPORT_FIELDS, "settings") if k not in data]
-    if missing:
-        raise ValidationFailed.at([missing[0]], f"missing from the file (also: {missing[1:]})")
+    with archive:
+        members = {info.filename: info for info in archive.infolist()}
+        unknown = sorted(set(members) - MEMBERS)
+        if unknown:
+            raise ValidationFailed.at([unknown[0]], f"unknown member of an export file (also: {unknown[1:]})")
+        missing = sorted(name.removesuffix(".npy") for name in MEMBERS - set(members))
+        if missing:
+            raise ValidationFailed.at([missing[0]], f"missing from the file (also: {missing[1:]})")
+        declared = sum(info.file_size for info in members.values())
+        if declared > room:
+            raise InsufficientStorage(
+                f"the import file unpacks to {declared} bytes; the memory budget "
+                f"(--max-memory-bytes) has {max(room, 0)} left"
+            )
+        settings_info = members["settings.npy"]
+        if settings_info.file_size > MAX_SETTINGS_BYTES:
+            raise ValidationFailed.at(["settings"], f"{settings_info.file_size} bytes; far too long")
+        settings = _settings(_load(archive, "settings", (), "U", MAX_SETTINGS_BYTES))
+        seq_shape = _header(archive, "seq")[0]
+        if len(seq_shape) != 1 or seq_shape[0] > 2 * MAX_CAPACITY:
+            raise ValidationFailed.at(
+                ["seq"], f"shape {list(seq_shape)}; expected [n] with n <= {2 * MAX_CAPACITY}"
+            )
+        n = seq_shape[0]
+        z_shape = _header(archive, "z")[0]
+        if len(z_shape) != 2 or z_shape[0] != n or not 1 <= z_shape[1] <= MAX_Z_DIM:
+            raise ValidationFailed.at(
+                ["z"], f"shape {list(z_shape)}; expected [{n}, d] with 1 <= d <= {MAX_Z_DIM}"
+            )
+        d = z_shape[1]
+        if settings.z_dim is not None and d != settings.z_dim:
+            raise ValidationFailed.at(
+                ["z"], f"z has {d} dimensions; the file's settings say z_dim {settings.z_dim}"
+            )
+        if settings.z_dim is None:
+            settings = _settings({**settings.model_dump(), "z_dim": d})
+        columns = {
+            "z": _load(archive, "z", (n, d), "f", 8 * n * d),
+            "seq": _load(archive, "seq", (n,), "iu", 8 * n),
+            "ts": _load(archive, "ts", (n,), "fiu", 8 * n),
+            "id": _load(archive, "id", (n,), "U", 4 * MAX_ID_CHARS * n),
+            "worker": _load(archive, "worker", (n,), "U", 4 * MAX_WORKER_CHARS * n),
+            **{f: _load(archive, f, (n,), "fiu", 8 * n) for f in (*FLOAT_FIELDS, "risk_target")},
+        }
+    return settings, _rows(settings, columns)
+
+
+def _settings(value: Any) -> MemorySettings:
     try:
-        settings = MemorySettings.model_validate(json.loads(str(data["settings"])))
-    except ValueError as e:
-        raise ValidationFailed.at(["settings"], f"invalid settings: {e}") from None
-    n = len(data["seq"])
-    z = data["z"]
-    if z.ndim != 2 or z.shape != (n, settings.z_dim or z.shape[1]):
-        raise ValidationFailed.at(
-            ["z"], f"shape {list(z.shape)} does not match {n} rows of z_dim {settings.z_dim}"
-        )
-    if settings.z_dim is None:
-        try:  # validated like any memory's settings: a bad file must not poison the store
-            settings = MemorySettings.model_validate({**settings.model_dump(), "z_dim": int(z.shape[1])})
-        except ValueError as e:
-            raise ValidationFailed.at(["z"], f"z_dim {z.shape[1]} is not valid: {e}") from None
-    for key in (*FLOAT_FIELDS, "risk_target", "ts", "id", "worker"):
-        if data[key].shape != (n,):
-            raise ValidationFailed.at([key], f"shape {list(data[key].shape)}; expected [{n}]")
-    if data["seq"].dtype.kind not in "iu":
-        raise ValidationFailed.at(["seq"], f"seqs must be integers, not {data['seq'].dtype}")
-    seq = data["seq"].astype(np.int64)
+        if isinstance(value, np.ndarray):
+            value = json.loads(str(value))
+        return MemorySettings.model_validate(value)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ValidationFailed.at(["settings"], f"invalid settings: {str(e)[:300]}") from None
+
+
+def _header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An .npy member's shape and dtype, read from its header without reading its data."""
+    try:
+        with archive.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+    except Exception as e:
+        raise ValidationFailed.at([name], f"not a readable .npy array: {str(e)[:200]}") from None
+    if fortran or dtype.hasobject:
+        raise ValidationFailed.at([name], "must be a C-ordered array without Python objects")
+    return tuple(shape), dtype
+
+
+def _load(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], kinds: str, most: int) -> np.ndarray:
+    """One member, after checking its declared shape, dtype kind and size (`most` bytes of data)."""
+    got_shape, dtype = _header(archive, name)
+    if got_shape != shape:
+        raise ValidationFailed.at([name], f"shape {list(got_shape)}; expected {list(shape)}")
+    if dtype.kind not in kinds or (dtype.kind == "f" and dtype.itemsize > 8):
+        raise ValidationFailed.at([name], f"dtype {dtype.str} is not allowed here")
+    size = archive.getinfo(f"{name}.npy").file_size
+    if size > most + NPY_HEADER_SLACK:
+        raise ValidationFailed.at([name], f"declares {size} bytes; at most {most} fit its shape")
+    try:
+        with archive.open(f"{name}.npy") as f:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+    except Exception as e:
+        raise ValidationFailed.at([name], f"not a readable .npy array: {str(e)[:200]}") from None
+    return array
+
+
+def _rows(settings: MemorySettings, c: dict[str, np.ndarray]) -> Columns:
+    """The checks a write makes, and the file's consistency (seqs, risk targets)."""
+    n = len(c["seq"])
+    seq = c["seq"].astype(np.int64)
     if n and (np.diff(seq) <= 0).any():
         raise ValidationFailed.at(["seq"], "seqs must increase strictly")
-    if n and (seq[0] < 1 or seq[-1] >= MAX_SEQ):
-        raise ValidationFailed.at(["seq"], f"seqs must lie in [1, 2**53), got {seq[0]}..{seq[-1]}")
-    ids = [str(v) or None for v in data["id"]]
-    workers = [str(v) or None for v in data["worker"]]
-    for key, values, limit in (("id", ids, MAX_ID_CHARS), ("worker", workers, MAX_WORKER_CHARS)):
-        for i, text in enumerate(values):
+    if n and (seq[0] < 1 or seq[-1] >= MAX_SEQ - 1):
+        raise ValidationFailed.at(["seq"], f"seqs must lie in [1, 2**53 - 1), got {seq[0]}..{seq[-1]}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = c["z"].astype(np.float32)
+        values = {f: c[f].astype(np.float64) for f in (*FLOAT_FIELDS, "risk_target", "ts")}
+        norm2 = np.einsum("nd,nd->n", z, z, dtype=np.float64)
+    for name, bad, rule in (
+        ("z", ~np.isfinite(z).all(axis=1) | ~(norm2 <= MAX_Z_SQUARED_NORM), "finite, with ‖z‖² <= 8.5e37"),
+        ("soft_bind", ~((values["soft_bind"] >= 0) & (values["soft_bind"] <= 1)), "in [0, 1]"),
+        ("cone_vol", ~(values["cone_vol"] >= 0) | ~np.isfinite(values["cone_vol"]), "finite and >= 0"),
+        ("lambda_bind", ~(values["lambda_bind"] >= 0) | ~np.isfinite(values["lambda_bind"]), "finite, >= 0"),
+        ("ts", ~((values["ts"] >= 0) & (values["ts"] <= MAX_TS)), f"epoch seconds in [0, {MAX_TS:.0f}]"),
+        *((f, ~np.isfinite(values[f].astype(np.float32)), "a finite float32") for f in ("E_T", "lambda_T")),
+        ("Hr", ~np.isfinite(values["Hr"].astype(np.float32)), "a finite float32"),
+    ):
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            raise ValidationFailed.at([name, int(rows[0])], f"must be {rule} (and {len(rows) - 1} more rows)")
+    floats = {f: values[f].astype(np.float32) for f in FLOAT_FIELDS}
+    ids = [str(v) or None for v in c["id"]]
+    workers = [str(v) or None for v in c["worker"]]
+    expected = EpisodeBatch(z, floats, ids, workers).risk_targets(settings.risk)
+    off = ~np.isclose(values["risk_target"], expected, rtol=1e-5, atol=1e-6) | ~np.isfinite(expected)
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ValidationFailed.at(
+            ["risk_target", i], f"is {values['risk_target'][i]}, but the settings' weights give {expected[i]}"
+        )
+    seen: dict[str, int] = {}
+    for key, texts, limit in (("id", ids, MAX_ID_CHARS), ("worker", workers, MAX_WORKER_CHARS)):
+        for i, text in enumerate(texts):
             problem = string_problem(text, limit, allow_empty=True)
             if problem:
                 raise ValidationFailed.at([key, i], problem)
-    numeric = [z, *(data[k] for k in (*FLOAT_FIELDS, "risk_target", "ts"))]
-    if not all(np.isfinite(a.astype(np.float64)).all() for a in numeric):
-        raise ValidationFailed.at(["body"], "the file holds NaN or inf")
-    return settings, Columns(
-        z=np.ascontiguousarray(z, np.float32),
+            if key == "id" and text is not None:
+                if text in seen:
+                    raise ValidationFailed.at(["id", i], f"repeats the id of row {seen[text]}")
+                seen[text] = i
+    return Columns(
+        z=np.ascontiguousarray(z),
         seq=seq,
-        ts=data["ts"].astype(np.float64),
+        ts=values["ts"],
         id=np.array(ids, object),
         worker=np.array(workers, object),
-        **{k: data[k].astype(np.float32) for k in (*FLOAT_FIELDS, "risk_target")},
+        risk_target=expected,
+        **floats,
     )

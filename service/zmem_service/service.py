@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .episodes import EpisodeBatch, validate
-from .errors import Unavailable, ValidationFailed
+from .errors import InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
 from .index import make_engine
 from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
@@ -82,6 +86,8 @@ class ZMem:
         self.memories = Memories(settings, self.engine)
         self.searcher = Searcher()
         self.signal = ChangeSignal()
+        self._exports = asyncio.Semaphore(settings.max_concurrent_exports)
+        self._exports_waiting = 0
         self._writer: Writer | None = None
         self.ready = False
 
@@ -164,9 +170,27 @@ class ZMem:
         self.memory(name)
         await self.writer.delete(name)
 
-    async def import_npz(self, name: str, body: bytes) -> dict[str, Any]:
+    async def import_npz(self, name: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Import an export file arriving as `chunks`: streamed to a temporary file (never held
+        whole in memory), checked from there, then loaded by the writer."""
         check_name(name)
-        settings, rows = await asyncio.to_thread(read_npz, body)
+        if not self.ready:
+            raise Unavailable("the service is loading its memories; retry shortly")
+        limit = self.settings.max_import_bytes
+        with tempfile.TemporaryDirectory(prefix="zmem-import-") as tmp:
+            path = Path(tmp) / "import.npz"
+            size = 0
+            try:
+                with open(path, "wb") as f:
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        if size > limit:
+                            raise PayloadTooLarge(f"import file over {limit} bytes (--max-import-bytes)")
+                        f.write(chunk)  # page cache: microseconds per chunk
+            except OSError as e:
+                raise InsufficientStorage(f"no room for the import file: {e}") from None
+            room = self.settings.max_memory_bytes - self.memories.total_bytes()
+            settings, rows = await asyncio.to_thread(read_npz, path, room)
         return await self.writer.import_rows(name, settings, rows)
 
     # -- reads ------------------------------------------------------------------------
@@ -210,6 +234,29 @@ class ZMem:
     async def stats(self, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.memory(name).stats)
 
-    async def export_npz(self, name: str) -> bytes:
+    async def export_npz(self, name: str) -> Path:
+        """The export file of `name`, written to a temporary file that the caller deletes.
+
+        At most `max_concurrent_exports` are built at once (each holds one copy of the
+        buffer while it is written); a few more wait their turn, the rest get 503."""
         memory = self.memory(name)
-        return await asyncio.to_thread(lambda: write_npz(memory.settings, memory.snapshot()))
+        if self._exports_waiting >= 4 * self.settings.max_concurrent_exports:
+            raise Unavailable("too many exports are being built; retry shortly")
+        self._exports_waiting += 1
+        try:
+            async with self._exports:
+                return await asyncio.to_thread(self._write_export, memory)
+        finally:
+            self._exports_waiting -= 1
+
+    @staticmethod
+    def _write_export(memory: Memory) -> Path:
+        fd, name = tempfile.mkstemp(prefix="zmem-export-", suffix=".npz")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_npz(memory.settings, memory.snapshot(), f)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path

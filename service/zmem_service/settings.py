@@ -111,6 +111,10 @@ class ServiceSettings(BaseSettings):
 
     # Limits (SPEC §5).
     max_body_bytes: int = Field(32 * 2**20, ge=1024)
+    max_import_bytes: int = Field(
+        16 * 2**30, ge=1024, description="largest import file (streamed to a temporary file, not memory)"
+    )
+    max_concurrent_exports: int = Field(2, ge=1, description="exports built at once; more wait, then 503")
     max_batch: int = Field(10_000, ge=1)
     max_response_floats: int = Field(2**24, ge=1)
     max_memory_bytes: int = Field(4 * 2**30, ge=1)

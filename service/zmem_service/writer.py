@@ -100,9 +100,7 @@ class Writer:
             kept = rows.take(slice(max(0, len(rows) - settings.capacity), None))
             memory = self.memories.new(name, settings)
             assert settings.z_dim is not None
-            self.memories.check_budget(
-                memory.bytes_for(len(kept), kept.id) - (current.nbytes if current else 0)
-            )
+            self.memories.check_budget(memory.bytes_for(kept) - (current.nbytes if current else 0))
             memory.reserve(len(kept), settings.z_dim)
             next_seq = int(rows.seq[-1]) + 1 if len(rows) else 1
             self.store.save_memory(name, settings, next_seq, len(kept), memory.generation)

@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 
 from ..service import ZMem
 from ..wire import Query as WireQuery
@@ -70,15 +72,15 @@ async def get_stats(name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
 
 @router.get("/export")
 async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
-    body = await zmem.export_npz(name)
-    return Response(
-        body,
+    path = await zmem.export_npz(name)
+    return FileResponse(
+        path,
         media_type="application/octet-stream",
-        headers={"content-disposition": f'attachment; filename="{name}.npz"'},
+        filename=f"{name}.npz",
+        background=BackgroundTask(path.unlink, missing_ok=True),
     )
 
 
 @router.post("/import")
 async def post_import(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    return await zmem.import_npz(name, body)
+    return await zmem.import_npz(name, request.stream())
