@@ -88,9 +88,7 @@ def exact_knn(
         rescue = base.device.type != "cuda"
     d2, idx, certified = knn_certified(base, seq, query, k, center=center, base_sqnorm=base_sqnorm)
     if rescue:
-        rows = (~certified).nonzero().flatten()  # reads the device: a synchronisation on CUDA
-        if len(rows):
-            d2[rows], idx[rows] = full_scan(base, seq, _centred(query[rows], center), k)
+        rescue_uncertified(base, seq, query, k, d2, idx, certified, center=center)
     return d2, idx
 
 
@@ -108,33 +106,75 @@ def knn_certified(
     Rows where `certified` is true are exact; arguments as for `exact_knn`.
     """
     _check(base, seq, query, k, center, base_sqnorm)
-    n, dim = base.shape
+    n = len(base)
     device = base.device
-    q64 = _centred(query, center)
-    q = q64.to(torch.float32)
-    b = len(q)
+    b = len(query)
     if b == 0:
         empty = torch.empty((0, k), dtype=torch.int64, device=device)
         return empty.to(torch.float32), empty, torch.ones(0, dtype=torch.bool, device=device)
     if base_sqnorm is None:
         base_sqnorm = (base * base).sum(dim=1)
     c = min(n, k + margin(k))
-    seq_key = (seq - seq.min()).clamp_(max=_SEQ_SPAN)
-
     if c == n:  # every row is a candidate: nothing to certify
         cand = torch.arange(n, device=device).expand(b, n)
-        d2, idx = _rerank(base, seq, q64, cand, k)
+        d2, idx = _rerank(base, seq, _centred(query, center), cand, k)
         return d2, idx, torch.ones(b, dtype=torch.bool, device=device)
+    q = _centred(query, center).to(torch.float32)
+    seq_key = (seq - seq.min()).clamp_(max=_SEQ_SPAN)
+    cand, last = _candidates(base, base_sqnorm, seq_key, q, c)
+    last = last.to(torch.float64) + (q.to(torch.float64) ** 2).sum(dim=1)
+    return rerank_candidates(base, seq, query, cand, last, k, center=center, base_sqnorm=base_sqnorm)
 
-    cand, approx_c = _candidates(base, base_sqnorm, seq_key, q, c)
+
+def rerank_candidates(
+    base: torch.Tensor,
+    seq: torch.Tensor,
+    query: torch.Tensor,
+    cand: torch.Tensor,
+    last: torch.Tensor,
+    k: int,
+    *,
+    center: torch.Tensor | None = None,
+    base_sqnorm: torch.Tensor | None = None,
+    roundoff: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2–3 for candidates found elsewhere (e.g. by faiss-gpu): (d2, idx, certified).
+
+    cand int64 [B, c ≥ k]: rows of base; last [B]: the largest approximate squared
+    distance (‖x − q‖² on centred data, float32 GEMM) among each row's candidates, every
+    other row's being at least as large. `roundoff`: the GEMM's unit roundoff (default:
+    torch's matmul setting on this device). Other arguments as for `exact_knn`.
+    """
+    dim = base.shape[1]
+    q64 = _centred(query, center)
     d2, idx = _rerank(base, seq, q64, cand, k)
-    q_sqnorm = (q64 * q64).sum(dim=1)
-    x_max = base_sqnorm.max().to(torch.float64).sqrt()
-    error = 2.0 * (dim + 3) * unit_roundoff(device) * (x_max + q_sqnorm.sqrt()) ** 2
-    # A: the largest approximate distance kept; every other row's is at least A.
-    threshold = approx_c.to(torch.float64) + q_sqnorm - error
+    if base_sqnorm is None:
+        base_sqnorm = (base * base).sum(dim=1)
+    u = unit_roundoff(base.device) if roundoff is None else roundoff
+    q_norm = (q64 * q64).sum(dim=1).sqrt()
+    error = 2.0 * (dim + 3) * u * (base_sqnorm.max().to(torch.float64).sqrt() + q_norm) ** 2
     kth = d2[:, k - 1].to(torch.float64) * (1.0 + 4.0 * (dim + 2) * 2.0**-53)
-    return d2, idx, kth < threshold
+    # Every row outside the candidates is at exact distance ≥ last − error.
+    return d2, idx, kth < last.to(torch.float64) - error
+
+
+def rescue_uncertified(
+    base: torch.Tensor,
+    seq: torch.Tensor,
+    query: torch.Tensor,
+    k: int,
+    d2: torch.Tensor,
+    idx: torch.Tensor,
+    certified: torch.Tensor,
+    *,
+    center: torch.Tensor | None = None,
+) -> None:
+    """Step 4, in place: the rows of (d2, idx) not certified get a full exact scan.
+
+    Reads `certified` on the host: a synchronisation on CUDA."""
+    rows = (~certified).nonzero().flatten()
+    if len(rows):
+        d2[rows], idx[rows] = full_scan(base, seq, _centred(query[rows], center), k)
 
 
 def full_scan(
@@ -176,7 +216,8 @@ def full_scan(
 def _candidates(
     base: torch.Tensor, base_sqnorm: torch.Tensor, seq_key: torch.Tensor, q: torch.Tensor, c: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The c smallest approximate distances by (‖x‖² − 2⟨x, q⟩, seq): (rows [B, c], largest kept [B])."""
+    """The c smallest approximate distances by (‖x‖² − 2⟨x, q⟩, seq): (rows [B, c], the largest
+    kept ‖x‖² − 2⟨x, q⟩ [B])."""
     n = len(base)
     step = max(c, BLOCK_ELEMENTS // len(q))
     keys, rows = [], []
