@@ -96,7 +96,11 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = Path("zmem-data")
     durability: Literal["full", "normal", "none"] = "full"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="kNN device: auto (a usable GPU, else the CPU), cpu, cuda or cuda:N",
+    )
     knn_threads: int = Field(0, ge=0, description="OpenMP threads for batched searches; 0 = all cores")
 
     # Defaults for memories created later (a stored memory keeps its own settings).

@@ -1,0 +1,177 @@
+"""The GPU benchmark of `benchmarks/gpu_check.sh`: one table.
+
+    python -m benchmarks.bench_gpu [--device cuda] [--sizes 50000,1000000,10000000] [--d 32] [--k 64]
+    python -m benchmarks.bench_gpu --self-test      # CPU, tiny sizes: checks this script's logic
+
+Rows: server-side search time, i.e. one `TorchIndex.search` call as the searcher
+thread makes it (query to the device, exact kNN, answer back to the host; CUDA
+synchronised by that copy back), p50 and p99 over repeats, for B=1 and B=256 at each N;
+then `ZMemClient.risk` B=1 forward+backward over loopback against a `zmem serve
+--device <device> --durability none` filled with episodes. Each N's first answer is
+checked against a full exact scan before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, str, str, str]
+
+
+def percentiles(times: list[float]) -> tuple[str, str]:
+    us = np.array(times) * 1e6
+    return f"{np.percentile(us, 50):.0f}", f"{np.percentile(us, 99):.0f}"
+
+
+def timed(fn: Callable[[], object], repeats: int, warm: int = 3) -> list[float]:
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> list[Row]:
+    from zmem_client._knn import full_scan
+    from zmem_service.torch_index import TorchEngine, cuda_engine
+
+    engine = cuda_engine(device) if device.startswith("cuda") else TorchEngine(device, "benchmark")
+    rows: list[Row] = []
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        index = engine.new_index(d)
+        index.reserve(n)
+        step = 1 << 20
+        for start in range(0, n, step):  # written as a memory would: batches into slots
+            m = min(step, n - start)
+            z = rng.standard_normal((m, d), dtype=np.float32)
+            index.write(np.arange(start, start + m), z, np.arange(start, start + m) + 1)
+        for b in (1, 256):
+            zq = rng.standard_normal((b, d), dtype=np.float32)
+            d2, slots = index.search(zq, k, n)  # also applies the queued writes
+            check = torch.from_numpy(zq[:8]).to(index.device).double() - index._center
+            ref_d2, ref_slots = full_scan(index._z[:n], index._seq[:n], check, k)
+            exact = np.array_equal(slots[:8], ref_slots.cpu().numpy()) and np.array_equal(
+                d2[:8], ref_d2.cpu().numpy()
+            )
+            p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
+            rows.append((f"{engine.name} search, N={n:,}, B={b}", p50, p99, "exact" if exact else "MISMATCH"))
+        index.clear()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def risk_row(device: str, n: int, d: int, k: int, repeats: int) -> Row:
+    """risk() B=1 over loopback, or a row saying why it is not available."""
+    name = f"risk() B=1 fwd+bwd, loopback, N={n:,}"
+    try:
+        import httpx
+
+        from zmem_client import ZMemClient
+    except ImportError as e:
+        return (name, "-", "-", f"not available: {e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        path = f"{ROOT / 'service'}:{ROOT / 'client'}:{os.environ.get('PYTHONPATH', '')}"
+        env = {**os.environ, "PYTHONPATH": path}
+        cmd = [sys.executable, "-m", "zmem_service.cli", "serve", "--device", device, "--durability", "none"]
+        cmd += ["--port", str(port), "--data-dir", f"{tmp}/data", "--capacity", str(n), "--k", str(k)]
+        cmd += ["--min-size", "1", "--log-level", "warning"]
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            ready: dict[str, object] = {}
+            while not ready:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    last = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+                    return (name, "-", "-", f"not available: zmem serve --device {device}: {last[0][:120]}")
+                try:
+                    r = httpx.get(url + "/readyz", timeout=1)
+                    ready = r.json() if r.status_code == 200 else {}
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            rng = np.random.default_rng(1)
+            z = rng.standard_normal((n, d), dtype=np.float32) * 0.3
+            with ZMemClient(url, batch_size=4096, timeout=60) as mem:
+                for i in range(n):
+                    mem.record(z[i], soft_bind=0.5, cone_vol=0.3, lambda_bind=0.1)
+                mem.flush()
+                queries = torch.from_numpy(rng.standard_normal((64, 1, d), dtype=np.float32) * 0.3)
+                it = iter(range(10**9))
+
+                def step() -> None:
+                    q = queries[next(it) % len(queries)].clone().requires_grad_(True)
+                    mem.risk(q).backward()
+
+                p50, p99 = percentiles(timed(step, repeats, warm=20))
+            return (name, p50, p99, f"server knn: {ready.get('knn', '?')}")
+        except Exception as e:  # the benchmark reports, never stops the table
+            return (name, "-", "-", f"not available: {type(e).__name__}: {str(e)[:120]}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sizes", default="50000,1000000,10000000")
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--risk-n", type=int, default=50_000)
+    ap.add_argument("--risk-repeats", type=int, default=300)
+    ap.add_argument("--self-test", action="store_true", help="CPU, tiny sizes: checks this script's logic")
+    args = ap.parse_args(argv)
+    if args.self_test:
+        args.device, args.sizes, args.repeats = "cpu", "2000,6000", 5
+        args.risk_n, args.risk_repeats = 2000, 20
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # steadier than a thread pool on a busy machine; one searcher thread anyway
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(args.device))
+        where = f"{props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        where = f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+    t0 = time.perf_counter()
+    rows = search_rows(args.device, sizes, args.d, args.k, args.repeats)
+    rows.append(risk_row(args.device, args.risk_n, args.d, args.k, args.risk_repeats))
+    took = time.perf_counter() - t0
+    print(f"\nzmem GPU check: {where}; d={args.d}, k={args.k}; times in µs ({took:.0f} s)")
+    print(f"{'':44} {'p50 µs':>9} {'p99 µs':>9}  note")
+    for name, p50, p99, note in rows:
+        print(f"{name:44} {p50:>9} {p99:>9}  {note}")
+    return 1 if any(note == "MISMATCH" for *_, note in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

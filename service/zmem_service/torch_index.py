@@ -1,0 +1,279 @@
+"""The per-memory index on a torch device (`--device cuda[:N]`, or CPU tensors in tests).
+
+Imported only when `--device` selects a GPU (or `auto` finds one): the CPU service
+never imports torch. The search is `zmem_client._knn`'s exact kNN, the one the
+client's replica runs too: GEMM candidates on centred z's, an exact float64
+re-rank with ties by the lower seq, and a full scan for the rare query rows whose
+float32 certificate fails. When the installed faiss has GPU support, its
+`knn_gpu` finds the candidates instead of torch's GEMM (same re-rank).
+
+Layout on the device, per slot: the z minus the index's centre (float32), its seq
+(int64) and its squared norm (float32). The centre is chosen at the first write
+(`exact_center`: the mean, to 8 significant bits, on coordinates where subtracting
+it is exact) so that distances stay those of the raw z's; a later write that would
+not subtract exactly on some coordinate moves that coordinate's centre to 0
+(also exact). Centring only serves the float32 candidate search: z's far from the
+origin make ‖x‖² − 2⟨x, q⟩ cancel.
+
+Threads: `write` only queues the change (host arrays); `search`, on the searcher
+thread, applies what is queued and then searches, so device work and faiss-gpu
+resources stay on that one thread. `reserve` allocates (on the writer thread):
+torch's allocator is thread-safe, and the memory's lock orders every call.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from zmem_client._knn import exact_center, exact_knn, margin, rerank_candidates, rescue_uncertified
+
+from .errors import InsufficientStorage
+
+FAISS_GPU_MAX_K = 2048
+"""The largest k faiss-gpu's brute force accepts; above it, torch finds the candidates."""
+
+
+class FaissGpuCandidates:
+    """Candidates by faiss-gpu's `knn_gpu` over torch tensors; the GPU resources are made on
+    first use, by the thread that searches (they must stay on one thread)."""
+
+    def __init__(self, faiss: Any, device: int) -> None:
+        self._faiss = faiss
+        self._device = device
+        self._resources: Any = None
+        self._owner: int | None = None
+
+    def __call__(self, base: torch.Tensor, query: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int64 [B, c], the largest approximate distance kept float32 [B])."""
+        if self._resources is None:
+            self._resources = self._faiss.StandardGpuResources()
+            self._owner = threading.get_ident()
+        assert self._owner == threading.get_ident(), "faiss-gpu resources used from a second thread"
+        d2, rows = self._faiss.knn_gpu(self._resources, query, base, c, device=self._device)
+        return rows.to(torch.int64), d2[:, -1]
+
+
+class TorchIndex:
+    """One memory's z's on a torch device, addressed by ring slot (see the module docstring)."""
+
+    def __init__(
+        self, z_dim: int, device: torch.device, name: str, candidates: FaissGpuCandidates | None = None
+    ) -> None:
+        self.name = name
+        self.z_dim = z_dim
+        self.device = device
+        self._candidates = candidates
+        self._room = 0
+        self._z = torch.zeros((0, z_dim), dtype=torch.float32, device=device)
+        self._seq = torch.zeros(0, dtype=torch.int64, device=device)
+        self._sqnorm = torch.zeros(0, dtype=torch.float32, device=device)
+        self._center_host: np.ndarray | None = None  # float32 [d]: the centre of the rows queued last
+        self._center: torch.Tensor | None = None  # the centre of the rows on the device
+        self._queue: list[tuple[str, Any]] = []
+
+    # -- room -------------------------------------------------------------------------
+
+    def row_bytes(self) -> int:
+        return 4 * self.z_dim + 8 + 4
+
+    def bytes_after(self, slots: int) -> int:
+        return max(slots, self._room) * self.row_bytes()
+
+    @property
+    def nbytes(self) -> int:
+        return self._room * self.row_bytes()
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` rows, exactly (the ring sizes its growth); InsufficientStorage when
+        the device has no room, and then nothing changed."""
+        if slots <= self._room:
+            return
+        try:
+            z = torch.zeros((slots, self.z_dim), dtype=torch.float32, device=self.device)
+            seq = torch.zeros(slots, dtype=torch.int64, device=self.device)
+            sqnorm = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e):
+                raise
+            raise InsufficientStorage(
+                f"the search device {self.device} has no room for {slots} rows of z_dim {self.z_dim} "
+                f"({slots * self.row_bytes()} bytes): {str(e).splitlines()[0]}",
+                device=str(self.device),
+            ) from None
+        z[: self._room] = self._z
+        seq[: self._room] = self._seq
+        sqnorm[: self._room] = self._sqnorm
+        self._z, self._seq, self._sqnorm, self._room = z, seq, sqnorm, slots
+
+    def clear(self) -> None:
+        self._room = 0
+        self._z = self._z.new_zeros((0, self.z_dim))
+        self._seq = self._seq.new_zeros(0)
+        self._sqnorm = self._sqnorm.new_zeros(0)
+        self._center_host = self._center = None
+        self._queue.clear()
+
+    # -- writes (queued) and searches (searcher thread) --------------------------------
+
+    def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
+        """Queue rows for the device; the next `search` stores them. Copies its arguments."""
+        if len(slots) == 0:
+            return
+        z = np.asarray(z, dtype=np.float32)
+        if self._center_host is None:
+            center = exact_center(torch.from_numpy(np.array(z))).numpy()
+            self._queue.append(("center", center))
+            self._center_host = center
+        else:
+            exact = (z - self._center_host).astype(np.float64) == z.astype(np.float64) - self._center_host
+            if not exact.all():
+                moved = np.where(exact.all(axis=0), self._center_host, np.float32(0))
+                self._queue.append(("center", moved))
+                self._center_host = moved
+        x = z - self._center_host  # exact, by the choice of the centre
+        self._queue.append(("rows", (np.array(slots, np.int64), x, np.array(seq, np.int64))))
+
+    def search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest of slots [0, size) to each row of zq float32 [B, d]: (d2 float32 [B, k],
+        slots int64 [B, k]), nearest first, exact, ties by the lower seq."""
+        self._apply()
+        base, seq, sqnorm = self._z[:size], self._seq[:size], self._sqnorm[:size]
+        query = torch.tensor(np.asarray(zq, np.float32), device=self.device)
+        c = min(size, k + margin(k))
+        if self._candidates is not None and c < size and c <= FAISS_GPU_MAX_K:
+            assert self._center is not None
+            cand, last = self._candidates(base, (query - self._center).contiguous(), c)
+            d2, rows, certified = rerank_candidates(
+                base, seq, query, cand, last, k, center=self._center, base_sqnorm=sqnorm, roundoff=2.0**-24
+            )
+            rescue_uncertified(base, seq, query, k, d2, rows, certified, center=self._center)
+        else:
+            d2, rows = exact_knn(base, seq, query, k, center=self._center, base_sqnorm=sqnorm, rescue=True)
+        return d2.cpu().numpy(), rows.cpu().numpy()
+
+    def _apply(self) -> None:
+        """Carry the queued writes (and centre moves) to the device, in order."""
+        for kind, item in self._queue:
+            if kind == "center":
+                center = torch.from_numpy(item).to(self.device)
+                if self._center is not None:
+                    # x + old centre is the raw z exactly; minus the new one (the old, or 0) too.
+                    self._z += self._center - center
+                    self._sqnorm = (self._z * self._z).sum(dim=1)
+                self._center = center
+            else:
+                slots, x, seq = (torch.from_numpy(a).to(self.device) for a in item)
+                self._z[slots] = x
+                self._seq[slots] = seq
+                self._sqnorm[slots] = (x * x).sum(dim=1)
+        self._queue.clear()
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError | MemoryError) or "alloc" in str(e).lower()
+
+
+class TorchEngine:
+    """Makes `TorchIndex`es on one torch device (with faiss-gpu candidates when given)."""
+
+    def __init__(self, device: str | torch.device, reason: str, *, faiss: Any = None) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.reason = reason
+        self._candidates: FaissGpuCandidates | None = None
+        if faiss is not None and self.device.type == "cuda":
+            self._candidates = FaissGpuCandidates(faiss, self.device.index or 0)
+            self.name = f"faiss-gpu:{self.device.index}"
+        elif self.device.type == "cuda":
+            self.name = f"torch-cuda:{self.device.index}"
+        else:
+            self.name = f"torch-{self.device.type}"
+
+    def new_index(self, z_dim: int) -> TorchIndex:
+        """A new empty index; allocates nothing until `reserve`."""
+        return TorchIndex(z_dim, self.device, self.name, self._candidates)
+
+    def device_bytes(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
+    def warm_up(self) -> None:
+        """One tiny search, so that the first query doesn't pay for CUDA and cuBLAS start-up;
+        run it on the searcher thread."""
+        index = self.new_index(2)
+        index.reserve(2)
+        index.write(np.arange(2), np.zeros((2, 2), np.float32), np.arange(2))
+        index.search(np.zeros((1, 2), np.float32), 1, 2)
+        index.clear()
+
+
+def faiss_gpu() -> Any:
+    """The faiss module when it has GPU support and sees a GPU, else None."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    import faiss.contrib.torch_utils  # lets knn_gpu take torch tensors
+
+    return faiss
+
+
+def _describe(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    return f"{device} is {props.name} with {props.total_memory / 2**30:.1f} GiB, torch {torch.__version__}"
+
+
+def _probe(device: torch.device) -> str | None:
+    """None when a tensor can be made and used on `device`, else why not."""
+    try:
+        (torch.ones(4, device=device) * 2).sum().item()
+    except Exception as e:  # a broken driver or a device in use raises many kinds of errors
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def cuda_engine(device: str) -> TorchEngine:
+    """The engine for `--device cuda` or `cuda:N`; RuntimeError saying why when CUDA isn't usable."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "no CUDA"
+        raise RuntimeError(
+            f"--device {device}: torch {torch.__version__} (built with {built}) sees no usable CUDA device; "
+            "use --device cpu or auto"
+        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RuntimeError(f"--device {device}: not a device (use cuda or cuda:N)") from None
+    if dev.type != "cuda":
+        raise RuntimeError(f"--device {device}: not a CUDA device (use cuda or cuda:N)")
+    count = torch.cuda.device_count()
+    index = 0 if dev.index is None else dev.index
+    if index >= count:
+        raise RuntimeError(f"--device {device}: torch sees {count} CUDA device(s), numbered from 0")
+    dev = torch.device("cuda", index)
+    problem = _probe(dev)
+    if problem:
+        raise RuntimeError(f"--device {device}: {dev} is not usable: {problem}")
+    faiss = faiss_gpu()
+    how = "faiss-gpu candidates" if faiss is not None else "torch GEMM candidates"
+    return TorchEngine(dev, f"--device {device}: {_describe(dev)}; {how}", faiss=faiss)
+
+
+def auto_engine_reason() -> tuple[str | None, str]:
+    """For `--device auto`: (the device to use, or None for the CPU; why)."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "no CUDA"
+        return None, f"torch {torch.__version__} (built with {built}) sees no usable CUDA device"
+    dev = torch.device("cuda", 0)
+    problem = _probe(dev)
+    if problem:
+        return None, f"{dev} is not usable: {problem}"
+    return "cuda:0", f"a usable GPU: {_describe(dev)}"
