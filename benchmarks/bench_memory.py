@@ -23,6 +23,7 @@ import numpy as np
 import safetensors.numpy
 
 from tests.server import Server
+from zmem_service.ring import FLOAT_FIELDS
 
 MIB = 2**20
 
@@ -35,23 +36,26 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def zip_bomb(rows: int, d: int = 32) -> bytes:
-    """A valid-looking export whose z member unpacks to rows × d float32 zeros (~1000:1)."""
+    """A valid-looking export of `rows` rows of zeros: every member is there with the right
+    shape and dtype, and the whole unpacks to ~1000 times its size."""
     buf = io.BytesIO()
+    members = {"z": ("<f4", (rows, d)), "seq": ("<i8", (rows,)), "ts": ("<f8", (rows,))}
+    members.update({f: ("<f4", (rows,)) for f in (*FLOAT_FIELDS, "risk_target")})
+    members.update({"id": ("<U1", (rows,)), "worker": ("<U1", (rows,))})
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("z.npy", "w", force_zip64=True) as f:
-            header = io.BytesIO()
-            np.lib.format.write_array_header_1_0(
-                header, {"descr": "<f4", "fortran_order": False, "shape": (rows, d)}
-            )
-            f.write(header.getvalue())
-            chunk = bytes(16 * MIB)
-            left = rows * d * 4
-            while left:
-                f.write(chunk[: min(left, len(chunk))])
-                left -= min(left, len(chunk))
-        for name, arr in {"seq": np.arange(1, rows + 1), "settings": np.array('{"capacity": 100}')}.items():
+        for name, (descr, shape) in members.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, arr)
+                header = io.BytesIO()
+                spec = {"descr": descr, "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(header, spec)
+                f.write(header.getvalue())
+                left = int(np.prod(shape)) * np.dtype(descr).itemsize
+                chunk = bytes(min(left, 16 * MIB))
+                while left:
+                    f.write(chunk[: min(left, len(chunk))])
+                    left -= min(left, len(chunk))
+        with zf.open("settings.npy", "w") as f:
+            np.lib.format.write_array(f, np.array('{"capacity": 100}'))
     return buf.getvalue()
 
 
@@ -147,11 +151,12 @@ def main() -> None:
     ap.add_argument("--bombs", type=int, default=4)
     args = ap.parse_args()
     r = run(args.budget_mib * MIB, args.readers, args.bombs, bomb_rows=16 * args.budget_mib * MIB // 128)
-    print(f"\nmemory under hostile loads: budget {args.budget_mib} MiB, {r['rows']} episodes with 128-char ids")
+    print(f"\nmemory under hostile loads: budget {args.budget_mib} MiB, {r['rows']} episodes, 128-char ids")
     print(f"{'':44} {'MiB':>9}")
     for key in ("idle_rss", "filled_rss", "peak_rss"):
         print(f"{key:44} {r[key] / MIB:9.1f}")
-    print(f"{'peak - idle (what the memories and loads cost)':44} {(r['peak_rss'] - r['idle_rss']) / MIB:9.1f}")
+    cost = (r["peak_rss"] - r["idle_rss"]) / MIB
+    print(f"{'peak - idle (what the memories and loads cost)':44} {cost:9.1f}")
     print(f"zip bomb: {r['bomb_bytes'] / MIB:.1f} MiB body, {r['bomb_unpacked'] / MIB:.0f} MiB unpacked")
     print(f"answers seen: {r['codes']}; server alive afterwards: {r['alive']}")
 

@@ -50,14 +50,34 @@ NPY_HEADER_SLACK = 4096  # an .npy member's header, beyond its data
 
 
 def write_npz(settings: MemorySettings, rows: Columns, out: IO[bytes] | Path) -> None:
-    """Write the export file of `rows` to `out` (a path or a binary file), member by member."""
-    arrays: dict[str, np.ndarray] = {f: getattr(rows, f) for f in EXPORT_FIELDS}
-    for key in ("id", "worker"):
-        arrays[key] = np.array(["" if v is None else v for v in arrays[key]], dtype=np.str_)
-        if arrays[key].dtype.itemsize == 0:  # no rows, or only empty strings: keep a valid width
-            arrays[key] = arrays[key].astype("<U1")
-    arrays["settings"] = np.array(settings.model_dump_json())
-    np.savez(out, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs as bools
+    """Write the export file of `rows` to `out` (a path or a binary file), member by member.
+
+    String columns are written STRING_CHUNK rows at a time, so their fixed-width copies
+    (up to 512 bytes a row for 128-character ids) never exist whole."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name in (*EXPORT_FIELDS, "settings"):
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if name == "settings":
+                    text = np.array(settings.model_dump_json())
+                    np.lib.format.write_array(member, text, allow_pickle=False)
+                elif name in ("id", "worker"):
+                    _write_strings(member, getattr(rows, name))
+                else:
+                    np.lib.format.write_array(member, getattr(rows, name), allow_pickle=False)
+
+
+STRING_CHUNK = 8192
+
+
+def _write_strings(member: IO[bytes], values: np.ndarray) -> None:
+    """An object column of str/None as a fixed-width unicode .npy ("" for None)."""
+    width = max((len(v) for v in values if v is not None), default=1) or 1
+    dtype = np.dtype(f"<U{width}")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(values),)}
+    np.lib.format.write_array_header_1_0(member, header)
+    for start in range(0, len(values), STRING_CHUNK):
+        chunk = ["" if v is None else v for v in values[start : start + STRING_CHUNK]]
+        member.write(np.array(chunk, dtype=dtype).tobytes())
 
 
 def read_npz(path: Path, room: int) -> tuple[MemorySettings, Columns]:
