@@ -62,11 +62,13 @@ def wait_ready(port: int) -> None:
     raise RuntimeError(f"server on {port} not ready")
 
 
-def timed(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None, headers: dict) -> float:
+def timed(
+    conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None, headers: dict
+) -> float:
     t0 = time.perf_counter()
     conn.request(method, path, body=body, headers=headers)
-    resp = resp_body = conn.getresponse()
-    resp_body.read()
+    resp = conn.getresponse()
+    resp.read()
     elapsed = time.perf_counter() - t0
     assert resp.status == 200, resp.status
     return elapsed
@@ -109,7 +111,8 @@ def main() -> None:
                         ("POST /neighbors B=1", "POST", "/neighbors", query, st),
                     ):
                         samples = times.setdefault((stack, name), [])
-                        samples.extend(timed(conn, method, path, body, headers) for _ in range(args.per_round))
+                        for _ in range(args.per_round):
+                            samples.append(timed(conn, method, path, body, headers))
         finally:
             for conn in conns.values():
                 conn.close()
