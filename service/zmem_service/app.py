@@ -14,19 +14,20 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .auth import CookieMiddleware, Tokens, authorize
-from .errors import ZMemError
+from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
 from .metrics import Metrics, MetricsMiddleware
 from .pictures import PictureCache
 from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
+from .wire import Codecs, check_body_type
 
 log = logging.getLogger("zmem")
 PROBLEM = "application/problem+json"
 
 
 def problem_response(error: ZMemError) -> JSONResponse:
-    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM)
+    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM, headers=error.headers)
 
 
 async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
@@ -36,7 +37,8 @@ async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:20]]
+    # Only loc and msg, clipped: pydantic's `input` would echo the request back.
+    errors = clip_errors([{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:MAX_ERRORS]])
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
@@ -44,7 +46,7 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         "type": "https://zmem.dev/problems/validation",
         "title": "Validation failed",
         "status": status,
-        "detail": f"{where}: {first['msg']}",
+        "detail": clip(f"{where}: {first['msg']}", MAX_DETAIL_CHARS),
         "errors": errors,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
@@ -54,13 +56,14 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     body = {
         "type": "about:blank",
-        "title": str(exc.detail),
+        "title": clip(str(exc.detail), MAX_DETAIL_CHARS),
         "status": exc.status_code,
-        "detail": f"{request.method} {request.url.path}: {exc.detail}",
+        "detail": clip(f"{request.method} {request.url.path}: {exc.detail}", MAX_DETAIL_CHARS),
     }
-    return JSONResponse(
-        body, status_code=exc.status_code, media_type=PROBLEM, headers=getattr(exc, "headers", None)
-    )
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 503:
+        headers.setdefault("Retry-After", "1")
+    return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM, headers=headers)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -84,10 +87,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         yield
         await asyncio.wait([loading])
         await asyncio.to_thread(app.state.pictures.close)
+        await asyncio.to_thread(app.state.codecs.close)
         await asyncio.to_thread(zmem.close)
 
-    app = FastAPI(title="zmem", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)])
+    app = FastAPI(
+        title="zmem",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(authorize), Depends(check_body_type)],
+    )
     app.state.zmem = zmem
+    app.state.codecs = Codecs.create()
     app.state.tokens = tokens
     app.state.metrics = metrics
     app.add_middleware(CookieMiddleware)

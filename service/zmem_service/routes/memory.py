@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from ..memory import Neighbors
 from ..service import ZMem
-from ..wire import Query, decode_episodes, decode_query, encode, neighbors_arrays, read_body
+from ..wire import Query, neighbors_arrays, read_body, read_episodes, read_query, respond
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
@@ -17,8 +17,7 @@ router = APIRouter()
 
 @router.post("/episodes")
 async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    batch = decode_episodes(body, request.headers.get("content-type"))
+    batch = await read_episodes(request, zmem.settings)
     reply = await zmem.write(name, batch)
     metrics = request.app.state.metrics
     metrics.episodes.labels(name).inc(reply["accepted"])
@@ -27,8 +26,7 @@ async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[
 
 
 async def _query(request: Request, name: str, zmem: ZMem) -> tuple[Query, Neighbors]:
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    query = decode_query(body, request.headers.get("content-type"), dict(request.query_params))
+    query = await read_query(request, zmem.settings)
     return query, await zmem.search(name, query)
 
 
@@ -36,7 +34,7 @@ async def _query(request: Request, name: str, zmem: ZMem) -> tuple[Query, Neighb
 async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
     query, nb = await _query(request, name, zmem)
     meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
-    return encode(request, neighbors_arrays(nb, query.one_row), meta)
+    return await respond(request, zmem.settings, neighbors_arrays(nb, query.one_row), meta)
 
 
 @router.post("/risk")
@@ -44,7 +42,7 @@ async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
     query, nb = await _query(request, name, zmem)
     risk = nb.kernel_risk().astype(np.float32)
     meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
-    return encode(request, {"risk": risk.reshape(()) if query.one_row else risk}, meta)
+    return await respond(request, zmem.settings, {"risk": risk.reshape(()) if query.one_row else risk}, meta)
 
 
 @router.get("/stats")
