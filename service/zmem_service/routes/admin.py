@@ -23,13 +23,14 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(zmem: ZMemDep) -> JSONResponse:
     if not zmem.ready:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"status": "ready", "knn": zmem.knn.name})
 
 
 @router.get("/metrics")
 async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
     metrics = request.app.state.metrics
+    metrics.forget_deleted({memory.name for memory in zmem.memories.all()})
     for memory in zmem.memories.all():
         metrics.size.labels(memory.name).set(memory.size)
     metrics.ring_bytes.set(zmem.memories.total_bytes())
