@@ -16,6 +16,7 @@ from . import __version__
 from .auth import CookieMiddleware, Tokens, authorize
 from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
 from .metrics import Metrics, MetricsMiddleware
+from .openapi import install as install_openapi
 from .pictures import PictureCache
 from .routes import admin, memory, pictures
 from .service import ZMem
@@ -112,6 +113,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(pictures.router)
     app.include_router(pictures.router, prefix="/memories/{name}")
     app.include_router(pictures.dashboard_router)
+    install_openapi(app)
     return app
 
 
