@@ -398,6 +398,9 @@ def test_control_characters_in_paths_are_escaped_in_the_access_log(tmp_path: Pat
 def test_metrics_forget_deleted_memories(make_client) -> None:  # type: ignore[no-untyped-def]
     c: TestClient = make_client(min_size=1, durability="none")
     c.post("/episodes", json=EP)
+    c.post("/memories/warm/episodes", json=EP)  # the routes' own series exist from here on
+    c.delete("/memories/warm")
+    c.get("/metrics")
     before = len(c.get("/metrics").content)
     for i in range(2000):
         name = f"ghost{i}"
