@@ -230,9 +230,9 @@ def decode_episodes(body: bytes, content_type: str | None, max_batch: int | None
             chunk = _EPISODE_LIST.validate_python(items[start : start + step])
         except ValidationError as e:
             raise pydantic_problem(e, ("episodes",), offset=start) from None
-        for i, e in enumerate(chunk):
-            if len(e.z) != d:
-                msg = f"z has {len(e.z)} values; episode 0 has {d}"
+        for i, episode in enumerate(chunk):
+            if len(episode.z) != d:
+                msg = f"z has {len(episode.z)} values; episode 0 has {d}"
                 raise ValidationFailed.at(["episodes", start + i, "z"], msg)
         with np.errstate(over="ignore"):  # beyond float32 becomes inf, which `validate` names
             z_parts.append(np.array([e.z for e in chunk], np.float32).reshape(len(chunk), d))
