@@ -51,9 +51,34 @@ def test_dashboard_token_sets_an_http_only_cookie(secured) -> None:
     r = secured.get("/?token=r-secret")
     assert r.status_code == 200
     cookie = r.headers["set-cookie"]
-    assert "zmem_token=r-secret" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "zmem_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "r-secret" not in cookie  # an HMAC of the token, not the token
     assert secured.get("/stats").status_code == 200  # the TestClient keeps the cookie
     assert secured.post("/episodes", json=EP).status_code == 403
+
+
+def test_a_write_token_cookie_still_only_reads(secured) -> None:
+    r = secured.get("/?token=w-secret")
+    assert r.status_code == 200 and "w-secret" not in r.headers["set-cookie"]
+    assert secured.get("/stats").status_code == 200
+    for method, path, body in [
+        ("POST", "/episodes", EP),
+        ("PUT", "/memories/x", {"z_dim": 2}),
+        ("DELETE", "/memories/default", None),
+    ]:
+        r = secured.request(method, path, json=body)
+        assert r.status_code == 403 and "Authorization" in r.json()["detail"], (method, path)
+    assert secured.post("/episodes", json=EP, params={"token": "w-secret"}).status_code == 403
+    assert secured.get("/stats").json()["size"] == 0  # nothing written
+
+
+def test_only_a_write_token_opens_the_dashboard_read_only(make_client) -> None:
+    c = make_client(token="only-w", min_size=1)
+    assert c.get("/").status_code == 401
+    assert c.get("/?token=only-w").status_code == 200
+    assert c.get("/stats").status_code == 200
+    assert c.post("/episodes", json=EP).status_code == 403
+    assert c.post("/episodes", json=EP, headers=bearer("only-w")).status_code == 200
 
 
 def test_a_read_token_alone_is_refused_at_start(tmp_path) -> None:

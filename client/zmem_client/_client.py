@@ -116,6 +116,11 @@ class ZMemClient:
         vec = arr.astype(np.float32).reshape(-1)
         if not np.isfinite(vec).all():
             raise ValueError("z must be finite (no NaN or inf)")
+        if (
+            float(np.dot(vec.astype(np.float64), vec.astype(np.float64)))
+            > float(np.finfo(np.float32).max) / 4
+        ):
+            raise ValueError("z is too large: its squared norm must be at most float32 max / 4 (8.51e37)")
         values = {
             "soft_bind": soft_bind,
             "cone_vol": cone_vol,

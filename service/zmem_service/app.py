@@ -16,19 +16,21 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .auth import CookieMiddleware, Tokens, authorize
-from .errors import ZMemError
+from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
 from .metrics import Metrics, MetricsMiddleware
+from .openapi import install as install_openapi
 from .pictures import PictureCache
 from .routes import admin, memory, pictures
 from .service import ZMem
 from .settings import ServiceSettings
+from .wire import Codecs, check_body_type
 
 log = logging.getLogger("zmem")
 PROBLEM = "application/problem+json"
 
 
 def problem_response(error: ZMemError) -> JSONResponse:
-    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM)
+    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM, headers=error.headers)
 
 
 async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
@@ -38,7 +40,8 @@ async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:20]]
+    # Only loc and msg, clipped: pydantic's `input` would echo the request back.
+    errors = clip_errors([{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:MAX_ERRORS]])
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
@@ -46,7 +49,7 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         "type": "https://zmem.dev/problems/validation",
         "title": "Validation failed",
         "status": status,
-        "detail": f"{where}: {first['msg']}",
+        "detail": clip(f"{where}: {first['msg']}", MAX_DETAIL_CHARS),
         "errors": errors,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
@@ -56,13 +59,14 @@ async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     body = {
         "type": "about:blank",
-        "title": str(exc.detail),
+        "title": clip(str(exc.detail), MAX_DETAIL_CHARS),
         "status": exc.status_code,
-        "detail": f"{request.method} {request.url.path}: {exc.detail}",
+        "detail": clip(f"{request.method} {request.url.path}: {exc.detail}", MAX_DETAIL_CHARS),
     }
-    return JSONResponse(
-        body, status_code=exc.status_code, media_type=PROBLEM, headers=getattr(exc, "headers", None)
-    )
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 503:
+        headers.setdefault("Retry-After", "1")
+    return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM, headers=headers)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -88,10 +92,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         zmem.signal.close()  # long polls of the changes feed answer now
         await asyncio.wait([loading])
         await asyncio.to_thread(app.state.pictures.close)
+        await asyncio.to_thread(app.state.codecs.close)
         await asyncio.to_thread(zmem.close)
 
-    app = FastAPI(title="zmem", version=__version__, lifespan=lifespan, dependencies=[Depends(authorize)])
+    app = FastAPI(
+        title="zmem",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(authorize), Depends(check_body_type)],
+    )
     app.state.zmem = zmem
+    app.state.codecs = Codecs.create()
     app.state.tokens = tokens
     app.state.metrics = metrics
     app.add_middleware(CookieMiddleware)
@@ -106,6 +117,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(pictures.router)
     app.include_router(pictures.router, prefix="/memories/{name}")
     app.include_router(pictures.dashboard_router)
+    install_openapi(app)
     return app
 
 

@@ -2,13 +2,18 @@
 
 Reads are the GET routes (export and metrics included) and the read-only POSTs
 `neighbors` and `risk`. A browser can't add a header to an `<img>`, so
-`GET /?token=…` stores the token in an HttpOnly cookie that later requests carry.
-`/healthz` and `/readyz` are always open. Tokens are compared in constant time
-and never logged (the access log drops query strings).
+`GET /?token=…` (either token) stores a read credential in an HttpOnly cookie that
+later requests carry. The cookie, and the `?token=` that set it, carry read rights
+only, whichever token set them: a page elsewhere on the site can make the browser
+send the cookie, so writes need the `Authorization` header. The cookie holds an
+HMAC of the token, never the token itself. `/healthz` and `/readyz` are always
+open. Tokens are compared in constant time and never logged (the access log drops
+query strings).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -46,6 +51,15 @@ class Tokens:
             )
         return cls(write, read)
 
+    def cookie_valid(self, value: str | None) -> bool:
+        """Whether `value` is the dashboard cookie of one of the tokens."""
+        if not value:
+            return False
+        return any(
+            t is not None and hmac.compare_digest(value.encode(), cookie_value(t).encode())
+            for t in (self.write, self.read)
+        )
+
     def level(self, token: str | None) -> str | None:
         """ "write", "read" or None for a presented token."""
         if token is None:
@@ -69,13 +83,17 @@ def _secret(path: Path | None, value: object) -> str | None:
     return text or None
 
 
+def cookie_value(token: str) -> str:
+    """The dashboard cookie for `token`: an HMAC of it, so the cookie never holds a token."""
+    return hmac.new(token.encode(), b"zmem dashboard read", hashlib.sha256).hexdigest()
+
+
 def presented(request: Request) -> str | None:
+    """The bearer token of the Authorization header, if any."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    if request.url.path == "/" and "token" in request.query_params:
-        return request.query_params["token"]
-    return request.cookies.get(COOKIE)
+    return None
 
 
 def is_read(request: Request) -> bool:
@@ -92,14 +110,22 @@ def authorize(request: Request) -> None:
     tokens: Tokens = request.app.state.tokens
     if not tokens.enabled or request.url.path in OPEN_PATHS:
         return
-    token = presented(request)
-    level = tokens.level(token)
+    level = tokens.level(presented(request))
+    if level is None:
+        dashboard = request.url.path == "/" and "token" in request.query_params
+        query_token = request.query_params["token"] if dashboard else None
+        if query_token is not None and tokens.level(query_token) is not None:
+            request.state.zmem_cookie = cookie_value(query_token)
+            level = "read"
+        elif tokens.cookie_valid(request.cookies.get(COOKIE)):
+            level = "read"
     if level is None:
         raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
     if level == "read" and not is_read(request):
-        raise Forbidden("the read token can't write; use the write token")
-    if request.url.path == "/" and "token" in request.query_params:
-        request.state.zmem_cookie = token
+        raise Forbidden(
+            "writes need the write token in the Authorization header (read tokens and the dashboard "
+            "cookie only read)"
+        )
 
 
 class CookieMiddleware:

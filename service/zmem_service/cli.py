@@ -25,6 +25,12 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
     ("max-memory-bytes", int, "budget for all rings together (4 GiB)"),
     ("max-body-bytes", int, "largest request body (32 MiB)"),
+    ("max-response-bytes", int, "largest answer body (64 MiB); past it a 422"),
+    ("max-header-bytes", int, "largest request line + headers (16 KiB); past it a 431"),
+    ("header-timeout", float, "seconds a request's headers may take to arrive (10)"),
+    ("body-timeout", float, "seconds a request body may send nothing before the connection closes (30)"),
+    ("keep-alive-timeout", int, "seconds an idle keep-alive connection stays open (5)"),
+    ("max-connections", int, "open connections at once (1000, less if the open-file limit is lower)"),
     ("token-file", str, "file holding the read+write bearer token"),
     ("read-token-file", str, "file holding the read-only bearer token"),
 ]
@@ -88,29 +94,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"zmem serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from .app import create_app
+    from .server import serve
 
     try:
         app = create_app(settings)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"zmem serve: {e}", file=sys.stderr)
         return 2
-    # One process: the rings are process state. uvicorn's access log would print query
-    # strings (a dashboard's ?token=); the app's own access log (zmem.access) doesn't.
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        workers=1,
-        timeout_graceful_shutdown=30,
-        access_log=False,
-    )
+    serve(app, settings, args.log_level)
     return 0
 
 

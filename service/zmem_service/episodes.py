@@ -17,6 +17,17 @@ from .settings import MAX_Z_DIM, RiskWeights
 MAX_ID_CHARS = 128
 MAX_WORKER_CHARS = 64
 MAX_ERRORS = 20
+# A z whose squared norm is at most float32's max / 4: then |a − b|² ≤ (|a| + |b|)² stays
+# finite in float32 for any two admissible z's, and so do sigma and the kernel.
+MAX_SQNORM = float(np.finfo(np.float32).max) / 4
+Z_TOO_LARGE = f"squared norm must be at most {MAX_SQNORM:.3g} (float32 max / 4), so distances stay finite"
+
+
+def rows_too_large(z: np.ndarray) -> np.ndarray:
+    """Indices of the finite rows of z [B, d] whose squared norm (in float64) exceeds MAX_SQNORM."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+    return np.flatnonzero(np.isfinite(sq) & (sq > MAX_SQNORM))
 
 
 @dataclass
@@ -74,6 +85,7 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
         "z",
         "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
     )
+    bad(rows_too_large(batch.z), "z", Z_TOO_LARGE)
     for field in FLOAT_FIELDS:
         col = batch.values[field]
         bad(np.flatnonzero(~np.isfinite(col)), field, "must be a finite float32 number")

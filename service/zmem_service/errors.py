@@ -7,23 +7,48 @@
     ├── NotFound (404)            unknown memory on a read
     ├── Conflict (409)            settings differ, import into a non-empty memory
     ├── PayloadTooLarge (413)     body over the limit
+    ├── UnsupportedMediaType (415) a body that is neither JSON nor safetensors (nor an npz import)
     ├── ValidationFailed (422)    invalid content; `errors` name the field and episode
-    ├── Unavailable (503)         loading, overloaded or shutting down
+    ├── Unavailable (503)         loading, overloaded or shutting down; carries Retry-After
     └── InsufficientStorage (507) the memory budget would be exceeded
 
 The domain raises these; one handler (`problem_response`) maps them onto
-`application/problem+json` (RFC 9457). A request that raises changes nothing.
+`application/problem+json` (RFC 9457), with the error's `headers`. A request that
+raises changes nothing. What a problem echoes is capped (`clip`): a 10 MB request
+never gets a large answer.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+MAX_DETAIL_CHARS = 1000
+MAX_MSG_CHARS = 300
+MAX_LOC_CHARS = 100
+MAX_ERRORS = 20
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clip_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most MAX_ERRORS `{loc, msg}` entries, every string in them clipped."""
+    return [
+        {
+            **e,
+            "loc": [clip(p, MAX_LOC_CHARS) if isinstance(p, str) else p for p in e.get("loc", [])][:8],
+            "msg": clip(str(e.get("msg", "")), MAX_MSG_CHARS),
+        }
+        for e in errors[:MAX_ERRORS]
+    ]
+
 
 class ZMemError(Exception):
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
     slug: ClassVar[str] = "internal"
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
         super().__init__(detail)
@@ -36,10 +61,10 @@ class ZMemError(Exception):
             "type": f"https://zmem.dev/problems/{self.slug}",
             "title": self.title,
             "status": self.status,
-            "detail": self.detail,
+            "detail": clip(self.detail, MAX_DETAIL_CHARS),
         }
         if self.errors is not None:
-            body["errors"] = self.errors
+            body["errors"] = clip_errors(self.errors)
         body.update(self.extra)
         return body
 
@@ -68,6 +93,10 @@ class PayloadTooLarge(ZMemError):
     status, title, slug = 413, "Payload too large", "payload-too-large"
 
 
+class UnsupportedMediaType(ZMemError):
+    status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
+
+
 class ValidationFailed(ZMemError):
     status, title, slug = 422, "Validation failed", "validation"
 
@@ -80,6 +109,7 @@ class ValidationFailed(ZMemError):
 
 class Unavailable(ZMemError):
     status, title, slug = 503, "Service unavailable", "unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class InsufficientStorage(ZMemError):

@@ -1,5 +1,6 @@
 """Prometheus metrics (a registry per app, so apps in one process don't share counters)
-and the access log, which drops query strings so a `?token=` never reaches a log."""
+and the access log, which drops query strings so a `?token=` never reaches a log and
+escapes control and other non-printable characters so a request can't forge a line."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ class Metrics:
         self.size = Gauge("zmem_memory_size", "episodes held", ["memory"], registry=self.registry)
         self.ring_bytes = Gauge("zmem_ring_bytes", "bytes held by all rings", registry=self.registry)
 
+    def forget_deleted(self, names: set[str]) -> None:
+        """Drop the series of memories not in `names` (deleted ones), so /metrics doesn't grow
+        with every memory ever created."""
+        for metric in (self.size, self.episodes, self.duplicates):
+            labelled = {s.labels["memory"] for family in metric.collect() for s in family.samples}
+            for gone in labelled - names:
+                metric.remove(gone)
+
+
+def printable(text: str) -> str:
+    """`text` with each non-printable character (newlines, ANSI escapes, …) as a Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
 
 class MetricsMiddleware:
     """Pure ASGI (no per-request task or body copy): counts, times and logs each request."""
@@ -66,4 +82,5 @@ class MetricsMiddleware:
             m = self.metrics
             m.requests.labels(route, scope["method"], str(status)).inc()
             m.latency.labels(route, scope["method"]).observe(elapsed)
-            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, 1000 * elapsed)
+            method, path = printable(scope["method"]), printable(scope["path"])
+            access_log.info("%s %s %d %.1fms", method, path, status, 1000 * elapsed)

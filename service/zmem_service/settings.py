@@ -124,6 +124,13 @@ class ServiceSettings(BaseSettings):
     max_memory_bytes: int = Field(4 * 2**30, ge=1)
     max_pending_writes: int = Field(10_000, ge=1, description="queued write requests before 503")
     recorded_queries: int = Field(100_000, ge=0)
+    max_response_bytes: int = Field(64 * 2**20, ge=1024, description="largest answer body, in bytes")
+    # The HTTP server (server.py).
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers, else 431")
+    header_timeout: float = Field(10.0, gt=0, description="seconds for a request's headers to arrive")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a request body may send nothing")
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays")
+    max_connections: int = Field(1000, ge=1, description="open connections; more get 503")
 
     token: SecretStr | None = None
     read_token: SecretStr | None = None

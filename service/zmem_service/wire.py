@@ -8,24 +8,48 @@ one shape: a 400 for a body that can't be parsed, a 422 naming the field otherwi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 from fastapi import Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
 
-from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, EpisodeBatch
-from .errors import BadRequest, PayloadTooLarge, ValidationFailed
+from . import jsonchunks
+from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, Z_TOO_LARGE, EpisodeBatch, rows_too_large
+from .errors import (
+    BadRequest,
+    PayloadTooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    ZMemError,
+)
 from .memory import Neighbors
 from .ring import FLOAT_FIELDS
-from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA
+from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA, ServiceSettings
 
 SAFETENSORS = "application/x-safetensors"
+JSON = "application/json"
+NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
+T = TypeVar("T")
+# Bodies and answers up to these sizes are decoded/encoded on the event loop: below them
+# a hop to a pool thread (~60 µs) costs more than the work (benchmarks/bench_hostile.py).
+INLINE_JSON_BYTES = 2048
+INLINE_SAFETENSORS_BYTES = 256 * 1024
+INLINE_JSON_FLOATS = 256
+# Floats validated per pydantic call on large JSON bodies (each call holds the GIL).
+FLOATS_PER_STEP = 16384
 # strict: a JSON string or boolean is not a number (ints are).
 Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
@@ -64,6 +88,11 @@ class QueryIn(QueryOptions):
     z: list[Finite] | list[list[Finite]]
 
 
+_EPISODE_LIST = TypeAdapter(list[EpisodeIn])
+_ROWS = TypeAdapter(list[list[Finite]])
+_ROW = TypeAdapter(list[Finite])
+
+
 @dataclass
 class Query:
     z: np.ndarray  # float32 [B, d]
@@ -71,8 +100,21 @@ class Query:
     options: QueryOptions
 
 
-def pydantic_problem(e: ValidationError, prefix: tuple[str, ...] = ()) -> ValidationFailed:
-    errors = [{"loc": [*prefix, *err["loc"]], "msg": err["msg"]} for err in e.errors()[:20]]
+def _shift(loc: tuple[str | int, ...], offset: int) -> list[str | int]:
+    """`loc` with its leading list index moved by `offset` (errors of a slab of a list)."""
+    if loc and isinstance(loc[0], int):
+        return [loc[0] + offset, *loc[1:]]
+    return list(loc)
+
+
+def pydantic_problem(
+    e: ValidationError, prefix: tuple[str | int, ...] = (), offset: int = 0
+) -> ValidationFailed:
+    """A 422 naming the fields (pydantic's `input` is never echoed; ZMemError caps the rest)."""
+    errors = [
+        {"loc": [*prefix, *_shift(err["loc"], offset)], "msg": err["msg"]}
+        for err in e.errors(include_url=False, include_input=False, include_context=False)[:20]
+    ]
     first = errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "body"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
@@ -85,12 +127,49 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("the client closed the connection before the body was complete") from None
     return b"".join(chunks)
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives (for bodies streamed to disk); a client that goes away is a 400."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest("the client closed the connection before the body was complete") from None
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def check_body_type(request: Request) -> None:
+    """FastAPI dependency on every route: a POST/PUT body must be JSON or safetensors (an import:
+    an npz, typed so or untyped), else 415. Types a browser may send cross-site without a
+    preflight (text/plain, forms) are never parsed."""
+    if request.method not in ("POST", "PUT"):
+        return
+    given = media_type(request)
+    if given in (JSON, SAFETENSORS) or given.endswith("+json"):
+        return
+    if request.url.path.endswith("/import") and (given in NPZ_TYPES or not given):
+        return
+    if not given and request.headers.get("content-length", "0") == "0":
+        return  # no body at all
+    wanted = (
+        "an npz (application/octet-stream)"
+        if request.url.path.endswith("/import")
+        else (f"{JSON} or {SAFETENSORS}")
+    )
+    raise UnsupportedMediaType(f"content-type {given or '(none)'!r} is not accepted here; send {wanted}")
 
 
 def is_safetensors(content_type: str | None) -> bool:
@@ -103,7 +182,9 @@ def wants_safetensors(request: Request) -> bool:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        if len(body) <= jsonchunks.WINDOW:
+            return json.loads(body)
+        return jsonchunks.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
     except RecursionError:
@@ -126,26 +207,47 @@ def parse_safetensors(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any
         try:
             meta[key] = json.loads(text)
         except ValueError:
-            raise ValidationFailed.at([key], f"metadata value {text!r} is not a JSON literal") from None
+            raise ValidationFailed.at([key], "metadata value is not a JSON literal") from None
+        except RecursionError:
+            raise ValidationFailed.at([key], "metadata value is nested too deeply") from None
     return tensors, meta
 
 
-def decode_episodes(body: bytes, content_type: str | None) -> EpisodeBatch:
+def decode_episodes(body: bytes, content_type: str | None, max_batch: int | None = None) -> EpisodeBatch:
+    """Episodes from either format (400 unparseable, 422 invalid). JSON is validated a slab of
+    episodes at a time, so a large body never holds the GIL for long."""
     if is_safetensors(content_type):
         return _episodes_from_safetensors(*parse_safetensors(body))
-    try:
-        parsed = EpisodesIn.model_validate(parse_json(body))
-    except ValidationError as e:
-        raise pydantic_problem(e) from None
-    eps = parsed.episodes
-    dims = {len(e.z) for e in eps}
-    if len(dims) > 1:
-        d0 = len(eps[0].z)
-        i = next(i for i, e in enumerate(eps) if len(e.z) != d0)
-        raise ValidationFailed.at(["episodes", i, "z"], f"z has {len(eps[i].z)} values; episode 0 has {d0}")
-    d = dims.pop() if dims else 0
-    with np.errstate(over="ignore"):  # beyond float32 becomes inf, which `validate` names
-        z = np.array([e.z for e in eps], np.float32).reshape(len(eps), d)
+    doc = parse_json(body)
+    items = doc.get("episodes") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or len(doc) != 1:
+        try:  # the wrong shape: let the model name it, without validating a list of episodes
+            EpisodesIn.model_validate({**doc, "episodes": []} if isinstance(items, list) else doc)
+        except ValidationError as e:
+            raise pydantic_problem(e) from None
+    assert isinstance(items, list)
+    if max_batch is not None and len(items) > max_batch:
+        msg = f"{len(items)} episodes in one request; the limit is {max_batch}"
+        raise ValidationFailed.at(["episodes"], msg)
+    first = items[0] if items else None
+    d = len(first["z"]) if isinstance(first, dict) and isinstance(first.get("z"), list) else 0
+    step = max(1, FLOATS_PER_STEP // max(d, 1))
+    eps: list[EpisodeIn] = []
+    z_parts = []
+    for start in range(0, len(items), step):
+        try:
+            chunk = _EPISODE_LIST.validate_python(items[start : start + step])
+        except ValidationError as e:
+            raise pydantic_problem(e, ("episodes",), offset=start) from None
+        for i, episode in enumerate(chunk):
+            if len(episode.z) != d:
+                msg = f"z has {len(episode.z)} values; episode 0 has {d}"
+                raise ValidationFailed.at(["episodes", start + i, "z"], msg)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, which `validate` names
+            z_parts.append(np.array([e.z for e in chunk], np.float32).reshape(len(chunk), d))
+        eps.extend(chunk)
+    z = np.concatenate(z_parts) if z_parts else np.zeros((0, 0), np.float32)
+    with np.errstate(over="ignore"):
         values = {f: np.array([getattr(e, f) for e in eps], np.float32) for f in FLOAT_FIELDS}
     return EpisodeBatch(
         z=z,
@@ -194,23 +296,17 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
         fields = parse_json(body)
         if not isinstance(fields, dict):
             raise ValidationFailed.at(["body"], "must be a JSON object")
+        if "z" not in fields:
+            raise ValidationFailed.at(["z"], "Field required")
         z = None
     merged = {k: json_param(v) for k, v in params.items() if k in ("k", "sigma", "record")}
-    merged.update({k: v for k, v in fields.items() if k != "z" or z is None})
+    merged.update({k: v for k, v in fields.items() if k != "z"})
     try:
-        if z is None:
-            parsed = QueryIn.model_validate(merged)
-            rows: list[Any] = parsed.z
-            if rows and isinstance(rows[0], list) and len({len(r) for r in rows}) > 1:
-                i = next(i for i, r in enumerate(rows) if len(r) != len(rows[0]))
-                raise ValidationFailed.at(["z", i], "rows of z must all have the same length")
-            with np.errstate(over="ignore"):  # beyond float32 becomes inf: named below
-                z = np.array(rows, np.float32) if rows else np.zeros((0,), np.float32)
-            options: QueryOptions = parsed
-        else:
-            options = QueryOptions.model_validate(merged)
+        options = QueryOptions.model_validate(merged)
     except ValidationError as e:
         raise pydantic_problem(e) from None
+    if z is None:
+        z = _json_z(fields["z"])
     one_row = z.ndim == 1
     if one_row:
         z = z[None, :]
@@ -221,26 +317,174 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
             ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
             "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
         )
+    too_large = rows_too_large(z)
+    if len(too_large):
+        raise ValidationFailed.at(["z", int(too_large[0])], Z_TOO_LARGE)
     return Query(np.ascontiguousarray(z, np.float32), one_row, options)
+
+
+def _json_z(raw: Any) -> np.ndarray:
+    """A JSON z (a list of numbers, or of rows of numbers) as float32 [d] or [B, d], validated in slabs."""
+    if not isinstance(raw, list):
+        raise ValidationFailed.at(["z"], "must be a list of numbers or a list of rows of numbers")
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf: named by the caller
+        if not raw or not isinstance(raw[0], list):
+            parts = []
+            for start in range(0, len(raw), FLOATS_PER_STEP):
+                try:
+                    row = _ROW.validate_python(raw[start : start + FLOATS_PER_STEP])
+                except ValidationError as e:
+                    raise pydantic_problem(e, ("z",), offset=start) from None
+                parts.append(np.array(row, np.float32))
+            return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+        d = len(raw[0])
+        step = max(1, FLOATS_PER_STEP // max(d, 1))
+        blocks = []
+        for start in range(0, len(raw), step):
+            try:
+                rows = _ROWS.validate_python(raw[start : start + step])
+            except ValidationError as e:
+                raise pydantic_problem(e, ("z",), offset=start) from None
+            for i, r in enumerate(rows):
+                if len(r) != d:
+                    raise ValidationFailed.at(["z", start + i], "rows of z must all have the same length")
+            blocks.append(np.array(rows, np.float32).reshape(len(rows), d))
+        return np.concatenate(blocks)
 
 
 def json_param(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value  # e.g. sigma=auto; the model says whether it is valid
 
 
-def encode(request: Request, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Response:
-    """A response as safetensors when the client accepts it, JSON otherwise."""
+def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
+    """Bytes of the safetensors answer, within a few per tensor (the header's offsets)."""
+    header = len(json.dumps({k: json.dumps(v) for k, v in meta.items()})) + 96 * len(arrays)
+    return 8 + header + sum(a.nbytes for a in arrays.values())
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    return safetensors.numpy.save(
+        {k: v if v.flags.c_contiguous else v.copy() for k, v in arrays.items()},
+        metadata={k: json.dumps(v, allow_nan=False) for k, v in meta.items()},
+    )
+
+
+# -- off the event loop -------------------------------------------------------------------
+
+
+class Pool:
+    """A thread pool of its own for one kind of work, bounded: `workers` threads and at most
+    `slots` jobs admitted at once (running, queued or reading their body); past that a 503."""
+
+    def __init__(self, name: str, workers: int, slots: int) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"zmem-{name}")
+        self._free = slots
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        if self._free <= 0:
+            raise Unavailable(f"too many large requests are {self.name}; retry shortly")
+        self._free -= 1
+        try:
+            yield
+        finally:
+            self._free += 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a pool thread (call inside `admitted()`)."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Codecs:
+    """The service's pools for bodies (decode) and answers (encode); on `app.state.codecs`."""
+
+    decode: Pool
+    encode: Pool
+
+    @classmethod
+    def create(cls) -> Codecs:
+        # 2 threads each: JSON work holds the GIL, so more threads would only queue on it.
+        # 8 decode slots bound the large bodies held in memory at once (8 × max_body_bytes).
+        return cls(decode=Pool("being decoded", 2, 8), encode=Pool("being encoded", 2, 8))
+
+    def close(self) -> None:
+        self.decode.close()
+        self.encode.close()
+
+
+def _inline_body(request: Request) -> int:
+    return INLINE_SAFETENSORS_BYTES if is_safetensors(media_type(request)) else INLINE_JSON_BYTES
+
+
+async def _decode(request: Request, settings: ServiceSettings, decode: Callable[[bytes], T]) -> T:
+    """Read the body and decode it: on the loop when small, else admitted to the decode pool
+    before the body is read, so large bodies in memory stay bounded."""
+    inline = _inline_body(request)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= inline:
+        return decode(await read_body(request, settings.max_body_bytes))
+    pool: Pool = request.app.state.codecs.decode
+    async with pool.admitted():
+        body = await read_body(request, settings.max_body_bytes)
+        return decode(body) if len(body) <= inline else await pool.run(decode, body)
+
+
+async def read_episodes(request: Request, settings: ServiceSettings) -> EpisodeBatch:
+    """The request's episodes, decoded (400/413/415/422 as the module says)."""
+    decode = partial(decode_episodes, content_type=media_type(request), max_batch=settings.max_batch)
+    return await _decode(request, settings, decode)
+
+
+async def read_query(request: Request, settings: ServiceSettings) -> Query:
+    """The request's neighbours/risk query, k/sigma/record from the query string when the body lacks them."""
+    params, kind = dict(request.query_params), media_type(request)
+    return await _decode(request, settings, lambda body: decode_query(body, kind, params))
+
+
+async def respond(
+    request: Request, settings: ServiceSettings, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Response:
+    """An answer as safetensors when the client accepts it, JSON otherwise; at most
+    `max_response_bytes` (else 422 on `k`, saying when safetensors would fit)."""
+    limit = settings.max_response_bytes
+    st_size = safetensors_size(arrays, meta)
+    pool: Pool = request.app.state.codecs.encode
     if wants_safetensors(request):
-        body = safetensors.numpy.save(
-            {k: v if v.flags.c_contiguous else v.copy() for k, v in arrays.items()},
-            metadata={k: json.dumps(v) for k, v in meta.items()},
-        )
+        if st_size > limit:
+            raise ValidationFailed.at(["k"], f"the answer would be {st_size} bytes; {_over(limit)}")
+        if st_size <= INLINE_SAFETENSORS_BYTES:
+            return Response(encode_safetensors(arrays, meta), media_type=SAFETENSORS)
+        async with pool.admitted():
+            body = await pool.run(encode_safetensors, arrays, meta)
         return Response(body, media_type=SAFETENSORS)
-    payload = {**meta, **{k: v.tolist() for k, v in arrays.items()}}
-    return Response(json.dumps(payload), media_type="application/json")
+    try:
+        if sum(a.size for a in arrays.values()) <= INLINE_JSON_FLOATS:
+            body = jsonchunks.encode_arrays(meta, arrays, limit)
+        else:
+            async with pool.admitted():
+                body = await pool.run(jsonchunks.encode_arrays, meta, arrays, limit)
+    except jsonchunks.TooLarge:
+        hint = (
+            f"the safetensors answer ({st_size} bytes) fits: send Accept: {SAFETENSORS}"
+            if st_size <= limit
+            else "ask for fewer rows or a smaller k"
+        )
+        raise ValidationFailed.at(["k"], f"the JSON answer would exceed {limit} bytes; {hint}") from None
+    except ValueError:  # NaN or infinity: admissible inputs never produce one
+        raise ZMemError("the answer holds a non-finite number; see the server log") from None
+    return Response(body, media_type=JSON)
+
+
+def _over(limit: int) -> str:
+    return f"the limit is {limit} (max_response_bytes): ask for fewer rows or a smaller k"
 
 
 def neighbors_arrays(nb: Neighbors, one_row: bool) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(zmem: ZMemDep) -> JSONResponse:
     if not zmem.ready:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
     body: dict[str, Any] = {"status": "ready", "knn": zmem.engine.name, "device_reason": zmem.engine.reason}
     if zmem.memories.skipped:
         body["skipped_memories"] = zmem.memories.skipped
@@ -33,6 +33,7 @@ async def readyz(zmem: ZMemDep) -> JSONResponse:
 @router.get("/metrics")
 async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
     metrics = request.app.state.metrics
+    metrics.forget_deleted({memory.name for memory in zmem.memories.all()})
     for memory in zmem.memories.all():
         metrics.size.labels(memory.name).set(memory.size)
     metrics.ring_bytes.set(zmem.memories.total_bytes())

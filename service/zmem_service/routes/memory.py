@@ -11,7 +11,7 @@ from starlette.background import BackgroundTask
 
 from ..service import ZMem
 from ..wire import Query as WireQuery
-from ..wire import decode_episodes, decode_query, encode, neighbors_arrays, read_body
+from ..wire import body_chunks, neighbors_arrays, read_episodes, read_query, respond
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
@@ -19,14 +19,12 @@ router = APIRouter()
 
 @router.post("/episodes")
 async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    batch = decode_episodes(body, request.headers.get("content-type"))
+    batch = await read_episodes(request, zmem.settings)
     return await zmem.write(name, batch)
 
 
 async def _query(request: Request, zmem: ZMem) -> WireQuery:
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    return decode_query(body, request.headers.get("content-type"), dict(request.query_params))
+    return await read_query(request, zmem.settings)
 
 
 @router.post("/neighbors")
@@ -34,7 +32,7 @@ async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Resp
     query = await _query(request, zmem)
     nb = await zmem.neighbors(name, query)
     meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
-    return encode(request, neighbors_arrays(nb, query.one_row), meta)
+    return await respond(request, zmem.settings, neighbors_arrays(nb, query.one_row), meta)
 
 
 @router.post("/risk")
@@ -43,7 +41,9 @@ async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
     nb, risk = await zmem.risk(name, query)
     meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
     risk32 = risk.astype(np.float32)
-    return encode(request, {"risk": risk32.reshape(()) if query.one_row else risk32}, meta)
+    return await respond(
+        request, zmem.settings, {"risk": risk32.reshape(()) if query.one_row else risk32}, meta
+    )
 
 
 @router.get("/changes")
@@ -62,7 +62,7 @@ async def get_changes(
     the memory exactly; `reset` says to drop the mirrored state first."""
     page = await zmem.changes(name, after, generation, limit, wait)
     arrays = {"z": page.rows.z, "risk_target": page.rows.risk_target, "seq": page.rows.seq}
-    return encode(request, arrays, page.meta)
+    return await respond(request, zmem.settings, arrays, page.meta)
 
 
 @router.get("/stats")
@@ -83,4 +83,4 @@ async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
 
 @router.post("/import")
 async def post_import(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    return await zmem.import_npz(name, request.stream())
+    return await zmem.import_npz(name, body_chunks(request))

@@ -1,0 +1,145 @@
+"""Hostile loads at full size against a real server: worst /healthz latency and peak RSS.
+
+    python -m benchmarks.bench_hostile [--max-memory-bytes 4294967296]
+
+Loads (issue 9, items 1 and 4), one after another on one server:
+- heads: 8 connections each sending a 100 MiB header;
+- write: a 30 MiB JSON episodes body;
+- answer: a read-token-sized neighbours query whose JSON answer is at max_response_floats
+  (2^24 floats: 256 rows × k 1024 × d 64), asked as JSON.
+While each runs, /healthz is polled every 20 ms. Prints, per load, the answer's status,
+how long it took, the worst /healthz latency and the server's peak RSS (VmRSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import safetensors.numpy
+
+from tests.server import Server
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+HEAD = b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (100 << 20) + b"\r\n\r\n"
+
+
+def big_head(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(HEAD)
+        with contextlib.suppress(OSError):
+            return s.recv(64).split(b"\r\n")[0].decode()
+    return "closed"
+
+
+def measure(srv: Server, pid: int, load: Callable[[], str]) -> tuple[str, float, float, int]:
+    done, result = threading.Event(), []
+    peak, worst = rss(pid), 0.0
+
+    def run() -> None:
+        try:
+            result.append(load())
+        finally:
+            done.set()
+
+    t0 = time.perf_counter()
+    threading.Thread(target=run).start()
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        while not done.is_set():
+            t = time.perf_counter()
+            c.get("/healthz")
+            worst = max(worst, time.perf_counter() - t)
+            peak = max(peak, rss(pid))
+            time.sleep(0.02)
+    return (result[0] if result else "error"), time.perf_counter() - t0, worst, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-memory-bytes", type=int, default=4 << 30)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((10_000, 256)).round(6)
+    eps = [{"z": row, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for row in z.tolist()]
+    body = json.dumps({"episodes": eps}).encode()
+    zq = rng.standard_normal((5000, 64)).astype(np.float32)
+    ones = np.ones(5000, np.float32)
+    seed_rows = safetensors.numpy.save(
+        {"z": zq, "soft_bind": ones / 2, "cone_vol": ones, "lambda_bind": ones}
+    )
+    query = json.dumps({"z": zq[:256].tolist(), "k": 1024}).encode()
+    json_h = {"content-type": "application/json"}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = Server(
+            Path(tmp) / "data",
+            *(
+                "--max-memory-bytes",
+                str(args.max_memory_bytes),
+                "--capacity",
+                "20000",
+                "--durability",
+                "none",
+            ),
+        ).start()
+        assert srv.proc is not None
+        pid = srv.proc.pid
+        try:
+            httpx.post(
+                srv.url + "/memories/q/episodes",
+                content=seed_rows,
+                headers={"content-type": "application/x-safetensors"},
+            )
+            idle = rss(pid)
+
+            def heads() -> str:
+                out: list[str] = []
+                threads = [threading.Thread(target=lambda: out.append(big_head(srv.port))) for _ in range(8)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return ", ".join(sorted(set(out)))
+
+            def write() -> str:
+                return str(
+                    httpx.post(srv.url + "/episodes", content=body, headers=json_h, timeout=600).status_code
+                )
+
+            def answer() -> str:
+                r = httpx.post(srv.url + "/memories/q/neighbors", content=query, headers=json_h, timeout=600)
+                return f"{r.status_code} ({len(r.content) >> 20} MiB)"
+
+            rows = [
+                ("8 × 100 MiB header", heads),
+                ("30 MiB JSON write", write),
+                ("2^24-float JSON answer", answer),
+            ]
+            print(f"server idle RSS {idle >> 20} MiB; --max-memory-bytes {args.max_memory_bytes >> 20} MiB")
+            print(f"{'load':<24} {'answer':<28} {'took s':>7} {'worst /healthz s':>17} {'peak RSS MiB':>13}")
+            for name, load in rows:
+                status, took, worst, peak = measure(srv, pid, load)
+                print(f"{name:<24} {status:<28} {took:>7.2f} {worst:>17.3f} {peak >> 20:>13}")
+        finally:
+            srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""JSON parsing and encoding in short steps, for bodies and answers of many MiB.
+
+`json.loads` and `json.dumps` are single C calls that hold the GIL from start to end:
+run on a worker thread over a 30 MiB body they still stop the event loop for the
+whole call. These functions do the same work as a series of C calls on pieces of
+at most a few tens of KiB, so the interpreter can hand the GIL to the event loop
+between pieces (every `sys.getswitchinterval()`, 5 ms by default).
+
+`loads` walks containers in Python and hands every value that fits a small window
+(and every scalar) to the C decoder; `encode_arrays` writes numpy arrays a slab of
+rows at a time and stops as soon as the output passes a byte limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+# Largest text handed to the C decoder in one call, and floats encoded per call.
+WINDOW = 1 << 16
+FLOATS_PER_STEP = 8192
+MAX_DEPTH = 64
+
+_decoder = json.JSONDecoder()
+_ws = re.compile(r"[ \t\n\r]*")
+
+
+def loads(text: str) -> Any:
+    """`json.loads(text)` in steps; raises json.JSONDecodeError (a ValueError) or RecursionError."""
+    value, end = _value(text, _ws.match(text, 0).end(), 0)  # type: ignore[union-attr]
+    end = _ws.match(text, end).end()  # type: ignore[union-attr]
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
+def _value(text: str, pos: int, depth: int) -> tuple[Any, int]:
+    if depth > MAX_DEPTH:
+        raise RecursionError("nested too deeply")
+    opening = text[pos : pos + 1]
+    if opening not in ("[", "{"):
+        return _decoder.raw_decode(text, pos)
+    # Small containers whole: try windows of growing size; one that can't hold the
+    # container fails (truncated) and the next is 8 times larger.
+    size = 2048
+    while True:
+        window = text[pos : pos + size]
+        try:
+            value, n = _decoder.raw_decode(window)
+            return value, pos + n
+        except json.JSONDecodeError as e:
+            if len(window) < size:  # the window held the rest of the text: a real error
+                raise json.JSONDecodeError(e.msg, text, pos + e.pos) from None
+        if size >= WINDOW:
+            break
+        size *= 8
+    return (_array if opening == "[" else _object)(text, pos, depth)
+
+
+def _array(text: str, pos: int, depth: int) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    pos = _ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+    if text[pos : pos + 1] == "]":
+        return out, pos + 1
+    while True:
+        value, pos = _value(text, pos, depth + 1)
+        out.append(value)
+        pos = _ws.match(text, pos).end()  # type: ignore[union-attr]
+        sep = text[pos : pos + 1]
+        if sep == "]":
+            return out, pos + 1
+        if sep != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+
+
+def _object(text: str, pos: int, depth: int) -> tuple[dict[str, Any], int]:
+    out: dict[str, Any] = {}
+    pos = _ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+    if text[pos : pos + 1] == "}":
+        return out, pos + 1
+    while True:
+        if text[pos : pos + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+        key, pos = _decoder.raw_decode(text, pos)
+        pos = _ws.match(text, pos).end()  # type: ignore[union-attr]
+        if text[pos : pos + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+        value, pos = _value(text, _ws.match(text, pos + 1).end(), depth + 1)  # type: ignore[union-attr]
+        out[key] = value
+        pos = _ws.match(text, pos).end()  # type: ignore[union-attr]
+        sep = text[pos : pos + 1]
+        if sep == "}":
+            return out, pos + 1
+        if sep != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _ws.match(text, pos + 1).end()  # type: ignore[union-attr]
+
+
+class TooLarge(Exception):
+    """The encoded answer passed the byte limit (`written` bytes so far)."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(written)
+        self.written = written
+
+
+class _Out:
+    def __init__(self, limit: int) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+
+    def add(self, text: str) -> None:
+        self.size += len(text)  # JSON from json.dumps is ASCII: characters are bytes
+        if self.size > self.limit:
+            raise TooLarge(self.size)
+        self.parts.append(text)
+
+
+def encode_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray], limit: int) -> bytes:
+    """`json.dumps({**meta, **arrays as lists})` in steps, compact; raises TooLarge past
+    `limit` bytes and ValueError on a NaN or infinity (never valid JSON)."""
+    out = _Out(limit)
+    out.add(json.dumps(meta, allow_nan=False, separators=(",", ":"))[:-1] if meta else "{")
+    for i, (key, array) in enumerate(arrays.items()):
+        out.add(("," if meta or i else "") + json.dumps(key) + ":")
+        _encode(array, out)
+    out.add("}")
+    return "".join(out.parts).encode()
+
+
+def _encode(a: np.ndarray, out: _Out) -> None:
+    if a.ndim <= 1 or a.size <= FLOATS_PER_STEP:
+        out.add(json.dumps(a.tolist(), allow_nan=False, separators=(",", ":")))
+        return
+    row = a[0].size
+    out.add("[")
+    if row > FLOATS_PER_STEP:
+        for i in range(len(a)):
+            if i:
+                out.add(",")
+            _encode(a[i], out)
+    else:
+        step = FLOATS_PER_STEP // max(row, 1)
+        for i in range(0, len(a), step):
+            if i:
+                out.add(",")
+            out.add(json.dumps(a[i : i + step].tolist(), allow_nan=False, separators=(",", ":"))[1:-1])
+    out.add("]")
