@@ -17,7 +17,7 @@ from .auth import CookieMiddleware, Tokens, authorize
 from .errors import ZMemError
 from .metrics import Metrics, MetricsMiddleware
 from .pictures import PictureCache
-from .routes import admin, memory, pictures
+from .routes import admin, memory, pictures, queries
 from .service import ZMem
 from .settings import ServiceSettings
 
@@ -99,6 +99,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(memory.router)
     app.include_router(memory.router, prefix="/memories/{name}")
+    app.include_router(queries.router)
+    app.include_router(queries.router, prefix="/memories/{name}")
     app.include_router(pictures.router)
     app.include_router(pictures.router, prefix="/memories/{name}")
     app.include_router(pictures.dashboard_router)

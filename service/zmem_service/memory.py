@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from .episodes import EpisodeBatch
 from .errors import ValidationFailed
 from .knn import KnnBackend
+from .querylog import QueryLog
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
 
@@ -88,6 +90,7 @@ class Memory:
     ids: dict[str, int] = field(default_factory=dict)
     workers: collections.Counter[str] = field(default_factory=collections.Counter)
     query_risk: collections.deque[float] = field(default_factory=collections.deque)
+    queries: QueryLog = field(default_factory=lambda: QueryLog(100_000))
     version: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
@@ -259,6 +262,16 @@ class Memory:
             if self.query_risk.maxlen != keep:
                 self.query_risk = collections.deque(self.query_risk, maxlen=keep)
             self.query_risk.extend(float(r) for r in risk)
+
+    def record_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
+        """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n])."""
+        with self.lock:
+            self.queries.extend(risk, wsum, n_eff, time.time())
+
+    def recorded_queries(self) -> dict[str, np.ndarray]:
+        """A copy of the recorded queries, oldest first (``QueryLog.snapshot``)."""
+        with self.lock:
+            return self.queries.snapshot()
 
     def snapshot(self) -> Columns:
         """A copy of the buffer in arrival order."""
