@@ -228,7 +228,7 @@ def test_mismatched_lengths_are_rejected() -> None:
         evaluate(np.zeros(5), np.zeros(5), np.zeros(5), no_queries(), min_size=1)
 
 
-def test_spearman_and_spike_threshold() -> None:
+def test_spearman() -> None:
     x = np.array([1.0, 2.0, 3.0, 4.0, np.inf])
     assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)

@@ -67,19 +67,6 @@ class Thresholds:
     kernel_recent: int = 1000
 
 
-def spike_threshold(risk: np.ndarray, mad_k: float = 5.0) -> float | None:
-    """``median + mad_k · MAD`` of ``risk`` [n] (raw MAD, unscaled); None when n = 0.
-
-    The MAD is floored at 1e-6 · max(1, |median|) so a constant series has a threshold.
-    """
-    r = np.asarray(risk, dtype=np.float64).ravel()
-    if r.size == 0:
-        return None
-    med = float(np.median(r))
-    mad = max(float(np.median(np.abs(r - med))), 1e-6 * max(1.0, abs(med)))
-    return med + mad_k * mad
-
-
 def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
     """Centred rolling median of x [n] over ``window`` points (fewer at the ends) → [n]."""
     x = np.asarray(x, dtype=np.float64).ravel()
