@@ -54,7 +54,8 @@ class Thresholds:
     reliable_soft_bind: float = 0.5
     reliable_margin: float = 0.1
     """A reliable island's mean soft_bind is ≥ reliable_soft_bind and ≥ reliable_margin above
-    the least reliable group of points (another island, or the points between islands)."""
+    the least reliable group of points (another island, or the points between islands) or,
+    when every group binds well, above reliable_soft_bind."""
     convergence_factor: float = 0.9
     risk_rise: float = 0.05
     """The recorded risk's median may rise by this fraction of the older half's |median|
@@ -363,7 +364,12 @@ def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Threshol
                 "pc2": float(centre[1]),
                 "soft_bind": _float(soft[on].mean()),
                 "lambda_bind": _float(lam[on].mean()),
-                "reliable": bool(soft[on].mean() >= max(t.reliable_soft_bind, floor + t.reliable_margin)),
+                # Clearly better than the least reliable points, or than a coin flip when
+                # everything binds well: random soft_bind (all groups ≈ 0.5) never qualifies.
+                "reliable": bool(
+                    soft[on].mean()
+                    >= max(t.reliable_soft_bind, min(floor, t.reliable_soft_bind) + t.reliable_margin)
+                ),
             }
         )
     outside = labels < 0
@@ -425,7 +431,7 @@ def _reliability_criterion(
         share = sum(i["fraction"] for i in reliable)
         rule = (
             f"mean soft_bind ≥ {t.reliable_soft_bind} and ≥ {t.reliable_margin} above "
-            "the least reliable points"
+            f"the least reliable points or above {t.reliable_soft_bind}"
         )
         if passed:
             reading = (

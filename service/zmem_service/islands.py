@@ -36,7 +36,10 @@ def find_islands(xy: np.ndarray, *, grid: int = GRID, min_fraction: float = MIN_
     counts = np.zeros((grid, grid))
     np.add.at(counts, (cell[:, 0], cell[:, 1]), 1.0)
     padded = np.pad(counts, 1)
-    smooth = sum(padded[i : i + grid, j : j + grid] for i in range(3) for j in range(3))
+    smooth = np.zeros_like(counts)
+    for i in range(3):
+        for j in range(3):
+            smooth += padded[i : i + grid, j : j + grid]
     dense = smooth >= max(3.0, 0.5 * float(smooth[counts > 0].mean()))
     comp = _components(dense)
     point_comp = comp[cell[:, 0], cell[:, 1]]

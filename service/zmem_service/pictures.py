@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 import logging
@@ -277,7 +278,7 @@ class PictureCache:
             work = self._executor.submit(job)
             pending = _Pending(work, asyncio.wrap_future(work))
             self._running[key] = pending
-            pending.result.add_done_callback(lambda f, p=pending: self._finish(key, p, f))
+            pending.result.add_done_callback(functools.partial(self._finish, key, pending))
         pending.waiters += 1
         try:
             # A request that goes away must not cancel the others' computation.
