@@ -73,7 +73,7 @@ def write(
 
     for run in runs:
         run["stats"] = _stats(run)
-        client = ZMemClient(url, memory=run["name"], token=token)
+        client = ZMemClient(url, memory=run["name"], token=token, timeout=300)
         run["verdicts"] = {c["name"]: c for c in client.diagnostics()["criteria"]}
         client.close()
         run["truth"] = _truth(run["stats"])

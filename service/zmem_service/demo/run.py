@@ -143,9 +143,8 @@ def _train_all(url: str, args: argparse.Namespace, size: dict[str, int]) -> list
         for seed in range(size["seeds"]):
             for w in args.w_mem:
                 name = memory_name(w, seed)
-                client = ZMemClient(url, memory=name, token=args.token)
-                with contextlib.suppress(Exception):
-                    client._request(client._http, "DELETE", f"/memories/{name}")
+                client = ZMemClient(url, memory=name, token=args.token, timeout=300)
+                _drop(url, name, args.token)
                 client.configure(z_dim=Z_DIM, capacity=50_000, min_size=size["min_size"], k=64, sigma=1.0)
                 queries = f"{url}/memories/{name}/queries"
                 jobs = [Job(client, queries, args.token, w, seed, i, steps) for i in range(args.workers)]
@@ -155,6 +154,14 @@ def _train_all(url: str, args: argparse.Namespace, size: dict[str, int]) -> list
                 runs.append({"w": w, "seed": seed, "name": name, "episodes": merged})
                 progress.step(f"w_mem={w:g} seed={seed}")
     return runs
+
+
+def _drop(url: str, name: str, token: str | None) -> None:
+    """Start from an empty memory (a rerun against the same --url)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    httpx.delete(f"{url}/memories/{name}", headers=headers, timeout=60)
 
 
 def _quiet_worker() -> None:
@@ -170,9 +177,8 @@ def _kernel_checks(url: str, token: str | None, seeds: int) -> list[dict[str, An
 
     checks = []
     name = f"demo-kernel-d{KERNEL_D}"
-    client = ZMemClient(url, memory=name, token=token)
-    with contextlib.suppress(Exception):
-        client._request(client._http, "DELETE", f"/memories/{name}")
+    client = ZMemClient(url, memory=name, token=token, timeout=300)
+    _drop(url, name, token)
     client.configure(z_dim=KERNEL_D, capacity=50_000, min_size=500, k=64, sigma=1.0)
     queries = f"{url}/memories/{name}/queries"
     kernel_check(client, queries, token, KERNEL_D, 1500, 0, 1.0)
@@ -180,9 +186,8 @@ def _kernel_checks(url: str, token: str | None, seeds: int) -> list[dict[str, An
     checks.append({"d": KERNEL_D, "sigma": 1.0, "kernel": first})
     suggested = first["values"]["suggested_sigma"]
     if suggested:
-        fixed = ZMemClient(url, memory=name + "-fixed", token=token)
-        with contextlib.suppress(Exception):
-            fixed._request(fixed._http, "DELETE", f"/memories/{name}-fixed")
+        fixed = ZMemClient(url, memory=name + "-fixed", token=token, timeout=300)
+        _drop(url, name + "-fixed", token)
         fixed.configure(z_dim=KERNEL_D, capacity=50_000, min_size=500, k=64, sigma=float(suggested))
         kernel_check(
             fixed, f"{url}/memories/{name}-fixed/queries", token, KERNEL_D, 1500, 0, float(suggested)
