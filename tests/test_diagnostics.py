@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -15,8 +16,9 @@ from zmem_service.diagnostics import (
     READING_2_WITHOUT_1,
     Thresholds,
     evaluate,
+    find_spikes,
+    rolling_median,
     spearman,
-    spike_threshold,
 )
 
 D = 16
@@ -83,9 +85,7 @@ def test_reliability_tied_to_dense_islands_passes_and_random_fails() -> None:
     assert tied["values"]["rho_soft_bind"] > 0.5
     assert tied["values"]["rho_lambda_bind"] < -0.5
 
-    res = criteria(
-        evaluate(z, rng.uniform(size=2000), rng.uniform(size=2000), no_queries(), min_size=500)
-    )
+    res = criteria(evaluate(z, rng.uniform(size=2000), rng.uniform(size=2000), no_queries(), min_size=500))
     assert res["reliability"]["passed"] is False
     assert abs(res["reliability"]["values"]["rho_soft_bind"]) < 0.1
     # (1) without (2): the seed's reading goes on the failed criterion
@@ -93,13 +93,15 @@ def test_reliability_tied_to_dense_islands_passes_and_random_fails() -> None:
     assert READING_1_WITHOUT_2 in res["reliability"]["reading"]
 
 
-def test_either_rank_correlation_alone_passes_reliability() -> None:
+def test_without_islands_either_rank_correlation_alone_passes_reliability() -> None:
+    """No islands on the map (a blob): the seed's rank-correlation rule decides alone."""
     rng = np.random.default_rng(2)
-    z, label = islands(1000, rng)
-    lam = 0.2 * label + 0.1 * rng.random(1000)
+    z = rng.normal(size=(1000, D))
+    lam = 0.02 * (z**2).sum(axis=1) + 0.1 * rng.random(1000)  # the dense core pays little lambda
     constant_soft = np.full(1000, 0.5)
     rel = criteria(evaluate(z, constant_soft, lam, no_queries(), min_size=100))["reliability"]
     assert rel["values"]["rho_soft_bind"] is None
+    assert len(rel["values"]["islands"]) < 2  # a blob is one island at most
     assert rel["passed"] is True
 
 
@@ -124,6 +126,7 @@ def test_convergence_passes_when_the_newer_half_is_tighter_and_fails_reversed() 
     assert conv["passed"] is True
     assert conv["values"]["newer_ratio"] < 0.9 * conv["values"]["older_ratio"]
     assert conv["values"]["older_spike_rate"] is None  # < 100 recorded queries: ratio alone
+    assert conv["values"]["older_risk_median"] is None
     assert "converging" in conv["reading"]
 
     worse = criteria(evaluate(np.vstack([tight, loose]), soft, lam, no_queries(), min_size=500))
@@ -155,7 +158,7 @@ def test_more_risk_spikes_in_the_newer_half_fail_convergence() -> None:
 
     few = criteria(evaluate(z, soft, lam, growing[-99:], min_size=500))["convergence"]
     assert few["passed"] is True
-    assert few["values"]["spike_threshold"] is None
+    assert few["values"]["newer_spikes"] is None
 
 
 def test_below_twice_min_size_every_verdict_is_null_but_numbers_show() -> None:
@@ -176,7 +179,7 @@ def test_tiny_and_empty_buffers(n: int) -> None:
     z = np.arange(n * 3, dtype=np.float32).reshape(n, 3) ** 2
     res = evaluate(z, np.full(n, 0.5), np.zeros(n), np.zeros(0), min_size=1)
     assert res["size"] == n
-    assert [c["name"] for c in res["criteria"]] == ["density", "reliability", "convergence"]
+    assert [c["name"] for c in res["criteria"]] == ["density", "reliability", "convergence", "kernel"]
     assert_plain_json(res)
     if n == 0:
         assert all(c["passed"] is None for c in res["criteria"])
@@ -213,9 +216,7 @@ def test_thresholds_are_configurable() -> None:
     soft, lam = rng.uniform(size=1000), rng.uniform(size=1000)
     strict = Thresholds(density_ratio=0.01)
     assert (
-        criteria(evaluate(z, soft, lam, no_queries(), min_size=100, thresholds=strict))["density"][
-            "passed"
-        ]
+        criteria(evaluate(z, soft, lam, no_queries(), min_size=100, thresholds=strict))["density"]["passed"]
         is False
     )
 
@@ -227,7 +228,7 @@ def test_mismatched_lengths_are_rejected() -> None:
         evaluate(np.zeros(5), np.zeros(5), np.zeros(5), no_queries(), min_size=1)
 
 
-def test_spearman_and_spike_threshold() -> None:
+def test_spearman() -> None:
     x = np.array([1.0, 2.0, 3.0, 4.0, np.inf])
     assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
@@ -237,8 +238,22 @@ def test_spearman_and_spike_threshold() -> None:
     assert spearman(np.array([0.0, 0.0, 1.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(
         np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1]
     )
-    assert spike_threshold(np.zeros(0)) is None
-    assert spike_threshold(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), 5.0) == pytest.approx(3 + 5 * 1)
+
+
+def test_spikes_are_outliers_against_a_rolling_median_not_level_shifts() -> None:
+    assert rolling_median(np.array([1.0, 5.0, 2.0, 8.0]), 3).tolist() == [3.0, 2.0, 5.0, 5.0]
+    mask, base = find_spikes(np.zeros(0))
+    assert mask.size == 0 and base.size == 0
+    rng = np.random.default_rng(11)
+    step = np.r_[np.full(200, 0.2), np.full(200, 1.2)] + 0.01 * rng.normal(size=400)
+    at_step = find_spikes(step)[0][180:220]
+    assert not at_step.any()  # a level shift is no spike
+    step[[50, 300]] += 1.0
+    found = set(np.flatnonzero(find_spikes(step)[0]).tolist())
+    assert {50, 300} <= found
+    assert len(found) <= 3  # 5 MADs ≈ 3.4 σ of Gaussian noise: the odd one may pass
+    underflowed = 1e-6 * rng.lognormal(size=400)  # the kernel switched off: noise near 0
+    assert not find_spikes(underflowed)[0].any()
 
 
 @settings(deadline=None, max_examples=30)
@@ -268,7 +283,186 @@ def test_knn_distances_match_brute_force() -> None:
     d = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))
     np.fill_diagonal(d, np.inf)
     expected = np.sort(d, axis=1)[:, :10].mean()
-    density = criteria(evaluate(z, np.zeros(300), np.zeros(300), no_queries(), min_size=1))[
-        "density"
-    ]
-    assert density["values"]["mean_knn_distance"] == pytest.approx(expected, rel=1e-4)
+    density = criteria(evaluate(z, np.zeros(300), np.zeros(300), no_queries(), min_size=1))["density"]
+    assert density["values"]["full_d_mean_knn_distance"] == pytest.approx(expected, rel=1e-4)
+
+
+# -- every verdict on every scenario with a known answer ---------------------------------
+#
+# Each scenario is a buffer (z, soft_bind, lambda_bind in arrival order) plus recorded
+# queries whose kernel numbers (Σw, n_eff) come from the seed's kernel over that buffer,
+# and the truth of each of the four verdicts.
+
+N, Q = 3000, 600
+CENTRES = np.zeros((3, 8))
+CENTRES[0, 0], CENTRES[1, 1], CENTRES[2, :2] = 8.0, 8.0, -6.0
+
+
+def kernel_records(z: np.ndarray, queries: np.ndarray, sigma: float, k: int = 64) -> dict[str, np.ndarray]:
+    """What the service records per query: the seed's kernel risk is irrelevant here (zeros);
+    Σw unnormalised and n_eff = 1/Σw_norm² (0 where Σw underflows to 0)."""
+    import faiss
+
+    d2, _ = faiss.knn(queries.astype(np.float32), z.astype(np.float32), k)
+    w = np.exp(-d2.astype(np.float64) / (2 * sigma**2))
+    wsum = w.sum(axis=1)
+    wn = w / np.where(wsum > 0, wsum, 1.0)[:, None]
+    n_eff = np.where(wsum > 0, 1.0 / (wn**2).sum(axis=1), 0.0)
+    return {"risk": np.zeros(len(queries)), "wsum": wsum, "n_eff": n_eff}
+
+
+def island_buffer(
+    n: int,
+    rng: np.random.Generator,
+    which: tuple[int, ...] = (0, 1, 2),
+    spread: float = 0.7,
+    sparse: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """n z's (d = 8) on the islands `which` plus a fraction `sparse` of exploration between
+    them → (z, island label, −1 for the sparse points)."""
+    label = rng.choice(which, n)
+    z = CENTRES[label] + spread * rng.normal(size=(n, 8))
+    between = rng.uniform(size=n) < sparse
+    z[between] = rng.uniform(-8, 10, size=(int(between.sum()), 8)) * np.r_[1.0, 1.0, [0.3] * 6]
+    label[between] = -1
+    return z, label
+
+
+def reliability_of(
+    label: np.ndarray, rng: np.random.Generator, good: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """soft_bind 0.9 on island `good`, 0.3 on the others, 0.1 between; lambda_bind mirrors it."""
+    soft = np.where(label == good, 0.9, np.where(label >= 0, 0.3, 0.1)) + 0.05 * rng.normal(size=label.size)
+    soft = np.clip(soft, 0, 1)
+    return soft, 1.0 - soft + 0.05 * rng.random(label.size)
+
+
+@functools.cache
+def scenario(name: str) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(evaluate's result, truth per verdict) of a named scenario."""
+    rng = np.random.default_rng(sorted(SCENARIOS).index(name))
+    sigma = 1.0
+    risk = 0.6 + 0.03 * rng.normal(size=Q)  # steady unless the scenario says otherwise
+    if name == "blob":
+        z = rng.normal(size=(N, 8))
+        soft, lam = rng.uniform(size=N), rng.uniform(size=N)
+    elif name in ("islands", "islands_one_reliable"):
+        z, label = island_buffer(N, rng)
+        soft, lam = reliability_of(label, rng, 1 if name == "islands_one_reliable" else None)
+    elif name in ("tighten_onto_bad", "tighten_onto_good", "steady"):
+        older, old_label = island_buffer(N // 2, rng)
+        target = 1 if name == "tighten_onto_bad" else 0  # island 0 is the reliable one
+        newer, new_label = island_buffer(N - N // 2, rng, which=(target,), spread=0.4, sparse=0.02)
+        z, label = np.vstack([older, newer]), np.r_[old_label, new_label]
+        soft, lam = reliability_of(label, rng, 0)
+        drift = np.linspace(0.54, 1.17, Q)  # the issue's observed rise
+        if name == "tighten_onto_bad":
+            risk = drift + 0.05 * rng.normal(size=Q)
+        elif name == "tighten_onto_good":
+            risk = drift[::-1] + 0.05 * rng.normal(size=Q)
+    elif name == "kernel_d64_unit":
+        z = rng.normal(size=(N, 64))
+        soft, lam = rng.uniform(size=N), rng.uniform(size=N)
+    elif name == "kernel_d8_small":
+        z = 0.1 * rng.normal(size=(N, 8))
+        soft, lam = rng.uniform(size=N), rng.uniform(size=N)
+    else:
+        raise KeyError(name)
+    # The newest Q z's stand for the queries that preceded them: searched against the rest.
+    records = kernel_records(z[:-Q], z[-Q:], sigma)
+    records["risk"] = risk
+    result = evaluate(z, soft, lam, records, min_size=500, sigma=sigma, k=64)
+    return result, SCENARIOS[name]
+
+
+SCENARIOS: dict[str, dict[str, bool]] = {
+    # a Gaussian blob: no islands; reliability unrelated to the map; halves alike
+    "blob": {"density": False, "reliability": False, "convergence": False, "kernel": True},
+    # three islands, none reliable (only the sparse points between them are worse)
+    "islands": {"density": True, "reliability": False, "convergence": False, "kernel": True},
+    "islands_one_reliable": {"density": True, "reliability": True, "convergence": False, "kernel": True},
+    # the newer half tightens onto an unreliable island while the recorded risk rises
+    "tighten_onto_bad": {"density": True, "reliability": True, "convergence": False, "kernel": True},
+    "tighten_onto_good": {"density": True, "reliability": True, "convergence": True, "kernel": True},
+    # tightening onto the good island with a steady, noisy recorded risk: no spikes
+    "steady": {"density": True, "reliability": True, "convergence": True, "kernel": True},
+    # unit-variance z at d = 64 with sigma 1: every query's Σw underflows
+    "kernel_d64_unit": {"density": False, "reliability": False, "convergence": False, "kernel": False},
+    # small-scale z at d = 8 with sigma 1: the kernel is alive
+    "kernel_d8_small": {"density": False, "reliability": False, "convergence": False, "kernel": True},
+}
+VERDICTS = ("density", "reliability", "convergence", "kernel")
+
+
+@pytest.mark.parametrize("verdict", VERDICTS)
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_verdict_on_every_scenario_matches_its_truth(name: str, verdict: str) -> None:
+    result, truth = scenario(name)
+    c = criteria(result)[verdict]
+    assert c["passed"] is truth[verdict], c["reading"]
+    assert_plain_json(result)
+
+
+def test_density_is_judged_on_the_map_and_keeps_the_full_d_ratio() -> None:
+    blob = criteria(scenario("blob")[0])["density"]["values"]
+    assert blob["ratio"] == pytest.approx(1.0, abs=0.05)
+    islands = criteria(scenario("islands")[0])["density"]
+    assert islands["values"]["ratio"] < islands["values"]["full_d_ratio"]
+    assert islands["values"]["pc2_variance_fraction"] > 0.8
+    assert f"{islands['values']['ratio']:.2f}×" in islands["reading"]
+
+
+def test_reliability_names_the_reliable_island() -> None:
+    rel = criteria(scenario("islands_one_reliable")[0])["reliability"]
+    table = rel["values"]["islands"]
+    assert len(table) == 3
+    (good,) = [i for i in table if i["reliable"]]
+    assert good["soft_bind"] > 0.8
+    assert rel["values"]["reliable_islands"] == [good["island"]]
+    assert f"#{good['island']} at PC" in rel["reading"]
+    assert f"soft_bind {good['soft_bind']:.2f}" in rel["reading"]
+    # the plain islands: the old rule (ρ > 0, carried by the sparse points) would have passed
+    plain = criteria(scenario("islands")[0])["reliability"]
+    assert plain["values"]["rho_soft_bind"] > 0.2
+    assert "none of the 3 islands is reliable" in plain["reading"]
+    assert READING_1_WITHOUT_2 in plain["reading"]
+
+
+def test_convergence_into_risk_fails_on_the_level_and_a_steady_run_has_no_spikes() -> None:
+    bad = criteria(scenario("tighten_onto_bad")[0])["convergence"]
+    assert bad["values"]["newer_ratio"] < 0.9 * bad["values"]["older_ratio"]  # it does cluster
+    assert bad["values"]["newer_risk_median"] > bad["values"]["older_risk_median"] + 0.3
+    assert bad["reading"].startswith("converging into risk")
+    assert f"{bad['values']['newer_risk_median']:.3g}" in bad["reading"]
+    good = criteria(scenario("tighten_onto_good")[0])["convergence"]
+    assert good["values"]["older_spikes"] == good["values"]["newer_spikes"] == 0  # a level fall is no spike
+    steady = criteria(scenario("steady")[0])["convergence"]["values"]
+    assert steady["older_spikes"] == steady["newer_spikes"] == 0
+    assert abs(steady["newer_risk_median"] - steady["older_risk_median"]) < steady["risk_rise_tolerance"]
+
+
+def test_kernel_reading_says_what_to_change() -> None:
+    dead = criteria(scenario("kernel_d64_unit")[0])["kernel"]
+    assert dead["values"]["underflow_fraction"] == 1.0
+    suggested = dead["values"]["suggested_sigma"]
+    assert suggested > 5  # d = 64, unit variance: stored z's sit ~9 apart
+    assert f"set sigma ≈ {suggested:.3g}" in dead["reading"]
+    assert "100.0%" in dead["reading"]
+    alive = criteria(scenario("kernel_d8_small")[0])["kernel"]
+    assert alive["values"]["underflow_fraction"] == 0.0
+    assert alive["values"]["median_n_eff"] > 60  # σ ≫ the spacing: a plain 64-NN average
+    assert "plain k-NN average" in alive["reading"]
+
+
+def test_kernel_is_null_without_enough_recorded_queries_or_episodes() -> None:
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(400, 8))
+    few = {"risk": np.zeros(99), "wsum": np.zeros(99), "n_eff": np.zeros(99)}
+    kernel = criteria(evaluate(z, np.full(400, 0.5), np.zeros(400), few, min_size=10))["kernel"]
+    assert kernel["passed"] is None and "99 recorded queries" in kernel["reading"]
+    many = {"risk": np.zeros(200), "wsum": np.zeros(200), "n_eff": np.zeros(200)}
+    kernel = criteria(evaluate(z, np.full(400, 0.5), np.zeros(400), many, min_size=500))["kernel"]
+    assert kernel["passed"] is None and kernel["reading"].startswith("too little data")
+    assert kernel["values"]["underflow_fraction"] == 1.0  # the numbers still show
+    with pytest.raises(ValueError, match="wsum"):
+        evaluate(z, np.full(400, 0.5), np.zeros(400), {**many, "wsum": np.zeros(3)}, min_size=1)

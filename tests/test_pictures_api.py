@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from zmem_service.pictures import PictureCache
+from zmem_service.querylog import QueryLog
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PICTURES = ("map.png", "trail.png", "risk.png")
@@ -52,9 +53,20 @@ def write(client: TestClient, n: int, *, base: str = "", seed: int = 0) -> None:
 
 
 def record_queries(client: TestClient, n: int, *, base: str = "", seed: int = 1) -> None:
+    """n queries' kernel numbers, computed as a client would from the neighbours and posted."""
     z = np.random.default_rng(seed).normal(scale=5.0, size=(n, 8))
-    r = client.post(f"{base}/neighbors", json={"z": z.tolist(), "record": True})
+    r = client.post(f"{base}/neighbors", json={"z": z.tolist()})
     assert r.status_code == 200, r.text
+    nb = r.json()
+    w = np.exp(-np.array(nb["d2"]) / (2 * nb["sigma"] ** 2))
+    wsum = w.sum(axis=1)
+    wn = w / (wsum[:, None] + 1e-8)
+    body = {
+        "risk": (wn * np.array(nb["risk_target"])).sum(axis=1).tolist(),
+        "wsum": wsum.tolist(),
+        "n_eff": np.where(wsum > 0, 1 / np.maximum((wn**2).sum(axis=1), 1e-300), 0).tolist(),
+    }
+    assert client.post(f"{base}/queries", json=body).status_code == 200
 
 
 def count_calls(
@@ -165,8 +177,9 @@ def test_writes_leave_the_risk_picture_alone(client: TestClient, monkeypatch: py
 
 def test_the_risk_picture_follows_a_full_series(make_client: Callable[..., TestClient]) -> None:
     """At its length limit a new query changes the series but not its length."""
-    client = make_client(capacity=1000, min_size=10, recorded_queries=5)
+    client = make_client(capacity=1000, min_size=10)
     write(client, 100)
+    client.app.state.zmem.memory("default").queries = QueryLog(5)  # type: ignore[attr-defined]
     record_queries(client, 5)
     before = client.get("/risk.png").headers["etag"]
     record_queries(client, 1, seed=7)
@@ -232,7 +245,7 @@ def test_diagnostics_shape(client: TestClient) -> None:
     body = client.get("/diagnostics").json()
     assert body["size"] == 300
     names = [c["name"] for c in body["criteria"]]
-    assert names == ["density", "reliability", "convergence"]
+    assert names == ["density", "reliability", "convergence", "kernel"]
     for criterion in body["criteria"]:
         assert criterion["passed"] in (True, False)
         assert isinstance(criterion["values"], dict)
@@ -243,7 +256,7 @@ def test_diagnostics_shape(client: TestClient) -> None:
 def test_diagnostics_of_an_empty_memory_are_not_judged(client: TestClient) -> None:
     body = client.get("/diagnostics").json()
     assert body["size"] == 0
-    assert [c["passed"] for c in body["criteria"]] == [None, None, None]
+    assert [c["passed"] for c in body["criteria"]] == [None, None, None, None]
 
 
 def test_diagnostics_follow_writes_and_recorded_queries(

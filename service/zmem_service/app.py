@@ -20,7 +20,7 @@ from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install as install_openapi
 from .pictures import PictureCache
-from .routes import admin, memory, pictures
+from .routes import admin, memory, pictures, queries
 from .service import ZMem
 from .settings import ServiceSettings
 from .wire import Codecs, check_body_type
@@ -114,6 +114,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(memory.router)
     app.include_router(memory.router, prefix="/memories/{name}")
+    app.include_router(queries.router)
+    app.include_router(queries.router, prefix="/memories/{name}")
     app.include_router(pictures.router)
     app.include_router(pictures.router, prefix="/memories/{name}")
     app.include_router(pictures.dashboard_router)

@@ -28,7 +28,7 @@ from .settings import ServiceSettings
 
 COOKIE = "zmem_token"
 OPEN_PATHS = {"/healthz", "/readyz"}
-READ_POSTS = ("/neighbors", "/risk")
+READ_POSTS = ("/neighbors", "/risk", "/queries")
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     backup = sub.add_parser("backup", help="copy a live data dir's store consistently")
     backup.add_argument("--data-dir", default=None, help="the service's data dir [ZMEM_DATA_DIR]")
     backup.add_argument("dest", help="file to write (a SQLite database)")
+    demo = sub.add_parser("demo", help="show the regularizer at work on a toy; writes a report folder")
+    from .demo import add_arguments
+
+    add_arguments(demo)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "backup":
         return _backup(args)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args)
     return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .episodes import EpisodeBatch
 from .errors import InsufficientStorage, ValidationFailed, ZMemError
 from .index import Engine, Index
 from .kernel import kernel_stats
+from .querylog import QueryLog
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
 
@@ -150,7 +152,7 @@ class Memory:
     index: Index | None = None
     ids: dict[str, int] = field(default_factory=dict)
     workers: collections.Counter[str] = field(default_factory=collections.Counter)
-    query_risk: collections.deque[float] = field(default_factory=collections.deque)
+    queries: QueryLog = field(default_factory=lambda: QueryLog(100_000))
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
@@ -175,7 +177,7 @@ class Memory:
     @property
     def nbytes(self) -> int:
         """What this memory holds: ring, index, ids and recorded queries (the budget counts it)."""
-        return self._bytes_after(0, self.settings.z_dim) + self._id_bytes + 8 * len(self.query_risk)
+        return self._bytes_after(0, self.settings.z_dim) + self._id_bytes + self.queries.nbytes
 
     def _bytes_after(self, count: int, z_dim: int | None) -> int:
         """Ring and index bytes once `count` more episodes of dimension `z_dim` are appended."""
@@ -308,7 +310,7 @@ class Memory:
                 self.index.clear()
             self.ring = self.index = None
             self.ids.clear()
-            self.query_risk.clear()
+            self.queries = QueryLog(0)
             self._id_bytes = 0
 
     # -- reads (searcher thread) -------------------------------------------------------------
@@ -347,7 +349,7 @@ class Memory:
                 start = stop
                 answers[i] = nb
                 if queries[i].record:
-                    self._record(nb, queries[i].record)
+                    self._record(nb)
         return answers
 
     def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
@@ -362,11 +364,9 @@ class Memory:
             np.zeros((b, 0), np.int64),
         )
 
-    def _record(self, nb: Neighbors, keep: int) -> None:
-        risk, _, _ = nb.kernel_stats()
-        if self.query_risk.maxlen != keep:
-            self.query_risk = collections.deque(self.query_risk, maxlen=keep)
-        self.query_risk.extend(risk.tolist())
+    def _record(self, nb: Neighbors) -> None:
+        """Keep the rows' kernel risk, Σw and n_eff among the recorded queries (lock held)."""
+        self.queries.extend(*nb.kernel_stats(), time.time())
 
     def _prepare(
         self, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int
@@ -460,10 +460,16 @@ class Memory:
                 self.generation, reset, self.next_seq, oldest, self.size, settings, sigma, rows, complete
             )
 
-    def recorded_risk(self) -> np.ndarray:
-        """A copy of the recorded queries' kernel risks, oldest first, float64 [Q]."""
+    def record_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
+        """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n]), e.g.
+        those a client computed from its replica."""
         with self._lock:
-            return np.fromiter(self.query_risk, dtype=np.float64, count=len(self.query_risk))
+            self.queries.extend(risk, wsum, n_eff, time.time())
+
+    def recorded_queries(self) -> dict[str, np.ndarray]:
+        """A copy of the recorded queries, oldest first (``QueryLog.snapshot``)."""
+        with self._lock:
+            return self.queries.snapshot()
 
     def snapshot(self) -> Columns:
         """A copy of the buffer in arrival order."""
@@ -487,7 +493,7 @@ class Memory:
                 "total_written": self.total_written,
                 "next_seq": self.next_seq,
                 "generation": self.generation,
-                "recorded_queries": len(self.query_risk),
+                "recorded_queries": len(self.queries),
                 "bytes": self.nbytes,
                 "workers": dict(sorted(self.workers.items())),
             }

@@ -3,52 +3,98 @@
 Renders and evaluations run in one worker *process*: a render holds the GIL for
 hundreds of milliseconds, and in a thread of the server it would stall the kNN path
 (measured: neighbour calls fell to a quarter while a map re-rendered every 100 ms).
-One dedicated thread takes the snapshot (a copy under the memory's lock) and hands
-it to that process, so nothing runs on the event loop or the kNN thread, and one
-process bounds the CPU that dashboards can take from training. Only the short copy
-of the recorded query risks, which the risk key needs, runs on asyncio's default pool.
+One dedicated thread takes the snapshots (copies the memory makes under its own lock)
+and hands them to that process, so nothing runs on the event loop or the kNN thread, and
+one process bounds the CPU that dashboards can take from training. Only the short copy
+of the recorded queries, which the risk and diagnostics keys need, runs on asyncio's
+default pool.
 
 Results are cached, least recently used first out, under a key that names the memory
-object, what it held (its ``version``; for the risk series, a digest of the recorded
-query risks) and the kind and parameters of the picture. Concurrent requests for the same
-key share one computation. A key is read before the snapshot is taken, so a cached result
-is never older than its key says.
+object, what it held (its ``version``; for recorded queries, a digest of them; for a map
+drawn in another memory's basis, that memory and its version too) and the kind and
+parameters of the picture. Concurrent requests for the same key share one computation.
+A key is read before the snapshot is taken, so a cached result is never older than its key.
+
+The queue of computations is bounded (``RenderQueueFull``, a 503 with Retry-After, past
+``max_queued``); a computation whose requesters have all gone before it starts is dropped.
+If the render process dies (the OOM killer, ``kill -9``), the next computation starts a
+new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import hashlib
 import itertools
+import logging
 import multiprocessing
+import threading
 import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import numpy as np
 
 from .diagnostics import evaluate
+from .errors import Unavailable
 from .memory import Memory
-from .plots import render_map, render_risk, render_trail
+from .plots import Limits, render_map, render_risk, render_trail
 from .ring import Columns
 
 T = TypeVar("T")
+log = logging.getLogger("zmem.pictures")
+
+
+class RenderQueueFull(Unavailable):
+    """Too many different pictures are waiting to be drawn; retry after `retry_after` s."""
+
+    retry_after = 2
 
 
 @dataclass(frozen=True)
 class Picture:
-    """PNG bytes and their entity tag (a quoted SHA-1 of the bytes, stable across restarts)."""
+    """PNG bytes and their entity tag (a quoted SHA-1 of the bytes, stable across restarts);
+    `cached` says whether this answer came from the cache (no computation waited on)."""
 
     png: bytes
     etag: str
+    cached: bool = False
 
     @classmethod
     def of(cls, png: bytes) -> Picture:
         return cls(png, f'"{hashlib.sha1(png).hexdigest()}"')
+
+
+@dataclass(frozen=True)
+class View:
+    """How a map or trail is drawn beyond its own parameters: in the PCA basis of memory
+    `basis` (None: its own), with fixed colour limits `clim` (by field name)."""
+
+    basis: Memory | None = None
+    clim: Limits = field(default_factory=dict)
+
+    def key(self, cache: PictureCache) -> tuple[Hashable, ...]:
+        basis = cache._key(self.basis, self.basis.version) if self.basis is not None else None
+        return (basis, tuple(sorted(self.clim.items())))
+
+    def basis_z(self) -> np.ndarray | None:
+        return self.basis.snapshot().z if self.basis is not None else None
+
+
+@dataclass
+class _Pending:
+    """A computation queued or running on the cache's thread, and how many requests wait on it."""
+
+    work: concurrent.futures.Future[Any]
+    result: asyncio.Future[Any]
+    waiters: int = 0
 
 
 class PictureCache:
@@ -56,36 +102,62 @@ class PictureCache:
 
     Args:
         max_entries: how many results are kept (least recently used dropped first).
+        max_queued: how many different computations may wait to start; one more is refused
+            with ``RenderQueueFull``.
 
     The methods are coroutines for the event loop; the work itself runs on the cache's
-    worker thread. Errors raised by a computation reach every request waiting on it and
-    are not cached.
+    worker thread and process. Errors raised by a computation reach every request waiting
+    on it and are not cached.
     """
 
-    def __init__(self, max_entries: int = 64) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be ≥ 1, got {max_entries}")
+    def __init__(self, max_entries: int = 64, max_queued: int = 16) -> None:
+        if max_entries < 1 or max_queued < 1:
+            raise ValueError(f"max_entries and max_queued must be ≥ 1, got {max_entries}, {max_queued}")
         self.max_entries = max_entries
+        self.max_queued = max_queued
         self._done: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
-        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self._running: dict[Hashable, _Pending] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmem-pictures")
-        # spawn, not fork: the server has threads (uvicorn, FAISS, the writer) by now.
-        self._process = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
-        )
+        self._process_lock = threading.Lock()
+        self._process = self._new_process()
         # A deleted and re-created memory starts again at version 0: tell the objects apart.
         self._generation: weakref.WeakKeyDictionary[Memory, int] = weakref.WeakKeyDictionary()
         self._counter = itertools.count()
 
+    @staticmethod
+    def _new_process() -> ProcessPoolExecutor:
+        # spawn, not fork: the server has threads (uvicorn, FAISS, the writer) by now.
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+
     def close(self) -> None:
         """Stop the worker thread and process once their current job is done; later calls fail."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._process.shutdown(wait=True, cancel_futures=True)
+        with self._process_lock:
+            process = self._process
+        process.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self._process.submit(fn, *args, **kwargs).result()
+        """`fn(*args, **kwargs)` in the render process; a dead process is replaced once."""
+        for attempt in (1, 2):
+            with self._process_lock:
+                process = self._process
+            try:
+                return process.submit(fn, *args, **kwargs).result()
+            except BrokenProcessPool:
+                with self._process_lock:
+                    if self._process is process:
+                        log.warning("the render process died; starting a new one")
+                        process.shutdown(wait=False, cancel_futures=True)
+                        self._process = self._new_process()
+                if attempt == 2:
+                    raise Unavailable("the render process died twice drawing this; retry later") from None
+        raise AssertionError("unreachable")
 
-    async def map(self, memory: Memory, *, max_points: int, seed: int, dpi: int) -> Picture:
+    async def map(
+        self, memory: Memory, *, max_points: int, seed: int, dpi: int, view: View = View()
+    ) -> Picture:
         """The seed's 2×2 PCA map (``plots.render_map``)."""
 
         def job() -> Picture:
@@ -98,18 +170,31 @@ class PictureCache:
                     cols.cone_vol,
                     cols.lambda_bind,
                     cols.risk_target,
-                    title=_title(memory.name, cols),
+                    title=_title(memory.name, cols, view),
                     max_points=max_points,
                     seed=seed,
                     dpi=dpi,
                     eps=memory.settings.risk.eps,
+                    basis_z=view.basis_z(),
+                    clim=view.clim,
                 )
             )
 
-        return await self._get(self._key(memory, memory.version, "map", max_points, seed, dpi), job)
+        key = self._key(memory, memory.version, "map", max_points, seed, dpi, *view.key(self))
+        return await self._get(key, job)
 
-    async def trail(self, memory: Memory, *, last: int, max_points: int, seed: int, dpi: int) -> Picture:
-        """The last ``last`` z's in arrival order over the buffer (``plots.render_trail``)."""
+    async def trail(
+        self,
+        memory: Memory,
+        *,
+        last: int,
+        max_points: int,
+        seed: int,
+        dpi: int,
+        worker: str | None = None,
+        view: View = View(),
+    ) -> Picture:
+        """The last ``last`` z's, one path per worker, over the buffer (``plots.render_trail``)."""
 
         def job() -> Picture:
             cols = memory.snapshot()
@@ -117,19 +202,25 @@ class PictureCache:
                 self._run(
                     render_trail,
                     cols.z,
+                    worker=cols.worker,
+                    only=worker,
                     last=last,
-                    title=_title(memory.name, cols),
+                    title=_title(memory.name, cols, view),
                     max_points=max_points,
                     seed=seed,
                     dpi=dpi,
+                    basis_z=view.basis_z(),
+                    clim=view.clim,
                 )
             )
 
-        return await self._get(self._key(memory, memory.version, "trail", last, max_points, seed, dpi), job)
+        key = self._key(memory, memory.version, "trail", last, max_points, seed, dpi, worker, *view.key(self))
+        return await self._get(key, job)
 
     async def risk(self, memory: Memory, *, dpi: int) -> Picture:
         """The kernel risk of the recorded queries (``plots.render_risk``)."""
-        risk, digest = await asyncio.to_thread(_recorded_risk, memory)
+        queries, digest = await asyncio.to_thread(_recorded, memory)
+        risk = queries["risk"]
 
         def job() -> Picture:
             title = f"{memory.name}: kernel risk of the last {risk.size} recorded queries"
@@ -138,17 +229,27 @@ class PictureCache:
         return await self._get(self._key(memory, "risk", risk.size, digest, dpi), job)
 
     async def diagnostics(self, memory: Memory) -> dict[str, Any]:
-        """The seed's acceptance criteria (``diagnostics.evaluate``); the caller must not
-        change the returned dict (it is the cached one)."""
-        risk, digest = await asyncio.to_thread(_recorded_risk, memory)
+        """The acceptance criteria (``diagnostics.evaluate``); the caller must not change the
+        returned dict (it is the cached one)."""
+        queries, digest = await asyncio.to_thread(_recorded, memory)
+        key = self._key(memory, memory.version, "diagnostics", digest)
 
         def job() -> dict[str, Any]:
             cols = memory.snapshot()
+            s = memory.settings
             return self._run(
-                evaluate, cols.z, cols.soft_bind, cols.lambda_bind, risk, min_size=memory.settings.min_size
+                evaluate,
+                cols.z,
+                cols.soft_bind,
+                cols.lambda_bind,
+                queries,
+                min_size=s.min_size,
+                sigma=s.sigma,
+                k=s.k,
             )
 
-        return await self._get(self._key(memory, memory.version, "diagnostics", risk.size, digest), job)
+        result: dict[str, Any] = await self._get(key, job)
+        return result
 
     def _key(self, memory: Memory, *parts: Hashable) -> tuple[Hashable, ...]:
         """The cache key of `parts` (what the result depends on) for this memory object.
@@ -165,23 +266,44 @@ class PictureCache:
         if key in self._done:
             self._done.move_to_end(key)
             result: T = self._done[key]
-            return result
-        running = self._running.get(key)
-        if running is None:
-            running = asyncio.get_running_loop().run_in_executor(self._executor, job)
-            self._running[key] = running
-            running.add_done_callback(lambda f: self._finish(key, f))
-        # A request that goes away must not cancel the others' computation.
-        return await asyncio.shield(running)
+            return _from_cache(result)
+        pending = self._running.get(key)
+        if pending is None:
+            queued = sum(1 for p in self._running.values() if not p.work.running())
+            if queued >= self.max_queued:
+                raise RenderQueueFull(
+                    f"{queued} pictures are waiting to be drawn (the limit is {self.max_queued}); "
+                    f"retry in {RenderQueueFull.retry_after} s"
+                )
+            work = self._executor.submit(job)
+            pending = _Pending(work, asyncio.wrap_future(work))
+            self._running[key] = pending
+            pending.result.add_done_callback(functools.partial(self._finish, key, pending))
+        pending.waiters += 1
+        try:
+            # A request that goes away must not cancel the others' computation.
+            return await asyncio.shield(pending.result)
+        finally:
+            pending.waiters -= 1
+            if pending.waiters == 0 and not pending.result.done() and pending.work.cancel():
+                # Every requester has gone before it started: drop it (not run, not cached).
+                self._running.pop(key, None)
 
-    def _finish(self, key: Hashable, future: asyncio.Future[Any]) -> None:
-        del self._running[key]
+    def _finish(self, key: Hashable, pending: _Pending, future: asyncio.Future[Any]) -> None:
+        if self._running.get(key) is pending:
+            del self._running[key]
         # Retrieving the exception also keeps asyncio from logging it when nobody waited.
         if future.cancelled() or future.exception() is not None:
             return
         self._done[key] = future.result()
         while len(self._done) > self.max_entries:
             self._done.popitem(last=False)
+
+
+def _from_cache(result: T) -> T:
+    if isinstance(result, Picture):
+        return Picture(result.png, result.etag, cached=True)  # type: ignore[return-value]
+    return result
 
 
 def _init_worker() -> None:
@@ -191,22 +313,26 @@ def _init_worker() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def _recorded_risk(memory: Memory) -> tuple[np.ndarray, str]:
-    """A copy of the memory's recorded query risks, float64 [Q], and a digest of them.
+def _recorded(memory: Memory) -> tuple[dict[str, np.ndarray], str]:
+    """A copy of the memory's recorded queries (``Memory.recorded_queries``) and a digest.
 
-    The digest, not the count, keys the risk: once the series is at its length limit a
-    new query changes the contents but not the count.
+    The digest, not the count, keys them: once the log is at its length limit a new query
+    changes the contents but not the count.
     """
-    risk = memory.recorded_risk()
-    return risk, hashlib.sha1(risk.tobytes()).hexdigest()
+    queries = memory.recorded_queries()
+    digest = hashlib.sha1()
+    for name in sorted(queries):
+        digest.update(np.ascontiguousarray(queries[name]).tobytes())
+    return queries, digest.hexdigest()
 
 
-def _title(name: str, cols: Columns) -> str:
+def _title(name: str, cols: Columns, view: View = View()) -> str:
     n = len(cols)
+    basis = f" (PCA basis of {view.basis.name!r})" if view.basis is not None else ""
     if n == 0:
-        return f"{name}: no episodes"
+        return f"{name}: no episodes{basis}"
     first, last = (
         datetime.fromtimestamp(float(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for t in (cols.ts[0], cols.ts[-1])
     )
-    return f"{name}: {n} episode{'' if n == 1 else 's'}, {first} → {last}"
+    return f"{name}: {n} episode{'' if n == 1 else 's'}, {first} → {last}{basis}"

@@ -16,7 +16,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .diagnostics import spike_threshold
+from .diagnostics import find_spikes
+
+MAP_FIELDS = ("soft_bind", "log_cone_vol", "lambda_bind", "risk_target")
+"""Names of the map's panels, as fixed colour limits name them."""
+TRAIL_FIELDS = ("density",)
+"""The trail's colour scale that fixed limits may name: its background density (points/cell)."""
+Limits = dict[str, tuple[float, float]]
 
 MAP_SIZE = (12.0, 10.0)
 """Map and trail figure size in inches (the seed's), 1200×1000 px at 100 dpi."""
@@ -82,6 +88,18 @@ def pca_basis(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, comps
 
 
+def _projection(z: np.ndarray, basis_z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean [d], components [2, d] and the fraction of z's variance along each [2]: the PCA of
+    z itself, or of `basis_z` [M, d] (another buffer's map) when given."""
+    if basis_z is None:
+        return _pca(z)
+    mean, comps, _ = _pca(basis_z)
+    centred = z - z.mean(axis=0, dtype=np.float64)
+    total = float((centred**2).sum())
+    along = ((centred @ comps.T) ** 2).sum(axis=0)
+    return mean, comps, along / total if total > 0 else np.zeros(2)
+
+
 def _sample(n: int, max_points: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subsample of ≤ max_points of range(n)."""
     if n <= max_points:
@@ -118,6 +136,16 @@ def _pc_labels(ax: Axes, frac: np.ndarray) -> None:
     ax.set_ylabel(f"PC2 ({frac[1]:.1%} of variance)")
 
 
+def _limits(c: np.ndarray, fixed: tuple[float, float] | None) -> tuple[float, float, str]:
+    """Fixed colour limits when given (with the colour bar's ``extend`` for what falls
+    outside them), else ``_robust_limits``."""
+    if fixed is None:
+        return _robust_limits(c)
+    lo, hi = fixed
+    low, high = bool(c.size and c.min() < lo), bool(c.size and c.max() > hi)
+    return lo, hi, {(0, 0): "neither", (1, 0): "min", (0, 1): "max", (1, 1): "both"}[low, high]
+
+
 def _robust_limits(c: np.ndarray) -> tuple[float, float, str]:
     """1st–99th percentile colour limits, so a few outliers (log(0 + eps) = −18) don't wash
     out the scale, and the colour bar's ``extend`` that marks what was clipped."""
@@ -142,13 +170,17 @@ def render_map(
     seed: int = 0,
     dpi: int = 100,
     eps: float = 1e-8,
+    basis_z: np.ndarray | None = None,
+    clim: Limits | None = None,
 ) -> bytes:
     """The seed's 2×2 PCA map of the buffer, as PNG bytes (12×10 in at ``dpi``).
 
     z is [N, d]; the other arrays are [N]. The PCA basis is ``pca_basis(z)`` of the whole
-    buffer (the trail uses the same); at most ``max_points`` points are drawn, a seeded
+    buffer (the trail uses the same), or that of ``basis_z`` [M, d] (another memory's
+    buffer) so that two maps share axes; at most ``max_points`` points are drawn, a seeded
     subsample (``default_rng(seed)``, without replacement, in arrival order). Panels are
-    coloured by soft_bind, log(cone_vol + eps), lambda_bind and the risk target. With
+    coloured by soft_bind, log(cone_vol + eps), lambda_bind and the risk target, each on its
+    1st–99th percentile unless ``clim`` fixes its (lo, hi) by name (``MAP_FIELDS``). With
     fewer than 2 episodes the picture says so.
 
     Raises:
@@ -160,20 +192,21 @@ def render_map(
     n = z.shape[0] if z.ndim == 2 else 0
     if n < 2:
         return _message(MAP_SIZE, dpi, title, f"no map yet ({_episodes(n)})")
-    mean, comps, frac = _pca(z)
+    mean, comps, frac = _projection(z, basis_z)
     idx = _sample(n, max_points, seed)
     xy = (z[idx] - mean) @ comps.T
     panels = [
-        ("soft_bind", np.asarray(soft_bind)[idx].astype(np.float64)),
-        ("log(cone_vol)", np.log(np.asarray(cone_vol)[idx].astype(np.float64) + eps)),
-        ("lambda_bind", np.asarray(lambda_bind)[idx].astype(np.float64)),
-        ("risk (regularizer target)", np.asarray(risk_target)[idx].astype(np.float64)),
+        ("soft_bind", "soft_bind", np.asarray(soft_bind)[idx].astype(np.float64)),
+        ("log_cone_vol", "log(cone_vol)", np.log(np.asarray(cone_vol)[idx].astype(np.float64) + eps)),
+        ("lambda_bind", "lambda_bind", np.asarray(lambda_bind)[idx].astype(np.float64)),
+        ("risk_target", "risk (regularizer target)", np.asarray(risk_target)[idx].astype(np.float64)),
     ]
+    clim = clim or {}
     fig = _figure(MAP_SIZE, dpi)
     shown = f"{idx.size} of {n} shown" if idx.size < n else f"all {n} shown"
     fig.suptitle(f"{title}\n{shown}")
-    for ax, (name, c) in zip(fig.subplots(2, 2).ravel(), panels, strict=True):
-        lo, hi, extend = _robust_limits(c)
+    for ax, (field, name, c) in zip(fig.subplots(2, 2).ravel(), panels, strict=True):
+        lo, hi, extend = _limits(c, clim.get(field))
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=c, s=10, alpha=0.5, vmin=lo, vmax=hi, lw=0)
         fig.colorbar(sc, ax=ax, label=name, extend=extend)
         ax.set_title(f"z-memory: {name}")
@@ -184,19 +217,26 @@ def render_map(
 def render_trail(
     z: np.ndarray,
     *,
+    worker: np.ndarray | None = None,
+    only: str | None = None,
     last: int = 1000,
     title: str,
     max_points: int = 5000,
     seed: int = 0,
     dpi: int = 100,
+    basis_z: np.ndarray | None = None,
+    clim: Limits | None = None,
 ) -> bytes:
-    """The last ``last`` z's as a time-coloured path over the buffer's density, PNG bytes.
+    """The last ``last`` z's as one time-coloured path per worker over the buffer's density.
 
-    z is [N, d], the whole buffer in arrival order. The PCA basis is ``pca_basis(z)`` of the
-    whole buffer, as on the map. The grey background is a log-scaled hexbin density of the
-    points the map draws (the same seeded subsample of ≤ ``max_points``); on it, the last
-    ``min(last, N)`` z's as a faint line through points coloured by arrival order, start and
-    end marked. Fewer than 2 episodes: the picture says so.
+    z is [N, d], the whole buffer in arrival order; ``worker`` [N] names each row's worker
+    (None or "" for none; absent: one path). The PCA basis is ``pca_basis(z)`` of the whole
+    buffer, as on the map, or that of ``basis_z`` [M, d]. The grey background is a log-scaled
+    hexbin density of the points the map draws (the same seeded subsample of ≤ ``max_points``),
+    its colour limits fixed by ``clim["density"]`` when given. On it, the last ``min(last, N)``
+    z's (of worker ``only``, when given), each worker's in arrival order as its own faint line,
+    never joined to another worker's, through points coloured by arrival order; each path's
+    start and end are marked. Fewer than 2 episodes: the picture says so.
 
     Raises:
         ValueError: last < 1 or max_points < 1.
@@ -207,25 +247,50 @@ def render_trail(
     n = z.shape[0] if z.ndim == 2 else 0
     if n < 2:
         return _message(MAP_SIZE, dpi, title, f"no trail yet ({_episodes(n)})")
-    mean, comps, frac = _pca(z)
+    names = (
+        np.array(["" if w is None else str(w) for w in worker], dtype=object) if worker is not None else None
+    )
+    rows = np.arange(n) if only is None or names is None else np.flatnonzero(names == only)
+    if rows.size == 0:
+        return _message(MAP_SIZE, dpi, title, f"no episodes from worker {only!r}")
+    mean, comps, frac = _projection(z, basis_z)
     bg = (z[_sample(n, max_points, seed)] - mean) @ comps.T
-    m = min(last, n)
-    trail = (z[n - m :] - mean) @ comps.T
-    order = np.arange(n - m, n)
+    order = rows[-last:]
+    trail = (z[order] - mean) @ comps.T
+    who = names[order] if names is not None else np.full(order.size, "", dtype=object)
+    paths = sorted(set(who.tolist()), key=lambda w: int(np.flatnonzero(who == w)[0]))
 
     fig = _figure(MAP_SIZE, dpi)
-    fig.suptitle(f"{title}\nlast {m} of {n} episodes in arrival order")
+    whose = f"worker {only!r}" if only is not None else f"{len(paths)} worker{'' if len(paths) == 1 else 's'}"
+    fig.suptitle(f"{title}\nlast {order.size} of {n} episodes in arrival order, {whose}, one path each")
     ax = fig.subplots()
     extent = _extent(np.vstack([bg, trail]))
-    hb = ax.hexbin(bg[:, 0], bg[:, 1], gridsize=60, bins="log", cmap="Greys", mincnt=1, extent=extent)
+    fixed = (clim or {}).get("density")
+    norm: dict[str, Any] = {"vmin": fixed[0], "vmax": fixed[1]} if fixed else {}
+    hb = ax.hexbin(bg[:, 0], bg[:, 1], gridsize=60, bins="log", cmap="Greys", mincnt=1, extent=extent, **norm)
     fig.colorbar(hb, ax=ax, label=f"buffer density (points per cell, {bg.shape[0]} sampled)")
-    ax.plot(trail[:, 0], trail[:, 1], color="tab:blue", lw=0.5, alpha=0.2, zorder=2)
+    marked = len(paths) <= 10  # beyond that, start/end marks and a legend are clutter
+    marks: dict[str, Any] = {"s": 120, "edgecolors": "black", "linewidths": 1.0, "zorder": 4}
+    for i, name in enumerate(paths):
+        mine = trail[who == name]
+        colour = f"C{i % 10}"
+        label = name or "(no worker)"
+        ax.plot(
+            mine[:, 0],
+            mine[:, 1],
+            color=colour,
+            lw=0.7,
+            alpha=0.35,
+            zorder=2,
+            label=label if marked else None,
+        )
+        if marked:
+            ax.scatter(mine[0, 0], mine[0, 1], marker="o", c="white", **marks)
+            ax.scatter(mine[-1, 0], mine[-1, 1], marker="*", c=colour, **marks)
     sc = ax.scatter(trail[:, 0], trail[:, 1], c=order, cmap="plasma", s=12, lw=0, alpha=0.85, zorder=3)
     fig.colorbar(sc, ax=ax, label="arrival order (index in buffer, oldest = 0)")
-    marks: dict[str, Any] = {"s": 160, "edgecolors": "black", "linewidths": 1.2, "zorder": 4}
-    ax.scatter(trail[0, 0], trail[0, 1], marker="o", c="white", label="start", **marks)
-    ax.scatter(trail[-1, 0], trail[-1, 1], marker="*", c="red", label="end (newest)", **marks)
-    ax.legend(loc="upper right")
+    if marked:
+        ax.legend(loc="upper right", title="worker (○ start, ★ end)", fontsize="small")
     ax.set_title("z trail over the buffer's density")
     _pc_labels(ax, frac)
     return _png(fig, dpi)
@@ -238,30 +303,31 @@ def _extent(xy: np.ndarray) -> tuple[float, float, float, float]:
     return (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
 
 
-def render_risk(risk: np.ndarray, *, title: str, mad_k: float = 5.0, dpi: int = 100) -> bytes:
+def render_risk(
+    risk: np.ndarray, *, title: str, mad_k: float = 5.0, window: int = 21, dpi: int = 100
+) -> bytes:
     """Kernel risk of the recorded queries over query index, as PNG bytes (12×5 in at dpi).
 
-    risk is [Q] in arrival order. Spikes (risk > median + mad_k·MAD of the whole series,
-    the diagnostics' definition) are red; the median and the threshold are horizontal
-    lines; a vertical line splits the older and newer halves that the convergence
-    criterion compares, with each half's spike rate. Empty: the picture says so.
+    risk is [Q] in arrival order. Spikes (more than mad_k MADs above a centred rolling median
+    of ``window`` queries, the diagnostics' ``find_spikes``) are red; the rolling median is
+    drawn and the series' median is a horizontal line; a vertical line splits the older and
+    newer halves that the convergence criterion compares, with each half's spike rate.
+    Empty: the picture says so.
     """
     r = np.asarray(risk, dtype=np.float64).ravel()
     q = r.size
     if q == 0:
         return _message(RISK_SIZE, dpi, title, "no recorded queries yet")
-    thr = spike_threshold(r, mad_k)
-    assert thr is not None
+    spikes, base = find_spikes(r, mad_k, window)
     med = float(np.median(r))
     x = np.arange(q)
-    spikes = r > thr
 
     fig = _figure(RISK_SIZE, dpi)
     fig.suptitle(title)
     ax = fig.subplots()
     ax.plot(x, r, color="tab:blue", lw=0.7, alpha=0.8, label="risk of a recorded query")
     ax.axhline(med, color="0.3", ls="--", lw=1, label=f"median {med:.3g}")
-    ax.axhline(thr, color="tab:red", ls=":", lw=1, label=f"median + {mad_k:g}·MAD = {thr:.3g}")
+    ax.plot(x, base, color="tab:orange", lw=1, label=f"rolling median ({window} queries)")
     ax.scatter(
         x[spikes],
         r[spikes],

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
 from .index import CpuEngine, Engine
 from .memory import Memory
+from .querylog import QueryLog
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import StoredMemory
 
@@ -42,7 +43,12 @@ class Memories:
 
     def new(self, name: str, settings: MemorySettings | None = None, generation: str | None = None) -> Memory:
         """A new, empty memory (not yet listed): the only place a `Memory` is built."""
-        memory = Memory(name, settings or self.settings.memory_defaults(), self.engine)
+        memory = Memory(
+            name,
+            settings or self.settings.memory_defaults(),
+            self.engine,
+            queries=QueryLog(self.settings.recorded_queries),
+        )
         if generation is not None:
             memory.generation = generation
         return memory

@@ -3,7 +3,10 @@
 `router` is mounted like the memory routes: at the root (memory `default`) and under
 `/memories/{name}`. `dashboard_router` is mounted once, for `GET /`. Pictures are PNG with
 an ETag and `Cache-Control: no-cache`, so a browser revalidates and gets a 304 while the
-memory is unchanged.
+memory is unchanged; `X-Cache: HIT` says the answer came from the cache, `MISS` that it
+was computed for this request (or one it joined). A request whose client hangs up stops
+waiting, and a picture nobody waits for any more is not drawn; past the render queue's
+bound the answer is 503 with `Retry-After`.
 
 Auth is app-wide (`auth.authorize`, a dependency of every route, and `auth.CookieMiddleware`
 for `GET /?token=…`): these are read routes and need no more than a read token.
@@ -11,15 +14,24 @@ for `GET /?token=…`): these are read routes and need no more than a read token
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
+from collections.abc import Awaitable
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..pictures import Picture, PictureCache
+from ..errors import ValidationFailed
+from ..memory import Memory
+from ..pictures import Picture, PictureCache, RenderQueueFull, View
+from ..plots import MAP_FIELDS, TRAIL_FIELDS, Limits
+from ..service import ZMem
 from .deps import NameDep, ZMemDep
+
+T = TypeVar("T")
 
 router = APIRouter()
 dashboard_router = APIRouter()
@@ -36,6 +48,26 @@ MaxPoints = Annotated[int, Query(ge=1, le=50_000, description="most points drawn
 Seed = Annotated[int, Query(ge=0, description="seeds the subsample of drawn points")]
 Dpi = Annotated[int, Query(ge=10, le=300, description="dots per inch")]
 Last = Annotated[int, Query(ge=1, le=100_000, description="how many recent z's")]
+Basis = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="draw in the PCA basis of this memory's map (same z_dim), so two pictures share axes",
+    ),
+]
+MapClim = Annotated[
+    list[str] | None,
+    Query(
+        description="fixed colour limits FIELD:LO:HI, repeatable; FIELD is one of "
+        + ", ".join(MAP_FIELDS)
+        + " (e.g. clim=soft_bind:0:1); others keep their 1st–99th percentile",
+    ),
+]
+TrailClim = Annotated[
+    list[str] | None,
+    Query(description="fixed colour limits density:LO:HI of the background (points per cell, LO > 0)"),
+]
+Worker = Annotated[str | None, Query(max_length=64, description="draw only this worker's path")]
 
 
 @router.get("/map.png", response_class=Response)
@@ -47,9 +79,12 @@ async def get_map(
     max_points: MaxPoints = 5000,
     seed: Seed = 0,
     dpi: Dpi = 100,
+    basis: Basis = None,
+    clim: MapClim = None,
 ) -> Response:
     memory = zmem.memory(name)
-    return _png(request, await pictures.map(memory, max_points=max_points, seed=seed, dpi=dpi))
+    view = View(_basis(zmem, memory, basis), _limits(clim, MAP_FIELDS))
+    return await _answer(request, pictures.map(memory, max_points=max_points, seed=seed, dpi=dpi, view=view))
 
 
 @router.get("/trail.png", response_class=Response)
@@ -62,22 +97,28 @@ async def get_trail(
     max_points: MaxPoints = 5000,
     seed: Seed = 0,
     dpi: Dpi = 100,
+    worker: Worker = None,
+    basis: Basis = None,
+    clim: TrailClim = None,
 ) -> Response:
     memory = zmem.memory(name)
-    picture = await pictures.trail(memory, last=last, max_points=max_points, seed=seed, dpi=dpi)
-    return _png(request, picture)
+    view = View(_basis(zmem, memory, basis), _limits(clim, TRAIL_FIELDS))
+    picture = pictures.trail(
+        memory, last=last, max_points=max_points, seed=seed, dpi=dpi, worker=worker, view=view
+    )
+    return await _answer(request, picture)
 
 
 @router.get("/risk.png", response_class=Response)
 async def get_risk(
     request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep, dpi: Dpi = 100
 ) -> Response:
-    return _png(request, await pictures.risk(zmem.memory(name), dpi=dpi))
+    return await _answer(request, pictures.risk(zmem.memory(name), dpi=dpi))
 
 
 @router.get("/diagnostics")
-async def get_diagnostics(name: NameDep, zmem: ZMemDep, pictures: PicturesDep) -> dict[str, Any]:
-    return await pictures.diagnostics(zmem.memory(name))
+async def get_diagnostics(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep) -> Any:
+    return await _until_gone(request, pictures.diagnostics(zmem.memory(name)))
 
 
 @dashboard_router.get("/", response_class=HTMLResponse)
@@ -91,8 +132,80 @@ def _dashboard() -> str:
     return page.read_text(encoding="utf-8")
 
 
+def _basis(zmem: ZMem, memory: Memory, basis: str | None) -> Memory | None:
+    """The memory whose PCA basis to draw in: 404 if unknown, 422 if its z_dim differs."""
+    if basis is None:
+        return None
+    other = zmem.memory(basis)
+    mine, theirs = memory.settings.z_dim, other.settings.z_dim
+    if theirs is None or (mine is not None and mine != theirs):
+        raise ValidationFailed.at(
+            ["query", "basis"],
+            f"memory {basis!r} has z_dim {theirs}; memory {memory.name!r} has z_dim {mine}",
+        )
+    return other
+
+
+def _limits(specs: list[str] | None, fields: tuple[str, ...]) -> Limits:
+    """`FIELD:LO:HI` specs → {field: (lo, hi)}; 422 naming `clim` for anything else."""
+    limits: Limits = {}
+    for spec in specs or []:
+        parts = spec.split(":")
+        try:
+            lo, hi = float(parts[1]), float(parts[2])
+            ok = (
+                len(parts) == 3 and parts[0] in fields and math.isfinite(lo) and math.isfinite(hi) and lo < hi
+            )
+        except (IndexError, ValueError):
+            ok = False
+        if not ok or (parts[0] == "density" and lo <= 0):
+            raise ValidationFailed.at(
+                ["query", "clim"],
+                f"{spec!r}: expected FIELD:LO:HI with FIELD one of {', '.join(fields)} and finite LO < HI"
+                + (" (LO > 0 on the log density scale)" if "density" in fields else ""),
+            )
+        limits[parts[0]] = (lo, hi)
+    return limits
+
+
+async def _until_gone(request: Request, work: Awaitable[T]) -> T | Response:
+    """`work`'s result, or an empty 499 once the client has hung up (nobody reads it): the
+    cache then drops a computation that nobody else waits for."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        return Response(status_code=499)
+    try:
+        return task.result()
+    except RenderQueueFull as e:
+        headers = {"Retry-After": str(e.retry_after)}
+        return JSONResponse(
+            e.problem(), status_code=e.status, media_type="application/problem+json", headers=headers
+        )
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(request: Request, work: Awaitable[Picture]) -> Response:
+    result = await _until_gone(request, work)
+    return result if isinstance(result, Response) else _png(request, result)
+
+
 def _png(request: Request, picture: Picture) -> Response:
-    headers = {"ETag": picture.etag, "Cache-Control": "no-cache"}
+    headers = {
+        "ETag": picture.etag,
+        "Cache-Control": "no-cache",
+        "X-Cache": "HIT" if picture.cached else "MISS",
+    }
     if _matches(request.headers.get("if-none-match"), picture.etag):
         return Response(status_code=304, headers=headers)
     return Response(picture.png, media_type="image/png", headers=headers)

@@ -1,0 +1,200 @@
+"""The demo's driver: a service, the runs, the report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+W_MEM = (0.0, 0.02, 0.2, 2.0, 20.0)
+FULL = {"seeds": 3, "episodes": 4800, "min_size": 500}
+QUICK = {"seeds": 2, "episodes": 1200, "min_size": 250}
+KERNEL_D = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="zmem-demo", help="report folder to write (default ./zmem-demo)")
+    parser.add_argument("--url", default=None, help="use this running service instead of starting one")
+    parser.add_argument("--token", default=None, help="bearer token for --url (write rights)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer episodes and seeds (about a minute or two)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="how many seeds per w_mem")
+    parser.add_argument("--episodes", type=int, default=None, help="episodes per run (all workers together)")
+    parser.add_argument("--workers", type=int, default=3, help="worker processes recording into each memory")
+    parser.add_argument(
+        "--w-mem", type=float, nargs="+", default=list(W_MEM), help="strengths to compare (0 is the baseline)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+
+        import zmem_client  # noqa: F401
+    except ImportError as e:
+        print(
+            f"zmem demo needs the client extra (torch, httpx): pip install 'zmem[client]' ({e})",
+            file=sys.stderr,
+        )
+        return 2
+    from . import report
+
+    size = dict(QUICK if args.quick else FULL)
+    if args.seeds is not None:
+        size["seeds"] = args.seeds
+    if args.episodes is not None:
+        size["episodes"] = args.episodes
+    if 0.0 not in args.w_mem:
+        args.w_mem = [0.0, *args.w_mem]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with _service(args.url) as url:
+        runs = _train_all(url, args, size)
+        kernel = _kernel_checks(url, args.token, size["seeds"])
+        report.write(out, url, args.token, runs, kernel, size, args)
+    print(f"\nzmem demo: report in {out}/summary.md ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _service(url: str | None) -> Iterator[str]:
+    """The given service, or a `zmem serve` of our own (temporary data dir, no durability)."""
+    if url:
+        yield url.rstrip("/")
+        return
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="zmem-demo-") as data:
+        cmd = [sys.executable, "-m", "zmem_service.cli", "serve", "--port", str(port), "--data-dir", data]
+        cmd += ["--durability", "none", "--log-level", "warning"]
+        log = open(Path(data) / "serve.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"zmem serve exited: {(Path(data) / 'serve.log').read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("zmem serve did not become ready in 60 s")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+def memory_name(w: float, seed: int) -> str:
+    return f"demo-w{w:g}-s{seed}"
+
+
+class Progress:
+    """A plain progress bar on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        filled = int(30 * self.done / self.total)
+        elapsed = time.monotonic() - self.t0
+        bar = "#" * filled + "." * (30 - filled)
+        print(
+            f"\r[{bar}] {self.done}/{self.total} {what:<28} {elapsed:4.0f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _train_all(url: str, args: argparse.Namespace, size: dict[str, int]) -> list[dict[str, Any]]:
+    from zmem_client import ZMemClient
+
+    from .toy import BATCH, Z_DIM, Job, train
+
+    steps = max(1, size["episodes"] // (args.workers * BATCH))
+    runs = []
+    progress = Progress(len(args.w_mem) * size["seeds"] + 1)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_quiet_worker) as pool:
+        for seed in range(size["seeds"]):
+            for w in args.w_mem:
+                name = memory_name(w, seed)
+                client = ZMemClient(url, memory=name, token=args.token, timeout=300)
+                _drop(url, name, args.token)
+                client.configure(z_dim=Z_DIM, capacity=50_000, min_size=size["min_size"], k=64, sigma=1.0)
+                queries = f"{url}/memories/{name}/queries"
+                jobs = [Job(client, queries, args.token, w, seed, i, steps) for i in range(args.workers)]
+                parts = pool.map(train, jobs)
+                client.close()
+                merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                runs.append({"w": w, "seed": seed, "name": name, "episodes": merged})
+                progress.step(f"w_mem={w:g} seed={seed}")
+    return runs
+
+
+def _drop(url: str, name: str, token: str | None) -> None:
+    """Start from an empty memory (a rerun against the same --url)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    httpx.delete(f"{url}/memories/{name}", headers=headers, timeout=60)
+
+
+def _quiet_worker() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _kernel_checks(url: str, token: str | None, seeds: int) -> list[dict[str, Any]]:
+    """d = 64 unit-variance z's at sigma 1 (the kernel underflows), then at the sigma the
+    diagnostics suggest."""
+    from zmem_client import ZMemClient
+
+    from .toy import kernel_check
+
+    checks = []
+    name = f"demo-kernel-d{KERNEL_D}"
+    client = ZMemClient(url, memory=name, token=token, timeout=300)
+    _drop(url, name, token)
+    client.configure(z_dim=KERNEL_D, capacity=50_000, min_size=500, k=64, sigma=1.0)
+    queries = f"{url}/memories/{name}/queries"
+    kernel_check(client, queries, token, KERNEL_D, 1500, 0, 1.0)
+    first = {c["name"]: c for c in client.diagnostics()["criteria"]}["kernel"]
+    checks.append({"d": KERNEL_D, "sigma": 1.0, "kernel": first})
+    suggested = first["values"]["suggested_sigma"]
+    if suggested:
+        fixed = ZMemClient(url, memory=name + "-fixed", token=token, timeout=300)
+        _drop(url, name + "-fixed", token)
+        fixed.configure(z_dim=KERNEL_D, capacity=50_000, min_size=500, k=64, sigma=float(suggested))
+        kernel_check(
+            fixed, f"{url}/memories/{name}-fixed/queries", token, KERNEL_D, 1500, 0, float(suggested)
+        )
+        second = {c["name"]: c for c in fixed.diagnostics()["criteria"]}["kernel"]
+        checks.append({"d": KERNEL_D, "sigma": float(suggested), "kernel": second})
+        fixed.close()
+    client.close()
+    print("", end="", file=sys.stderr)
+    return checks

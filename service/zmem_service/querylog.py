@@ -1,0 +1,82 @@
+"""The recorded queries of one memory: a fixed-size columnar ring of per-query kernel numbers.
+
+Each recorded query row keeps its kernel risk, the unnormalised weight sum Σw (below the
+1e-8 guard the kernel has switched off: risk ≈ 0 and no gradient), the effective number
+of neighbours carrying the weight 1/Σw_norm², and when it was recorded. The diagnostics'
+convergence and kernel criteria and ``risk.png`` read them.
+
+Not thread-safe: the owning memory serialises every call under its lock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COLUMNS = ("risk", "wsum", "n_eff", "ts")
+
+
+class QueryLog:
+    """The last `capacity` recorded queries: risk float64, wsum float64 (unnormalised Σw),
+    n_eff float64 (1/Σw_norm²), ts float64; columnar numpy ring.
+
+    Args:
+        capacity: how many rows are kept (≥ 0; 0 keeps nothing). The columns grow on
+            demand (doubling) up to `capacity`, so a memory nobody queries costs nothing.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be ≥ 0, got {capacity}")
+        self.capacity = int(capacity)
+        self._cols = {c: np.zeros(0, np.float64) for c in COLUMNS}
+        self._next = 0  # slot of the next row
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the columns (counted in the memory budget)."""
+        return sum(col.nbytes for col in self._cols.values())
+
+    def extend(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, ts: float) -> None:
+        """Append rows (each argument [n], the same n), all stamped `ts`; the oldest go first.
+
+        Raises:
+            ValueError: the lengths differ.
+        """
+        cols = [np.asarray(x, dtype=np.float64).ravel() for x in (risk, wsum, n_eff)]
+        n = cols[0].size
+        if any(c.size != n for c in cols):
+            raise ValueError(f"risk, wsum and n_eff must have the same length, got {[c.size for c in cols]}")
+        if n == 0 or self.capacity == 0:
+            return
+        cols.append(np.full(n, float(ts)))
+        if n > self.capacity:  # only the last `capacity` rows would survive
+            cols = [c[n - self.capacity :] for c in cols]
+            n = self.capacity
+        self._grow(self._size + n)
+        slots = (self._next + np.arange(n)) % self.capacity
+        for name, values in zip(COLUMNS, cols, strict=True):
+            self._cols[name][slots] = values
+        self._next = (self._next + n) % self.capacity
+        self._size = min(self.capacity, self._size + n)
+
+    def _grow(self, rows: int) -> None:
+        """Room for min(rows, capacity) rows. Before the log first fills, its rows are
+        slots [0, size) in order, so growing copies them and leaves `_next` as it is."""
+        have = self._cols["risk"].size
+        if have >= min(rows, self.capacity):
+            return
+        new = min(self.capacity, max(rows, 2 * have, 1024))
+        for name, col in self._cols.items():
+            grown = np.zeros(new, np.float64)
+            grown[: self._size] = col[: self._size]
+            self._cols[name] = grown
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of the columns, oldest first: ``{"risk", "wsum", "n_eff", "ts"}`` each [len]."""
+        start = (self._next - self._size) % self.capacity if self.capacity else 0
+        order = (start + np.arange(self._size)) % max(self.capacity, 1)
+        return {name: col[order] for name, col in self._cols.items()}

@@ -1,0 +1,109 @@
+"""`POST …/queries`: kernel numbers of queries a client computed itself, for the diagnostics.
+
+A client that computes risk locally (a replica, a trainer using `neighbors`) posts, per
+query row, its kernel risk, the unnormalised weight sum Σw and the effective number of
+neighbours 1/Σw_norm², as JSON lists or safetensors tensors (F32 or F64) of those names.
+The memory keeps them in its recorded-query log (`querylog.QueryLog`). A read token
+suffices, as for `neighbors` and `risk`. Mounted at the root and under `/memories/{name}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from fastapi import APIRouter, Request
+
+from ..errors import BadRequest, ValidationFailed
+from ..memory import Memory
+from ..wire import is_safetensors, parse_json, read_body
+from .deps import NameDep, ZMemDep
+
+router = APIRouter()
+FIELDS = ("risk", "wsum", "n_eff")
+
+
+@router.post("/queries")
+async def post_queries(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
+    """Record query rows: body `{"risk": [...], "wsum": [...], "n_eff": [...]}` (or the same
+    tensors in safetensors), all finite, one length ≤ max_batch, wsum ≥ 0, n_eff ≥ 0.
+    Answers `{"recorded": n, "recorded_queries": total kept}`; unknown memory → 404."""
+    memory = zmem.memory(name)
+    body = await read_body(request, zmem.settings.max_body_bytes)
+    columns = decode_queries(body, request.headers.get("content-type"), zmem.settings.max_batch)
+    kept = await asyncio.to_thread(_record, memory, columns)
+    return {"recorded": int(columns["risk"].size), "recorded_queries": kept}
+
+
+def _record(memory: Memory, columns: dict[str, np.ndarray]) -> int:
+    memory.record_queries(columns["risk"], columns["wsum"], columns["n_eff"])
+    return len(memory.queries)
+
+
+def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict[str, np.ndarray]:
+    """float64 columns `risk`, `wsum`, `n_eff` [n] from a JSON or safetensors body.
+
+    Raises:
+        BadRequest: the body can't be parsed.
+        ValidationFailed: a column is missing, not a flat list/vector of finite numbers, the
+            lengths differ or exceed `max_rows`, or wsum / n_eff is negative (names the field).
+    """
+    if is_safetensors(content_type):
+        raw = _safetensors_columns(body)
+    else:
+        parsed = parse_json(body)
+        if not isinstance(parsed, dict):
+            raise ValidationFailed.at(["body"], "must be a JSON object with lists risk, wsum, n_eff")
+        extra = sorted(set(parsed) - set(FIELDS))
+        if extra:
+            raise ValidationFailed.at([extra[0]], "unknown field; expected risk, wsum and n_eff")
+        raw = {}
+        for f in FIELDS:
+            value = parsed.get(f)
+            if not isinstance(value, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            ):
+                raise ValidationFailed.at([f], "a list of numbers is required")
+            with np.errstate(over="ignore"):
+                raw[f] = np.array(value, dtype=np.float64).reshape(-1)
+    n = raw["risk"].size
+    for f in FIELDS:
+        col = raw[f]
+        if col.size != n:
+            raise ValidationFailed.at([f], f"{col.size} values; risk has {n}")
+        if not np.isfinite(col).all():
+            i = int(np.flatnonzero(~np.isfinite(col))[0])
+            raise ValidationFailed.at([f, i], "must be finite (no NaN or inf)")
+        if f != "risk" and (col < 0).any():
+            i = int(np.flatnonzero(col < 0)[0])
+            raise ValidationFailed.at([f, i], f"must be ≥ 0, got {col[i]}")
+    if n > max_rows:
+        raise ValidationFailed.at(["risk"], f"{n} query rows; the limit is {max_rows}")
+    return raw
+
+
+def _safetensors_columns(body: bytes) -> dict[str, np.ndarray]:
+    try:
+        (length,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8 : 8 + length])
+        tensors = safetensors.numpy.load(body)
+    except Exception as e:
+        raise BadRequest(f"body is not a valid safetensors file: {e}") from None
+    out = {}
+    for f in FIELDS:
+        spec = header.get(f) if isinstance(header, dict) else None
+        if spec is None:
+            raise ValidationFailed.at([f], "a F32 or F64 tensor is required")
+        if spec.get("dtype") not in ("F32", "F64"):
+            raise ValidationFailed.at([f], f"tensor is {spec.get('dtype')}; only F32 or F64 is accepted")
+        if tensors[f].ndim != 1:
+            raise ValidationFailed.at([f], f"shape {list(tensors[f].shape)}; expected [n]")
+        out[f] = tensors[f].astype(np.float64)
+    extra = sorted(set(tensors) - set(FIELDS))
+    if extra:
+        raise ValidationFailed.at([extra[0]], "unknown tensor; expected risk, wsum and n_eff")
+    return out
