@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .auth import CookieMiddleware, Tokens, authorize
 from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
+from .fastpath import FastPath
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import install as install_openapi
 from .pictures import PictureCache
@@ -105,6 +106,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.codecs = Codecs.create()
     app.state.tokens = tokens
     app.state.metrics = metrics
+    app.add_middleware(FastPath, problem=problem_response)  # innermost: still counted and logged
     app.add_middleware(CookieMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ZMemError, on_zmem_error)

@@ -102,7 +102,7 @@ def is_read(request: Request) -> bool:
     )
 
 
-def authorize(request: Request) -> None:
+async def authorize(request: Request) -> None:
     """FastAPI dependency on every route: raise 401/403 unless the token allows the request.
 
     On `GET /?token=…` with a valid token, the answer sets the HttpOnly cookie.

@@ -81,7 +81,8 @@ def exact_rerank(
     diff = xb[cand].astype(np.float64) - xq[:, None, :].astype(np.float64)
     d2 = np.einsum("bkd,bkd->bk", diff, diff)
     order = np.lexsort((seq[cand], d2), axis=-1)[:, :k]
-    return np.take_along_axis(d2, order, -1), np.take_along_axis(cand, order, -1)
+    rows = np.arange(len(cand))[:, None]
+    return d2[rows, order], cand[rows, order]
 
 
 def brute_force(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

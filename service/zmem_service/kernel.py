@@ -23,7 +23,7 @@ def kernel_stats(
     w = np.exp(-d2.astype(np.float64) / (2.0 * float(sigma) ** 2))
     wsum = w.sum(axis=-1)
     risk = (w * risk_target).sum(axis=-1) / (wsum + GUARD)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = w / wsum[:, None]
-        n_eff = np.where(wsum > 0, 1.0 / (p * p).sum(axis=-1), 0.0)
-    return risk, wsum, np.nan_to_num(n_eff)
+    # n_eff = (Σw)² / Σw², and 0 where every weight underflowed.
+    w2 = (w * w).sum(axis=-1)
+    n_eff = np.divide(wsum * wsum, w2, out=np.zeros_like(wsum), where=w2 > 0)
+    return risk, wsum, n_eff

@@ -324,32 +324,49 @@ class Memory:
         floats, both checked under the lock against the memory as the search sees it.
         A query with `record` > 0 adds its rows' kernel stats to the recorded queries.
         """
-        answers: list[Neighbors | ZMemError] = []
         with self._lock:
-            wanted: list[tuple[int, int, float]] = []  # (answer index, k asked for, sigma)
-            for q in queries:
-                try:
-                    want, sigma = self._prepare(q.z, q.k, q.sigma, q.max_floats)
-                except ZMemError as e:
-                    answers.append(e)
-                    continue
-                wanted.append((len(answers), want, sigma))
-                answers.append(self._empty(q.z, sigma))
-            if not wanted or not self.active or self.ring is None or self.index is None:
-                return answers
-            size = self.size
-            stacked = [queries[i].z for i, _, _ in wanted]
-            zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
-            d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
-            start = 0
-            for (i, want, sigma), z in zip(wanted, stacked, strict=True):
-                kk = min(want, size)
-                stop = start + len(z)
-                nb = self._gather(d2[start:stop, :kk], slots[start:stop, :kk], sigma)
-                start = stop
-                answers[i] = nb
-                if queries[i].record:
-                    self._record(nb)
+            return self._query_many(queries)
+
+    def query_now(self, query: QueryLike) -> Neighbors | ZMemError | None:
+        """Answer one query on the calling thread if that is cheap right now, else None: the
+        lock is free and `sigma: "auto"` needs no recomputing (which searches a sample)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            auto = query.sigma == "auto" or (query.sigma is None and self.settings.sigma == "auto")
+            if auto and not self._auto_sigma_fresh():
+                return None
+            return self._query_many([query])[0]
+        finally:
+            self._lock.release()
+
+    def _query_many(self, queries: Sequence[QueryLike]) -> list[Neighbors | ZMemError]:
+        """`query_many` with the lock held."""
+        answers: list[Neighbors | ZMemError] = []
+        wanted: list[tuple[int, int, float]] = []  # (answer index, k asked for, sigma)
+        for q in queries:
+            try:
+                want, sigma = self._prepare(q.z, q.k, q.sigma, q.max_floats)
+            except ZMemError as e:
+                answers.append(e)
+                continue
+            wanted.append((len(answers), want, sigma))
+            answers.append(self._empty(q.z, sigma))
+        if not wanted or not self.active or self.ring is None or self.index is None:
+            return answers
+        size = self.size
+        stacked = [queries[i].z for i, _, _ in wanted]
+        zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+        d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
+        start = 0
+        for (i, want, sigma), z in zip(wanted, stacked, strict=True):
+            kk = min(want, size)
+            stop = start + len(z)
+            nb = self._gather(d2[start:stop, :kk], slots[start:stop, :kk], sigma)
+            start = stop
+            answers[i] = nb
+            if queries[i].record:
+                self._record(nb)
         return answers
 
     def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
@@ -412,9 +429,10 @@ class Memory:
             return float(sigma)
         if not self.active or self.ring is None or self.index is None or self.size < 2:
             return 1.0
-        bucket = self.total_written // max(1, self.settings.capacity // 10)
-        if self._auto_sigma and self._auto_sigma[0] == bucket:
+        if self._auto_sigma_fresh():
+            assert self._auto_sigma is not None
             return self._auto_sigma[1]
+        bucket = self._auto_sigma_bucket()
         rng = np.random.default_rng(0)
         n = min(self.size, AUTO_SIGMA_SAMPLE)
         order = self.ring.order()
@@ -425,6 +443,16 @@ class Memory:
         value = float(np.sqrt(mean)) if mean > 0 else 1.0
         self._auto_sigma = (bucket, value)
         return value
+
+    def _auto_sigma_bucket(self) -> int:
+        return self.total_written // max(1, self.settings.capacity // 10)
+
+    def _auto_sigma_fresh(self) -> bool:
+        """Whether "auto" resolves without a search: the memory is inactive, or the value of
+        this bucket of writes is kept (lock held)."""
+        if not self.active or self.size < 2:
+            return True
+        return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_bucket()
 
     def changes(self, after: int, generation: str | None, limit: int) -> Changes:
         """The rows with seq > `after` still held, oldest first, at most `limit` (searcher thread:

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from .routes.queries import QueriesIn
 from .wire import JSON, SAFETENSORS, EpisodesIn, QueryIn
 
 PROBLEM = "application/problem+json"
@@ -29,6 +30,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "neighbors": {"model": QueryIn, "safetensors": True},
     "risk": {"model": QueryIn, "safetensors": True},
     "import": {"npz": True},
+    "queries": {"model": QueriesIn, "safetensors": True},
 }
 # Answers that aren't JSON, by the last segment of the path.
 MEDIA = {

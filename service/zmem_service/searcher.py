@@ -7,6 +7,10 @@ over the stacked rows at the largest k; each query then keeps its own first k
 columns. That cut is exact because ties break by seq (a total order), so a query
 gets the same answer alone or in a batch. A lone query waits for nothing. Writes
 reach an index between batches (the memory's lock orders them).
+
+A small query that finds the searcher idle and its memory's lock free is answered
+on the caller's thread instead (`inline_work`: at most that many multiply-adds, B·N·d;
+CPU indexes only): handing it to the thread and back costs more than the search.
 """
 
 from __future__ import annotations
@@ -41,15 +45,31 @@ class Query:
     future: concurrent.futures.Future[Neighbors] = field(default_factory=concurrent.futures.Future)
 
 
+INLINE_WORK = 2**21
+"""A query of at most this many multiply-adds (B·N·d; 50,000 × 32 at B=1 is 1.6M) may run inline."""
+
+
 class Searcher:
-    def __init__(self) -> None:
+    def __init__(self, inline_work: int = 0) -> None:
+        self.inline_work = inline_work
+        self._queued = 0  # items put and not yet done: inline answers wait for none of them
         self._queue: queue.SimpleQueue[Query | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-searcher", daemon=True)
         self._thread.start()
 
     async def search(self, query: Query) -> Neighbors:
-        self._queue.put(query)
+        if self._queued == 0 and len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work:
+            answer = query.memory.query_now(query)
+            if isinstance(answer, Neighbors):
+                return answer
+            if answer is not None:
+                raise answer
+        self._put(query)
         return await asyncio.wrap_future(query.future)
+
+    def _put(self, item: Query | Callable[[], Any] | None) -> None:
+        self._queued += 1
+        self._queue.put(item)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` on the searcher thread (e.g. to warm a device up)."""
@@ -62,12 +82,12 @@ class Searcher:
                 except BaseException as e:
                     future.set_exception(e)
 
-        self._queue.put(job)
+        self._put(job)
         return future
 
     def shutdown(self) -> None:
         """Answer what is queued, then stop."""
-        self._queue.put(None)
+        self._put(None)
         self._thread.join()
 
     def _run(self) -> None:
@@ -79,6 +99,7 @@ class Searcher:
                 if item is None:
                     self._answer(batch)
                     return
+                self._queued -= 1  # under the GIL; only a hint for `search`
                 if isinstance(item, Query):
                     if item.future.set_running_or_notify_cancel():  # skip queries whose caller left
                         batch.append(item)

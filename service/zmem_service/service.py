@@ -22,13 +22,13 @@ import numpy as np
 
 from .episodes import EpisodeBatch, validate
 from .errors import InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
-from .index import make_engine
+from .index import CpuEngine, make_engine
 from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
 from .npz import read_npz, write_npz
 from .registry import Memories, check_name
 from .ring import Columns
-from .searcher import Query, Searcher
+from .searcher import INLINE_WORK, Query, Searcher
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import open_store
 from .wire import Query as WireQuery
@@ -84,7 +84,8 @@ class ZMem:
         self.metrics = metrics or Metrics()
         self.engine = make_engine(settings.device, settings.knn_threads)
         self.memories = Memories(settings, self.engine)
-        self.searcher = Searcher()
+        # Small searches on a CPU index run inline: a thread hop costs more than they do.
+        self.searcher = Searcher(INLINE_WORK if isinstance(self.engine, CpuEngine) else 0)
         self.signal = ChangeSignal()
         self._exports = asyncio.Semaphore(settings.max_concurrent_exports)
         self._exports_waiting = 0

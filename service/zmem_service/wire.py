@@ -151,7 +151,7 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def check_body_type(request: Request) -> None:
+async def check_body_type(request: Request) -> None:
     """FastAPI dependency on every route: a POST/PUT body must be JSON or safetensors (an import:
     an npz, typed so or untyped), else 415. Types a browser may send cross-site without a
     preflight (text/plain, forms) are never parsed."""

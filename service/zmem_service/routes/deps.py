@@ -10,12 +10,12 @@ from ..registry import DEFAULT
 from ..service import ZMem
 
 
-def get_zmem(request: Request) -> ZMem:
+async def get_zmem(request: Request) -> ZMem:
     zmem: ZMem = request.app.state.zmem
     return zmem
 
 
-def memory_name(request: Request) -> str:
+async def memory_name(request: Request) -> str:
     """`default` on the root routes, the `{name}` path segment under `/memories/{name}/`."""
     name: str = request.path_params.get("name", DEFAULT)
     return name

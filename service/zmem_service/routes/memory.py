@@ -10,7 +10,6 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from ..service import ZMem
-from ..wire import Query as WireQuery
 from ..wire import body_chunks, neighbors_arrays, read_episodes, read_query, respond
 from .deps import NameDep, ZMemDep
 
@@ -23,27 +22,32 @@ async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[
     return await zmem.write(name, batch)
 
 
-async def _query(request: Request, zmem: ZMem) -> WireQuery:
-    return await read_query(request, zmem.settings)
-
-
 @router.post("/neighbors")
 async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    query = await _query(request, zmem)
+    return await neighbors_answer(request, name, zmem)
+
+
+@router.post("/risk")
+async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
+    return await risk_answer(request, name, zmem)
+
+
+async def neighbors_answer(request: Request, name: str, zmem: ZMem) -> Response:
+    """`POST …/neighbors` (also served by `fastpath`, which skips FastAPI's routing)."""
+    query = await read_query(request, zmem.settings)
     nb = await zmem.neighbors(name, query)
     meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
     return await respond(request, zmem.settings, neighbors_arrays(nb, query.one_row), meta)
 
 
-@router.post("/risk")
-async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    query = await _query(request, zmem)
+async def risk_answer(request: Request, name: str, zmem: ZMem) -> Response:
+    """`POST …/risk` (also served by `fastpath`)."""
+    query = await read_query(request, zmem.settings)
     nb, risk = await zmem.risk(name, query)
     meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
     risk32 = risk.astype(np.float32)
-    return await respond(
-        request, zmem.settings, {"risk": risk32.reshape(()) if query.one_row else risk32}, meta
-    )
+    arrays = {"risk": risk32.reshape(()) if query.one_row else risk32}
+    return await respond(request, zmem.settings, arrays, meta)
 
 
 @router.get("/changes")

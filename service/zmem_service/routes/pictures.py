@@ -37,7 +37,7 @@ router = APIRouter()
 dashboard_router = APIRouter()
 
 
-def get_pictures(request: Request) -> PictureCache:
+async def get_pictures(request: Request) -> PictureCache:
     """The app's picture cache (made by the lifespan, one per app)."""
     cache: PictureCache = request.app.state.pictures
     return cache

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 
 from ..errors import BadRequest, ValidationFailed
 from ..memory import Memory
@@ -25,6 +26,14 @@ from .deps import NameDep, ZMemDep
 
 router = APIRouter()
 FIELDS = ("risk", "wsum", "n_eff")
+
+
+class QueriesIn(BaseModel):
+    """The JSON body of `POST …/queries` (the schema; `decode_queries` does the checking)."""
+
+    risk: list[float]
+    wsum: list[float]
+    n_eff: list[float]
 
 
 @router.post("/queries")
