@@ -11,6 +11,7 @@ anything.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -143,8 +144,7 @@ async def run_batched(searcher: Searcher, events: list[list[Query] | Write], mem
     tasks: list[list[asyncio.Task[Neighbors]]] = []
     for event in events:
         if isinstance(event, Write):
-            memory = memories[event.name]
-            searcher.call(lambda m=memory, w=event: apply(m, w))
+            searcher.call(functools.partial(apply, memories[event.name], event))
             continue
         phase = []
         for q in event:
