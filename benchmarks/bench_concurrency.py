@@ -1,0 +1,178 @@
+"""Many training processes at once: 8 workers, each with its own ZMemClient, hammering risk().
+
+    python -m benchmarks.bench_concurrency [--workers 8] [--duration 10] [--n 50000] [--d 32]
+
+One `zmem serve --durability none` holds n×d episodes. Each worker (a spawned
+process, torch threads 1) calls `risk(z)` forward+backward in a loop for
+`--duration` seconds: first with B=1 rows per call, then with B=`--batch`.
+Printed per variant: total queries/s (query rows/s for the batched variant), each
+worker's p50/p99 latency, and the server's CPU per query (utime+stime of its
+process from /proc/<pid>/stat, before and after, divided by the calls answered).
+The targets of issue 10 are printed next to the figures; nothing asserts them.
+
+Clients and server share this machine's cores, so the figures are those of one
+box running both (as a training node would). `--url URL --pid PID` measures an
+already running server instead (e.g. one under a profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+
+import numpy as np
+
+TARGET_QPS = 2000
+TARGET_CPU_US = 400
+Results = mp.Queue  # (rank, start, end, latencies) from each worker
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Barrier, out: Results) -> None:
+    import torch
+
+    from zmem_client import ZMemClient
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(100 + rank)
+    queries = torch.from_numpy(rng.standard_normal((64, rows, d)) * 0.3).float()
+    times = []
+    with ZMemClient(url, timeout=60) as mem:
+        for i in range(5):  # warm-up: connection, first allocations
+            mem.risk(queries[i].clone().requires_grad_(True)).sum().backward()
+        barrier.wait()
+        start = time.monotonic()
+        deadline = start + duration
+        i = 0
+        while True:
+            t0 = time.monotonic()
+            if t0 >= deadline:
+                break
+            q = queries[i % len(queries)].clone().requires_grad_(True)
+            mem.risk(q).sum().backward()
+            times.append(time.monotonic() - t0)
+            i += 1
+        end = time.monotonic()
+    out.put((rank, start, end, np.array(times)))
+
+
+@dataclass
+class Result:
+    rows: int
+    workers: int
+    calls: int
+    wall: float
+    server_cpu: float
+    latencies: list[np.ndarray]
+
+    @property
+    def calls_per_s(self) -> float:
+        return self.calls / self.wall
+
+    @property
+    def cpu_us_per_call(self) -> float:
+        return 1e6 * self.server_cpu / self.calls
+
+
+def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) -> Result:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(workers + 1)
+    out: Results = ctx.Queue()
+    procs = [
+        ctx.Process(target=worker, args=(url, r, rows, d, duration, barrier, out)) for r in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=300)
+    cpu0 = cpu_seconds(pid)
+    got = [out.get(timeout=duration + 300) for _ in procs]
+    cpu1 = cpu_seconds(pid)
+    for p in procs:
+        p.join(60)
+    got.sort(key=lambda g: g[0])
+    start = min(g[1] for g in got)
+    end = max(g[2] for g in got)
+    lat = [g[3] for g in got]
+    return Result(rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, lat)
+
+
+def report(res: Result) -> list[str]:
+    unit = "queries" if res.rows == 1 else f"calls of B={res.rows}"
+    lines = [
+        f"\n{res.workers} processes × risk(z) B={res.rows} fwd+bwd, {res.wall:.1f} s: "
+        f"{res.calls} {unit}, load average {os.getloadavg()[0]:.1f}",
+        f"{'':34} {'figure':>12}  target",
+    ]
+    qps_target = f"≥ {TARGET_QPS:,} q/s" if res.rows == 1 else ""
+    cpu_target = f"≤ {TARGET_CPU_US} µs" if res.rows == 1 else ""
+    lines.append(f"{'total calls/s':34} {res.calls_per_s:12,.0f}  {qps_target}")
+    if res.rows > 1:
+        lines.append(f"{'total query rows/s':34} {res.calls_per_s * res.rows:12,.0f}")
+    lines.append(f"{'server CPU per call (µs)':34} {res.cpu_us_per_call:12,.0f}  {cpu_target}")
+    if res.rows > 1:
+        lines.append(f"{'server CPU per query row (µs)':34} {res.cpu_us_per_call / res.rows:12,.1f}")
+    lines.append(f"{'server CPU busy (cores)':34} {res.server_cpu / res.wall:12.2f}")
+    lines.append(f"{'worker':>8} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for rank, t in enumerate(res.latencies):
+        p50, p99 = np.percentile(t * 1000, [50, 99]) if len(t) else (float("nan"), float("nan"))
+        lines.append(f"{rank:8d} {len(t):7d} {p50:8.2f} {p99:8.2f}")
+    every = np.concatenate(res.latencies) * 1000
+    if len(every):
+        p50, p99 = np.percentile(every, [50, 99])
+        lines.append(f"{'all':>8} {len(every):7d} {p50:8.2f} {p99:8.2f}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per variant")
+    ap.add_argument("--n", type=int, default=50_000)
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256, help="rows per call of the batched variant (0: skip)")
+    ap.add_argument("--knn-threads", type=int, default=0, help="the server's --knn-threads (0 = all cores)")
+    ap.add_argument("--url", help="measure this running server instead of starting one (needs --pid)")
+    ap.add_argument("--pid", type=int, help="the running server's process id")
+    args = ap.parse_args()
+    variants = [1] + ([args.batch] if args.batch else [])
+
+    if args.url:
+        if args.pid is None:
+            ap.error("--url needs --pid (the server's process, for its CPU time)")
+        results = [run(args.url, args.pid, args.workers, rows, args.d, args.duration) for rows in variants]
+    else:
+        from .bench_risk import Data, fill, start_server
+
+        with tempfile.TemporaryDirectory() as tmp:
+            srv = start_server(tmp, args.n, args.k, args.knn_threads)
+            try:
+                fill(srv.url, Data.random(args.n, args.d))
+                assert srv.proc is not None
+                results = [
+                    run(srv.url, srv.proc.pid, args.workers, rows, args.d, args.duration) for rows in variants
+                ]
+            finally:
+                srv.stop()
+    print(
+        f"\nzmem serve --durability none, N={args.n}, d={args.d}, k={args.k}, CPU, "
+        f"{os.cpu_count()} cores shared by server and workers"
+    )
+    for res in results:
+        for line in report(res):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Batched queries get exactly what a lone query gets.
+
+The searcher stacks every query waiting for a memory into one index search at the
+largest k and cuts each answer to its own k. These tests hold the searcher thread
+busy so that many queries queue up (mixed k, memories, sigma, record, rows, some
+refused), let writes land between batches, release it, and compare every answer
+with the same query run alone against the same buffer state. No test here times
+anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from zmem_client._wire import decode
+from zmem_service.index import CpuEngine, FaissCpuIndex
+from zmem_service.memory import Memory, Neighbors
+from zmem_service.registry import Memories
+from zmem_service.ring import Columns
+from zmem_service.searcher import Query, Searcher
+from zmem_service.settings import ServiceSettings
+
+from .conftest import ready_client
+from .knn_oracle import brute_force
+
+# name → (z_dim, capacity, min_size, k, sigma): small rings that wrap, one that starts inactive.
+MEMORIES: dict[str, tuple[int, int, int, int, float | str]] = {
+    "a": (4, 300, 1, 8, 1.0),
+    "b": (4, 100, 40, 12, "auto"),
+    "c": (3, 64, 1, 5, 0.5),
+}
+
+
+@dataclass
+class Write:
+    """Append these rows to one memory (seqs follow the memory's own)."""
+
+    name: str
+    z: np.ndarray
+    risk_target: np.ndarray
+
+
+def rows_for(memory: Memory, w: Write) -> Columns:
+    cols = Columns.empty(w.z.shape[1], len(w.z))
+    cols.z[:] = w.z
+    cols.risk_target[:] = w.risk_target
+    cols.seq[:] = np.arange(memory.next_seq, memory.next_seq + len(w.z))
+    return cols
+
+
+def apply(memory: Memory, w: Write) -> None:
+    """What the writer does after a commit: reserve, then apply."""
+    memory.reserve(len(w.z), w.z.shape[1])
+    memory.apply(rows_for(memory, w))
+
+
+def make_memories(tmp_path) -> dict[str, Memory]:
+    memories = Memories(ServiceSettings(data_dir=tmp_path), CpuEngine(threads=2))
+    out = {}
+    for name, (d, capacity, min_size, k, sigma) in MEMORIES.items():
+        settings = memories.settings.memory_defaults(d).model_copy(
+            update={"capacity": capacity, "min_size": min_size, "k": k, "sigma": sigma}
+        )
+        out[name] = memories.new(name, settings)
+    return out
+
+
+def random_write(rng: np.random.Generator, name: str) -> Write:
+    d = MEMORIES[name][0]
+    n = int(rng.choice([1, 7, 30, 90]))
+    # A coarse grid: many rows share a z, so ties (broken by seq) decide who is in the first k.
+    z = rng.integers(-2, 3, size=(n, d)).astype(np.float32) * 0.5
+    z[rng.random(n) < 0.3] += rng.standard_normal((1, d)).astype(np.float32) * 0.1
+    return Write(name, z, rng.standard_normal(n).astype(np.float32))
+
+
+def random_query(rng: np.random.Generator, memory: Memory) -> Query:
+    name = memory.name
+    d = MEMORIES[name][0]
+    b = int(rng.choice([1, 1, 1, 2, 5, 17, 40]))
+    if rng.random() < 0.05:
+        d += 1  # refused: not the memory's z_dim
+    z = rng.integers(-2, 3, size=(b, d)).astype(np.float32) * 0.5
+    z += (rng.random((b, 1)) < 0.5) * rng.standard_normal((b, d)).astype(np.float32) * 0.2
+    k = [None, 1, 3, 8, 20, 500][int(rng.integers(6))]
+    sigma = [None, 0.7, "auto"][int(rng.integers(3))]
+    max_floats = 2**24 if rng.random() > 0.05 else 50  # sometimes refused: answer too large
+    record = int(rng.choice([0, 50]))
+    return Query(memory, z, k, sigma, max_floats, record)
+
+
+def same_query(q: Query, memory: Memory) -> Query:
+    return Query(memory, q.z.copy(), q.k, q.sigma, q.max_floats, q.record)
+
+
+def assert_same(got: Neighbors | BaseException, want: Neighbors | BaseException) -> None:
+    if isinstance(want, BaseException):
+        assert type(got) is type(want) and str(got) == str(want)
+        return
+    assert isinstance(got, Neighbors), got
+    assert (got.size, got.active, got.sigma, got.k) == (want.size, want.active, want.sigma, want.k)
+    for field in ("seq", "d2", "z", "risk_target"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def plan(seed: int, memories: dict[str, Memory]) -> list[list[Query] | Write]:
+    """Phases of queries with writes between them; the first writes fill every memory a bit."""
+    rng = np.random.default_rng(seed)
+    events: list[list[Query] | Write] = [random_write(rng, name) for name in ("a", "c")]
+    for _ in range(6):
+        names = list(memories)
+        events.append([random_query(rng, memories[str(rng.choice(names))]) for _ in range(12)])
+        events.append(random_write(rng, str(rng.choice(names))))
+    events.append([random_query(rng, memories[name]) for name in memories for _ in range(4)])
+    return events
+
+
+@pytest.fixture
+def searches(monkeypatch) -> list[tuple[int, int]]:
+    """(id of the index, query rows) of every FaissCpuIndex.search call."""
+    calls: list[tuple[int, int]] = []
+    search = FaissCpuIndex.search
+
+    def counted(self: FaissCpuIndex, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((id(self), len(zq)))
+        return search(self, zq, k, size)
+
+    monkeypatch.setattr(FaissCpuIndex, "search", counted)
+    return calls
+
+
+async def run_batched(searcher: Searcher, events: list[list[Query] | Write], memories: dict[str, Memory]):
+    """Queue every event behind a busy searcher (writes as searcher jobs, so each lands between
+    two batches), then release it. → the answers, phase by phase."""
+    gate = threading.Event()
+    searcher.call(gate.wait)
+    tasks: list[list[asyncio.Task[Neighbors]]] = []
+    for event in events:
+        if isinstance(event, Write):
+            searcher.call(functools.partial(apply, memories[event.name], event))
+            continue
+        phase = []
+        for q in event:
+            phase.append(asyncio.ensure_future(searcher.search(q)))
+            await asyncio.sleep(0)  # the task runs up to its wait: the query is queued, in order
+        tasks.append(phase)
+    gate.set()
+    answers = []
+    for phase in tasks:
+        answers.append(await asyncio.gather(*phase, return_exceptions=True))
+    return answers
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_queries_answer_as_lone_queries(tmp_path, searches, seed: int) -> None:
+    batched = make_memories(tmp_path / "batched")
+    events = plan(seed, batched)
+    searcher = Searcher()
+    try:
+        answers = asyncio.run(run_batched(searcher, events, batched))
+    finally:
+        searcher.shutdown()
+    batched_calls = list(searches)
+
+    # The same writes into twin memories, each query answered alone, in the same order.
+    twins = make_memories(tmp_path / "lone")
+    searches.clear()
+    phase = 0
+    for event in events:
+        if isinstance(event, Write):
+            apply(twins[event.name], event)
+            continue
+        lone = [twins[q.memory.name].query_many([same_query(q, twins[q.memory.name])])[0] for q in event]
+        for q, got, want in zip(event, answers[phase], lone, strict=True):
+            assert_same(got, want)
+            if isinstance(want, Neighbors) and want.active:
+                expect_k = min(MEMORIES[q.memory.name][3] if q.k is None else q.k, want.size)
+                assert got.d2.shape == (len(q.z), expect_k)
+        phase += 1
+    for name in MEMORIES:
+        np.testing.assert_array_equal(batched[name].recorded_risk(), twins[name].recorded_risk())
+
+    # Batching happened: far fewer searches than queries, and each phase's valid rows of a memory
+    # went into one search.
+    lone_calls = list(searches)
+    assert len(batched_calls) < len(lone_calls) / 2
+    phase = 0
+    for event in events:
+        if isinstance(event, Write):
+            continue
+        for memory in batched.values():
+            mine = [
+                (q, a)
+                for q, a in zip(event, answers[phase], strict=True)
+                if q.memory is memory and isinstance(a, Neighbors) and a.active
+            ]
+            if len(mine) > 1:
+                rows = sum(len(q.z) for q, _ in mine)
+                assert (id(memory.index), rows) in batched_calls
+        phase += 1
+
+
+def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
+    """Independent of the lone path: seqs and d2 equal a float64 numpy scan with ties by seq."""
+    memories = make_memories(tmp_path)
+    rng = np.random.default_rng(7)
+    a = memories["a"]
+    while a.total_written < 2 * MEMORIES["a"][1]:  # the ring wraps: slot order is not seq order
+        apply(a, random_write(rng, "a"))
+    held = a.snapshot()
+    queries = [
+        Query(a, rng.integers(-2, 3, size=(b, 4)).astype(np.float32) * 0.5, k, 1.0, 2**24)
+        for b, k in ((1, 1), (3, 3), (1, 8), (20, 64), (2, 300))
+    ]
+    searcher = Searcher()
+
+    async def run() -> list[Any]:
+        gate = threading.Event()
+        searcher.call(gate.wait)
+        tasks = []
+        for q in queries:
+            tasks.append(asyncio.ensure_future(searcher.search(q)))
+            await asyncio.sleep(0)
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        searcher.shutdown()
+    for q, nb in zip(queries, answers, strict=True):
+        k = min(q.k or 8, len(held))
+        d2, idx = brute_force(held.z, held.seq, q.z, k)
+        np.testing.assert_array_equal(nb.seq, held.seq[idx])
+        np.testing.assert_allclose(nb.d2, d2, rtol=1e-6)
+
+
+def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> None:
+    """Threads post /neighbors and /risk (JSON and safetensors) while the searcher is held and a
+    write lands; each answer equals the same request sent alone afterwards."""
+    settings = ServiceSettings(data_dir=tmp_path, capacity=200, min_size=5, k=6, durability="none")
+    client = ready_client(settings)
+    try:
+        rng = np.random.default_rng(3)
+
+        def episodes(n: int) -> dict[str, Any]:
+            z = rng.integers(-2, 3, size=(n, 3)) * 0.5
+            return {
+                "episodes": [
+                    {"z": row.tolist(), "soft_bind": float(s), "cone_vol": 1.0, "lambda_bind": 0.1}
+                    for row, s in zip(z, rng.random(n), strict=True)
+                ]
+            }
+
+        for name in ("x", "y"):
+            assert client.post(f"/memories/{name}/episodes", json=episodes(150)).status_code == 200
+        requests: list[tuple[str, dict[str, Any]]] = []
+        for i in range(16):
+            name = "xy"[i % 2]
+            b = [1, 1, 3, 20][i % 4]
+            body: dict[str, Any] = {"z": (rng.integers(-2, 3, size=(b, 3)) * 0.5).tolist()}
+            if i % 3 == 0:
+                body["k"] = [2, 9, 40][i % 9 // 3]
+            if i % 5 == 0:
+                body["sigma"] = "auto"
+            if i % 4 == 1:
+                body["z"] = body["z"][0]  # one row, no B axis
+            route = "risk" if i % 4 == 2 else "neighbors"
+            requests.append((f"/memories/{name}/{route}", body))
+
+        zmem = client.app.state.zmem  # type: ignore[attr-defined]
+        searcher = zmem.searcher
+        arrived = threading.Semaphore(0)
+        search = searcher.search
+
+        async def counted(query: Query) -> Neighbors:
+            arrived.release()
+            return await search(query)
+
+        searcher.search = counted
+        gate = threading.Event()
+        searcher.call(gate.wait)
+        results: list[Any] = [None] * len(requests)
+
+        def send(i: int) -> None:
+            path, body = requests[i]
+            results[i] = client.post(path, json=body)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        try:
+            for t in threads[:8]:
+                t.start()
+            for _ in range(8):
+                assert arrived.acquire(timeout=30)
+            # A write lands while those eight wait: they, and the next eight, see it.
+            assert client.post("/memories/x/episodes", json=episodes(70)).status_code == 200
+            for t in threads[8:]:
+                t.start()
+            for _ in range(8):
+                assert arrived.acquire(timeout=30)
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(60)
+        searcher.search = search
+        calls_batched = len(searches)
+        assert calls_batched < len(requests)  # batched: fewer index searches than requests
+        for (path, body), r in zip(requests, results, strict=True):
+            assert r.status_code == 200, r.text
+            alone = client.post(path, json=body)
+            assert alone.json() == r.json(), path
+        # Safetensors answers agree too, sent concurrently without holding anything.
+        headers = {"accept": "application/x-safetensors"}
+        done: dict[int, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+
+        def send_st(i: int) -> None:
+            path, body = requests[i]
+            done[i] = decode(client.post(path, json=body, headers=headers).content)
+
+        threads = [threading.Thread(target=send_st, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, (path, body) in enumerate(requests):
+            arrays, meta = decode(client.post(path, json=body, headers=headers).content)
+            assert meta == done[i][1], path
+            assert arrays.keys() == done[i][0].keys()
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(value, done[i][0][key], err_msg=f"{path} {key}")
+    finally:
+        client.__exit__(None, None, None)
