@@ -185,7 +185,9 @@ def test_batched_queries_answer_as_lone_queries(tmp_path, searches, seed: int) -
                 assert got.d2.shape == (len(q.z), expect_k)
         phase += 1
     for name in MEMORIES:
-        np.testing.assert_array_equal(batched[name].recorded_risk(), twins[name].recorded_risk())
+        got, want = batched[name].recorded_queries(), twins[name].recorded_queries()
+        for column in ("risk", "wsum", "n_eff"):
+            np.testing.assert_array_equal(got[column], want[column])
 
     # Batching happened: far fewer searches than queries, and each phase's valid rows of a memory
     # went into one search.
