@@ -29,3 +29,25 @@ def test_rss_stays_within_the_budget_plus_a_stated_overhead() -> None:
     assert r["filled_rss"] - r["idle_rss"] < 2 * budget  # what the budget counts is what it costs
     assert r["peak_rss"] < bound
     assert set(r["codes"]) <= {200, 503, 507}  # 503: exports past the queue; 507: the bombs
+
+
+def test_recorded_queries_stop_growing_at_the_budget(make_client) -> None:
+    """Read-only clients recording queries can't grow memory past --max-memory-bytes: each
+    memory's query log stops growing where the budget runs out and keeps its newest rows."""
+    budget = 600_000
+    client = make_client(max_memory_bytes=budget, capacity=1000, min_size=1, recorded_queries=100_000)
+    ep = {"z": [0.0, 1.0], "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0}
+    for name in ("a", "b", "c"):
+        assert client.post(f"/memories/{name}/episodes", json={"episodes": [ep] * 10}).status_code == 200
+    rows = {"risk": [0.5] * 5000, "wsum": [1.0] * 5000, "n_eff": [3.0] * 5000}
+    for _ in range(6):
+        for name in ("a", "b", "c"):
+            assert client.post(f"/memories/{name}/queries", json=rows).status_code == 200
+            q = client.post(f"/memories/{name}/neighbors", json={"z": [[0.0, 1.0]] * 100, "record": True})
+            assert q.status_code == 200
+    stats = [client.get(f"/memories/{name}/stats").json() for name in ("a", "b", "c")]
+    assert sum(s["bytes"] for s in stats) <= budget
+    assert 0 < stats[0]["recorded_queries"] < 30_000  # capped below the 30,600 recorded
+    assert client.post("/memories/c/queries", json=rows).status_code == 200  # still answered
+    assert [client.get(f"/memories/{n}/stats").json()["bytes"] for n in "abc"] == [s["bytes"] for s in stats]
+    assert client.get("/memories/a/diagnostics").status_code == 200

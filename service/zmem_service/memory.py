@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -153,6 +153,7 @@ class Memory:
     ids: dict[str, int] = field(default_factory=dict)
     workers: collections.Counter[str] = field(default_factory=collections.Counter)
     queries: QueryLog = field(default_factory=lambda: QueryLog(100_000))
+    room: Callable[[], int] = lambda: 2**62  # bytes the memory budget has left (`Memories` sets it)
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
@@ -383,7 +384,15 @@ class Memory:
 
     def _record(self, nb: Neighbors) -> None:
         """Keep the rows' kernel risk, Σw and n_eff among the recorded queries (lock held)."""
-        self.queries.extend(*nb.kernel_stats(), time.time())
+        self._keep_queries(*nb.kernel_stats())
+
+    def _keep_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
+        """Append to the query log (lock held); where growing it would pass the memory
+        budget, the log stops growing and keeps its newest rows instead."""
+        growth = self.queries.growth(len(risk))
+        if growth and self.room() < growth:
+            self.queries.stop_growing()
+        self.queries.extend(risk, wsum, n_eff, time.time())
 
     def _prepare(
         self, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int
@@ -492,7 +501,7 @@ class Memory:
         """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n]), e.g.
         those a client computed from its replica."""
         with self._lock:
-            self.queries.extend(risk, wsum, n_eff, time.time())
+            self._keep_queries(risk, wsum, n_eff)
 
     def recorded_queries(self) -> dict[str, np.ndarray]:
         """A copy of the recorded queries, oldest first (``QueryLog.snapshot``)."""

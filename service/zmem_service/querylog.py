@@ -63,6 +63,28 @@ class QueryLog:
         self._next = (self._next + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
 
+    def growth(self, n: int) -> int:
+        """Bytes the columns would grow by to take `n` more rows (0 once they are full size)."""
+        have = self._cols["risk"].size
+        rows = self._size + n
+        if have >= min(rows, self.capacity):
+            return 0
+        return (min(self.capacity, max(rows, 2 * have, 1024)) - have) * 8 * len(COLUMNS)
+
+    def stop_growing(self) -> None:
+        """Keep at most the rows there is room for now (the memory budget is spent): the
+        log goes on as a ring of that length."""
+        have = self._cols["risk"].size
+        if have >= self.capacity:
+            return
+        rows = self.snapshot()  # oldest first; never more than `have`
+        self.capacity = have
+        for name in COLUMNS:
+            col = np.zeros(have, np.float64)
+            col[: self._size] = rows[name]
+            self._cols[name] = col
+        self._next = self._size % have if have else 0
+
     def _grow(self, rows: int) -> None:
         """Room for min(rows, capacity) rows. Before the log first fills, its rows are
         slots [0, size) in order, so growing copies them and leaves `_next` as it is."""

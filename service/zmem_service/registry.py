@@ -48,6 +48,7 @@ class Memories:
             settings or self.settings.memory_defaults(),
             self.engine,
             queries=QueryLog(self.settings.recorded_queries),
+            room=self.room,
         )
         if generation is not None:
             memory.generation = generation
@@ -109,6 +110,10 @@ class Memories:
         del self._items[name]
         if name == DEFAULT:
             self._reset_default()
+
+    def room(self) -> int:
+        """Bytes the memory budget (--max-memory-bytes) has left."""
+        return self.settings.max_memory_bytes - self.total_bytes()
 
     def total_bytes(self) -> int:
         return sum(m.nbytes for m in self._items.values())
