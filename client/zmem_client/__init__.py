@@ -3,21 +3,30 @@
 mem = ZMemClient("http://127.0.0.1:8000")
 mem.record(z, soft_bind=0.9, cone_vol=0.3, lambda_bind=0.1)
 loss = loss + 0.02 * mem.risk(z)
+
+The names below load on first use (PEP 562), so that `zmem_client._knn` (torch only)
+can be imported without the HTTP client's dependencies.
 """
 
-from ._client import ZMemClient
-from ._exceptions import (
-    FlushTimeout,
-    HTTPError,
-    QueueFull,
-    RequestRejected,
-    SendFailed,
-    ServerError,
-    Timeout,
-    TransportError,
-    ZMemError,
-)
-from ._risk import Regularizer, kernel_risk
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._client import ZMemClient
+    from ._exceptions import (
+        FlushTimeout,
+        HTTPError,
+        QueueFull,
+        RequestRejected,
+        SendFailed,
+        ServerError,
+        Timeout,
+        TransportError,
+        ZMemError,
+    )
+    from ._risk import Regularizer, kernel_risk
 
 __version__ = "0.1.0"
 
@@ -35,3 +44,23 @@ __all__ = [
     "ZMemError",
     "kernel_risk",
 ]
+
+_MODULE_OF = {
+    "ZMemClient": "._client",
+    "Regularizer": "._risk",
+    "kernel_risk": "._risk",
+    **{name: "._exceptions" for name in __all__ if name not in {"ZMemClient", "Regularizer", "kernel_risk"}},
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
