@@ -79,6 +79,7 @@ class _State:
     z: torch.Tensor  # float32 [L, d] on the replica's device
     risk_target: torch.Tensor  # float32 [L]
     seq: torch.Tensor  # int64 [L]
+    sqnorm: torch.Tensor  # float32 [L]: ‖z‖² per row, kept for the kNN's candidate step
     host_seq: np.ndarray  # int64 [L], the same seqs on the host (for the feed thread)
     start: int
     size: int
@@ -100,11 +101,13 @@ class _State:
 
     @property
     def nbytes(self) -> int:
-        return int(self.z.nbytes + self.risk_target.nbytes + self.seq.nbytes + self.host_seq.nbytes)
+        tensors = (self.z, self.risk_target, self.seq, self.sqnorm)
+        return sum(int(t.nbytes) for t in tensors) + int(self.host_seq.nbytes)
 
-    def window(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        end = self.start + self.size
-        return self.z[self.start : end], self.risk_target[self.start : end], self.seq[self.start : end]
+    def window(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [size, d], risk_target [size], seq [size], sqnorm [size]: views, oldest first."""
+        lo, hi = self.start, self.start + self.size
+        return self.z[lo:hi], self.risk_target[lo:hi], self.seq[lo:hi], self.sqnorm[lo:hi]
 
 
 def _empty_state(device: torch.device, settings: dict[str, Any] | None, generation: str | None) -> _State:
@@ -115,6 +118,7 @@ def _empty_state(device: torch.device, settings: dict[str, Any] | None, generati
         z=torch.zeros((0, d), dtype=torch.float32, device=device),
         risk_target=torch.zeros(0, dtype=torch.float32, device=device),
         seq=torch.zeros(0, dtype=torch.int64, device=device),
+        sqnorm=torch.zeros(0, dtype=torch.float32, device=device),
         host_seq=np.zeros(0, np.int64),
         start=0,
         size=0,
@@ -288,11 +292,11 @@ class Replica:
         if st.ready is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(st.ready)  # the feed thread's writes come first; no host wait
-            for t in (st.z, st.risk_target, st.seq):
+            for t in (st.z, st.risk_target, st.seq, st.sqnorm):
                 t.record_stream(stream)  # keep the buffers from reuse while this stream reads them
-        base, targets, seqs = st.window()
+        base, targets, seqs, sqnorm = st.window()
         q = rows.to(self.device, torch.float32, non_blocking=True)
-        d2, idx = exact_knn(base, seqs, q, kk)
+        d2, idx = exact_knn(base, seqs, q, kk, base_sqnorm=sqnorm)
         nz, rt = base[idx], targets[idx]
         return (d2, nz, rt, seqs[idx]) if with_seq else (d2, nz, rt)
 
@@ -360,7 +364,7 @@ class Replica:
 
     def export(self) -> dict[str, np.ndarray]:
         """The mirrored rows in seq order (host copies): `z`, `risk_target`, `seq`."""
-        z, rt, seq = self._state.window()
+        z, rt, seq, _ = self._state.window()
         return {"z": z.cpu().numpy(), "risk_target": rt.cpu().numpy(), "seq": seq.cpu().numpy()}
 
     @property
@@ -517,7 +521,7 @@ class Replica:
         if st.size and st.z.shape[1] != d:
             raise ValueError(f"feed rows have {d} dimensions; the mirror has {st.z.shape[1]}")
         if end + n <= st.z.shape[0]:
-            buf_z, buf_rt, buf_seq, host_seq = st.z, st.risk_target, st.seq, st.host_seq
+            buf_z, buf_rt, buf_seq, buf_sq, host_seq = st.z, st.risk_target, st.seq, st.sqnorm, st.host_seq
             at, start = end, end + n - new_size
         else:
             length = (
@@ -525,7 +529,7 @@ class Replica:
                 if new_size == cap
                 else min(cap + max(1, cap // 4), max(64, 2 * new_size))
             )
-            need = length * (4 * d + 4 + 8 + 8)
+            need = length * (4 * d + 4 + 8 + 4 + 8)
             if need > self.max_bytes:
                 raise ReplicaError(
                     f"the replica needs {need} bytes for {length} rows of z_dim {d} (the memory holds "
@@ -535,15 +539,19 @@ class Replica:
             buf_z = torch.empty((length, d), dtype=torch.float32, device=self.device)
             buf_rt = torch.empty(length, dtype=torch.float32, device=self.device)
             buf_seq = torch.empty(length, dtype=torch.int64, device=self.device)
+            buf_sq = torch.empty(length, dtype=torch.float32, device=self.device)
             host_seq = np.zeros(length, np.int64)
             if kept:
                 lo = end - kept
                 buf_z[:kept] = st.z[lo:end]
                 buf_rt[:kept] = st.risk_target[lo:end]
                 buf_seq[:kept] = st.seq[lo:end]
+                buf_sq[:kept] = st.sqnorm[lo:end]
                 host_seq[:kept] = st.host_seq[lo:end]
             at, start = kept, 0
-        buf_z[at : at + n] = self._upload(np.ascontiguousarray(z, np.float32))
+        new_z = self._upload(np.ascontiguousarray(z, np.float32))
+        buf_z[at : at + n] = new_z
+        buf_sq[at : at + n] = (new_z * new_z).sum(dim=1)
         buf_rt[at : at + n] = self._upload(np.ascontiguousarray(rt, np.float32))
         buf_seq[at : at + n] = self._upload(np.ascontiguousarray(seq, np.int64))
         host_seq[at : at + n] = seq
@@ -552,6 +560,7 @@ class Replica:
             z=buf_z,
             risk_target=buf_rt,
             seq=buf_seq,
+            sqnorm=buf_sq,
             host_seq=host_seq,
             start=start,
             size=new_size,
