@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_risk [--n 50000] [--d 32] [--k 64] [--iters 300]
 
-Prints p50/p99 latency per call. The seed's `memory_risk` restacks its deque of
+Prints p50/p99 latency per call: the client's local replica (`replica=True`), the
+network path, and the seed in-process. The seed's `memory_risk` restacks its deque of
 dicts into tensors on every call (that is its design); "seed, tensors cached" is
 the same math with the stacking hoisted out, the floor of any in-process version.
 """
@@ -77,6 +78,19 @@ def main() -> None:
                 bt = timed(lambda: mem.risk(big.clone().requires_grad_(True)).sum().backward(), 30)
                 p50, p99 = percentiles(bt)
                 rows.append((f"zmem client risk(z), B={args.batch} (per call)", (p50, p99)))
+            with ZMemClient(srv.url, timeout=30, replica=True) as local:
+                assert local.replica is not None
+                local.replica.sync()
+                timed(lambda: step(local.risk), 20)  # warm-up
+                replica_rows = [
+                    (
+                        "zmem replica risk(z), in-process",
+                        percentiles(timed(lambda: step(local.risk), args.iters)),
+                    )
+                ]
+                rt = timed(lambda: local.risk(big.clone().requires_grad_(True)).sum().backward(), 30)
+                replica_rows.append((f"zmem replica risk(z), B={args.batch} (per call)", percentiles(rt)))
+            rows = replica_rows + rows
         finally:
             srv.stop()
 
