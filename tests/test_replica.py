@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -456,7 +457,9 @@ def test_cuda_risk_path_never_synchronises(feed: FakeFeed, make_replica: Callabl
     want = oracle(feed, q.double(), 64, feed.memories["default"].sigma_auto())
     zq = q.cuda().requires_grad_(True)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():  # "a prototype feature" (it is: we rely on it only as a check)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             feed.append(*rows(rng, 100))  # the feed thread writes while the risk path runs
@@ -464,7 +467,9 @@ def test_cuda_risk_path_never_synchronises(feed: FakeFeed, make_replica: Callabl
             risk, _ = rep.risk_and_size(zq)
             risk.sum().backward()
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("default")
     rep.sync()
     want = oracle(feed, q, 64, feed.memories["default"].sigma_auto())
     zq.grad = None

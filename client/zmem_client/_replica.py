@@ -623,8 +623,10 @@ class _QueryPoster:
     records are dropped and counted: diagnostics are worth less than bounded memory.
     """
 
-    def __init__(self, http: httpx.Client, prefix: str, max_pending: int) -> None:
+    def __init__(self, http: httpx.Client, prefix: str, max_pending: int, interval: float = 0.5) -> None:
         self._http = http
+        self._interval = interval
+        self._flushing = 0
         self._prefix = prefix
         self._max_pending = max_pending
         self._queue: collections.deque[tuple[torch.Tensor, torch.Tensor, float, Any]] = collections.deque()
@@ -655,11 +657,16 @@ class _QueryPoster:
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._queue or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self, timeout: float) -> None:
@@ -678,6 +685,13 @@ class _QueryPoster:
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
+                # Gather for a while: one request per interval, not one per training step.
+                deadline = time.monotonic() + self._interval
+                while not self._closed and not self._flushing and self._rows < MAX_QUERY_ROWS:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closed:
                     return
                 batch, rows = [], 0
@@ -718,12 +732,20 @@ class _QueryPoster:
 def query_stats(batch: list[tuple[torch.Tensor, torch.Tensor, float, Any]]) -> dict[str, np.ndarray]:
     """(risk, wsum = Σw unnormalised, n_eff = 1/Σw_norm²) float64 per query row, as the service records."""
     out: dict[str, list[np.ndarray]] = {"risk": [], "wsum": [], "n_eff": []}
-    for d2, rt, sigma, event in batch:
+    for *_, event in batch:
         if event is not None:
             while not event.query():  # poll: a host wait would count as a synchronisation
                 time.sleep(0.0005)
-        d2h = _to_host(d2).astype(np.float64)
-        rth = _to_host(rt).astype(np.float64)
+    runs: list[list[tuple[torch.Tensor, torch.Tensor, float, Any]]] = []
+    for item in batch:  # consecutive queries with the same k and sigma are computed together
+        if runs and runs[-1][0][2] == item[2] and runs[-1][0][0].shape[1] == item[0].shape[1]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    for run in runs:
+        sigma = run[0][2]
+        d2h = _to_host(torch.cat([item[0] for item in run])).astype(np.float64)
+        rth = _to_host(torch.cat([item[1] for item in run])).astype(np.float64)
         w = np.exp(-d2h / (2.0 * sigma**2))
         wsum = w.sum(axis=-1)
         wn = w / (wsum[:, None] + 1e-8)
