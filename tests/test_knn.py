@@ -1,10 +1,11 @@
-"""Exact kNN (SPEC §1: "Search is exact"): FAISS + re-ranking against numpy brute force.
+"""Exact kNN (SPEC §1: "Search is exact"): the FAISS CPU index against numpy brute force.
 
 Results are compared the way FAISS's own tests do
 (`faiss.contrib.evaluation.check_ref_knn_with_draws`): distances equal to rtol 1e-5,
 indices equal except inside groups of tied distances, whose members may come in any
 order. Where distances are exact (integer data, duplicated rows) ties must be broken
-by the lower row index, so there the indices must equal the reference exactly.
+by the lower seq, so there the indices must equal the reference exactly. Most tests
+give row i the seq i; the wrapped-ring tests give seqs in ring order after a wrap.
 """
 
 from __future__ import annotations
@@ -19,28 +20,41 @@ import pytest
 from faiss.contrib.evaluation import check_ref_knn_with_draws
 from fastapi.testclient import TestClient
 
-from zmem_service.knn import SMALL_QUERY_ROWS, FaissCpuKnn, NumpyKnn
+from zmem_service import index as zindex
+from zmem_service.index import SMALL_QUERY_ROWS, FaissCpuIndex
 
 RTOL = 1e-5
 
 
-def brute_force(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """float64 squared distances to every row, k nearest, ties by the lower row index."""
+def brute_force(
+    xb: np.ndarray, xq: np.ndarray, k: int, seq: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 squared distances to every row, k nearest, ties by the lower seq (default: row)."""
     xb64 = xb.astype(np.float64)
+    seq = np.arange(len(xb)) if seq is None else seq
     rows = max(1, 2**22 // max(1, xb.size))  # keep the [rows, N, d] block at ~32 MiB
     ds, ids = [], []
     for start in range(0, len(xq), rows):
         q = xq[start : start + rows].astype(np.float64)
         d2 = ((q[:, None, :] - xb64[None]) ** 2).sum(-1)
-        index = np.broadcast_to(np.arange(len(xb)), d2.shape)
-        order = np.lexsort((index, d2), axis=-1)[:, :k]
+        order = np.lexsort((np.broadcast_to(seq, d2.shape), d2), axis=-1)[:, :k]
         ds.append(np.take_along_axis(d2, order, -1))
         ids.append(order)
     return np.concatenate(ds), np.concatenate(ids)
 
 
+def search(
+    xb: np.ndarray, xq: np.ndarray, k: int, seq: np.ndarray | None = None, threads: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A FAISS CPU index holding xb in slots 0..N-1 (seq = slot unless given), searched once."""
+    index = FaissCpuIndex(xb.shape[1], threads or os.cpu_count() or 1)
+    index.reserve(len(xb))
+    index.write(np.arange(len(xb)), xb, np.arange(len(xb)) if seq is None else seq)
+    return index.search(xq, k, len(xb))
+
+
 def check_knn(xb: np.ndarray, xq: np.ndarray, k: int, *, exact_ties: bool = False) -> None:
-    d2, idx = FaissCpuKnn().search(xb, xq, k)
+    d2, idx = search(xb, xq, k)
     assert d2.shape == idx.shape == (len(xq), k)
     assert d2.dtype == np.float32 and idx.dtype == np.int64
     assert (np.diff(d2, axis=1) >= 0).all(), "not sorted nearest first"
@@ -115,7 +129,7 @@ def test_identical_rows_give_the_first_k_rows(k: int, b: int) -> None:
     """Every row the same: all 20,000 are tied, and the answer is rows 0..k-1 in order."""
     xb = np.tile(np.array([[1.0, -2.0, 3.0, 0.5]], np.float32), (20000, 1))
     xq = np.random.default_rng(b).integers(-3, 4, size=(b, 4)).astype(np.float32)
-    d2, idx = FaissCpuKnn().search(xb, xq, k)
+    d2, idx = search(xb, xq, k)
     np.testing.assert_array_equal(idx, np.broadcast_to(np.arange(k), (b, k)))
     np.testing.assert_array_equal(d2, brute_pairs(xb, xq, idx).astype(np.float32))
 
@@ -146,7 +160,7 @@ def test_points_on_a_sphere_around_the_query(b: int) -> None:
     # A couple of exact duplicates of one sphere point, with the query moved onto that point.
     xb2 = np.concatenate([xb, xb[[123, 123, 4567]]])
     xq2 = np.repeat(xb[123:124], b, axis=0)
-    d2, idx = FaissCpuKnn().search(xb2, xq2, 3)
+    d2, idx = search(xb2, xq2, 3)
     np.testing.assert_array_equal(idx, np.broadcast_to([123, 20000, 20001], (b, 3)))
     assert (d2 == 0).all()
 
@@ -161,7 +175,7 @@ def test_large_common_offset(b: int) -> None:
     xq = (1000 + 0.01 * rng.normal(size=(b, 32))).astype(np.float32)
     ref_d2, ref_idx = brute_force(xb, xq, 10)
     for threads in (1, 2, 4, 16):
-        d2, idx = FaissCpuKnn(threads=threads).search(xb, xq, 10)
+        d2, idx = search(xb, xq, 10, threads=threads)
         np.testing.assert_array_equal(idx, ref_idx, err_msg=f"threads={threads}")
         np.testing.assert_allclose(d2, ref_d2, rtol=RTOL)
 
@@ -170,27 +184,52 @@ def test_single_query_does_not_depend_on_the_thread_setting() -> None:
     rng = np.random.default_rng(5)
     xb = rng.normal(size=(20000, 32)).astype(np.float32)
     xq = rng.normal(size=(1, 32)).astype(np.float32)
-    default = FaissCpuKnn()
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    a = default.search(xb, xq, 64)
+    a = search(xb, xq, 64)
     faiss.omp_set_num_threads(1)
-    b = default.search(xb, xq, 64)
-    c = FaissCpuKnn(threads=1).search(xb, xq, 64)
+    b = search(xb, xq, 64)
+    c = search(xb, xq, 64, threads=1)
     for other in (b, c):
         np.testing.assert_array_equal(a[0], other[0])
         np.testing.assert_array_equal(a[1], other[1])
     check_ref_knn_with_draws(*brute_force(xb, xq, 64), *a, rtol=RTOL)
 
 
-def test_numpy_backend_agrees() -> None:
-    """The numpy backend (the other reference) gives the same answer, ties included."""
+def test_numpy_reference_agrees() -> None:
+    """The index module's own brute force (the fallback) gives the same answer, ties included."""
     rng = np.random.default_rng(9)
     xb = rng.integers(-2, 3, size=(3000, 4)).astype(np.float32)
     xq = rng.integers(-2, 3, size=(30, 4)).astype(np.float32)
+    seq = np.arange(len(xb))
     for k in (1, 10, 100):
-        a, b = FaissCpuKnn().search(xb, xq, k), NumpyKnn().search(xb, xq, k)
-        np.testing.assert_array_equal(a[0], b[0])
+        a, b = search(xb, xq, k), zindex.brute_force(xb, seq, xq, k)
+        np.testing.assert_array_equal(a[0], b[0].astype(np.float32))
         np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("b", [1, 40])
+@pytest.mark.parametrize("k", [1, 10, 64, 1024])
+def test_ties_go_to_the_lower_seq_after_a_wrap(k: int, b: int) -> None:
+    """A wrapped ring: slot i holds seq (i - head) mod N + 1, so the lowest seq isn't slot 0.
+    Integer data ties everywhere; the answer must follow seq, never slot."""
+    rng = np.random.default_rng(k + b)
+    n, head = 20000, 12345
+    seq = (np.arange(n) - head) % n + 1
+    xb = rng.integers(-3, 4, size=(n, 3)).astype(np.float32)
+    xq = rng.integers(-4, 5, size=(b, 3)).astype(np.float32)
+    d2, idx = search(xb, xq, k, seq=seq)
+    ref_d2, ref_idx = brute_force(xb, xq, k, seq=seq)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
+
+
+def test_identical_rows_after_a_wrap_give_the_oldest_seqs() -> None:
+    n, head = 5000, 3000
+    seq = (np.arange(n) - head) % n + 1
+    xb = np.ones((n, 8), np.float32)
+    d2, idx = search(xb, np.zeros((3, 8), np.float32), 64, seq=seq)
+    assert (d2 == 8).all()
+    np.testing.assert_array_equal(seq[idx], np.broadcast_to(np.arange(1, 65), (3, 64)))
 
 
 # -- through the HTTP API --------------------------------------------------------------------------

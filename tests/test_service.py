@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import safetensors.numpy
 
+from zmem_service.index import FaissCpuIndex
+from zmem_service.memory import id_bytes
 from zmem_service.ring import row_bytes
 from zmem_service.service import ZMem
 
@@ -38,8 +40,9 @@ def episodes(n: int, d: int = 4, start: int = 0) -> list[dict]:
 
 
 def test_the_memory_budget_gives_507_and_changes_nothing(make_client) -> None:
-    # 64 slots of d=4 fit; growing to 128 does not.
-    client = make_client(max_memory_bytes=64 * row_bytes(4) + 100, capacity=1000, min_size=1)
+    # 64 slots of d=4 (ring and index) and 70 ids fit; growing to 128 slots does not.
+    slot = row_bytes(4) + FaissCpuIndex(4, 1).bytes_after(1)
+    client = make_client(max_memory_bytes=64 * slot + id_bytes(["e00"] * 70), capacity=1000, min_size=1)
     assert client.post("/episodes", json={"episodes": episodes(60)}).status_code == 200
     before = client.get("/export").content
     r = client.post("/episodes", json={"episodes": episodes(10, start=60)})

@@ -56,7 +56,7 @@ def test_concurrent_writes_to_several_memories_share_commits(tmp_path) -> None:
             s for r in replies[(name == "b") :: 2] for s in range(r["first_seq"], r["last_seq"] + 1)
         )
         assert seqs == list(range(1, 121))
-    stored = {m.name: m for m in SqliteStore(tmp_path).load()}
+    stored = {m.name: m for m in SqliteStore(tmp_path).load()[0]}
     assert stored["a"].total_written == stored["b"].total_written == 120
     assert stored["a"].next_seq == stored["b"].next_seq == 121
     assert len(stored["a"].rows) == len(stored["b"].rows) == 100  # trimmed to capacity on load
@@ -67,7 +67,7 @@ def test_a_request_that_went_away_leaves_the_writer_working(tmp_path) -> None:
     memories = Memories(ServiceSettings(data_dir=tmp_path))
     writer = Writer(memories, SqliteStore(tmp_path))
     hold = threading.Event()
-    blocker = writer.call(lambda: hold.wait(10))
+    blocker = writer._call(lambda: hold.wait(10))
 
     async def main() -> dict:
         first = asyncio.ensure_future(blocker)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -72,8 +74,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """The zmem application. Memories load in the background: /readyz says when they're in."""
     settings = settings or ServiceSettings()
     tokens = Tokens.from_settings(settings)
-    zmem = ZMem(settings)
     metrics = Metrics()
+    zmem = ZMem(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,5 +108,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
 
 def _report_load_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("loading the memories failed; the service stays unready", exc_info=task.exception())
+    """A store that can't be loaded stops the process (exit 3): clients would otherwise
+    retry a service that answers 503 "loading" forever."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    log.critical("zmem serve: loading the store failed, exiting: %s", error, exc_info=error)
+    print(f"zmem serve: loading the store failed: {error}", file=sys.stderr, flush=True)
+    os._exit(3)

@@ -1,28 +1,44 @@
-"""A memory: one named FIFO ring with its settings, idempotency ids and counters.
+"""A memory: one named FIFO ring, its index, settings, idempotency ids and counters.
 
-Writes come in two steps so that the store can commit between them: `plan` checks
+Writes come in three steps so that the store can commit between them: `plan` checks
 a batch against the memory (z_dim, duplicate ids), assigns seqs and computes risk
-targets without changing anything; `apply` puts a committed plan into the ring.
-Only the writer thread calls `plan`/`apply`; searches run on the kNN thread. The
-lock keeps a search from ever reading rows that a write is changing.
+targets without changing anything; `reserve` secures the room the batch needs (it
+may fail, and then nothing was stored); `apply` puts a committed plan into the ring
+and the index, and cannot fail for lack of room. Only the writer thread writes;
+queries run on the searcher thread. The memory's lock, which only this module
+takes, keeps a search from ever reading rows that a write is changing.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import threading
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .episodes import EpisodeBatch
-from .errors import ValidationFailed
-from .knn import KnnBackend
+from .errors import ValidationFailed, ZMemError
+from .index import Engine, Index
+from .kernel import kernel_stats
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
 
 AUTO_SIGMA_SAMPLE = 1000
+
+
+class QueryLike(Protocol):
+    """What `Memory.query_many` reads of a query (`searcher.Query`)."""
+
+    z: np.ndarray  # float32 [B, d]
+    k: int | None
+    sigma: float | str | None
+    max_floats: int
+    record: int
 
 
 @dataclass
@@ -71,30 +87,47 @@ class Neighbors:
     def k(self) -> int:
         return int(self.d2.shape[1])
 
-    def kernel_risk(self) -> np.ndarray:
-        """The seed's kernel risk per row, float64 [B] (0 where there are no neighbours)."""
-        w = np.exp(-self.d2.astype(np.float64) / (2.0 * self.sigma**2))
-        w = w / (w.sum(axis=-1, keepdims=True) + 1e-8)
-        return (w * self.risk_target).sum(axis=-1)
+    def kernel_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: the seed's kernel risk, Σw and n_eff, float64 [B] (`kernel.kernel_stats`)."""
+        return kernel_stats(self.d2, self.risk_target, self.sigma)
+
+
+def new_generation() -> str:
+    """A fresh random id for one incarnation of a memory (never a counter that could repeat)."""
+    return uuid.uuid4().hex
 
 
 @dataclass(eq=False)  # identity: memories are held in sets and dicts
 class Memory:
+    """One named FIFO memory: its settings, ring, index, ids, counters and recorded queries.
+
+    Built only by `Memories` (the one factory). The memory is the only owner of its
+    lock and its ring: the writer, the searcher and the pictures ask it.
+    """
+
     name: str
     settings: MemorySettings
+    engine: Engine
+    generation: str = field(default_factory=new_generation)
     next_seq: int = 1
     total_written: int = 0
+    version: int = 0
     ring: Ring | None = None
+    index: Index | None = None
     ids: dict[str, int] = field(default_factory=dict)
     workers: collections.Counter[str] = field(default_factory=collections.Counter)
     query_risk: collections.deque[float] = field(default_factory=collections.deque)
-    version: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    _id_bytes: int = 0
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        if self.settings.z_dim is not None and self.ring is None:
-            self.ring = Ring(self.settings.z_dim, self.settings.capacity)
+        if self.settings.z_dim is not None:
+            self._build(self.settings.z_dim)
+
+    def _build(self, z_dim: int) -> None:
+        self.ring = Ring(z_dim, self.settings.capacity)
+        self.index = self.engine.new_index(z_dim)
 
     @property
     def size(self) -> int:
@@ -105,8 +138,20 @@ class Memory:
         return self.size > 0 and self.size >= self.settings.min_size
 
     @property
-    def ring_bytes(self) -> int:
-        return self.ring.allocated * row_bytes(self.ring.z_dim) if self.ring else 0
+    def nbytes(self) -> int:
+        """What this memory holds: ring, index, ids and recorded queries (the budget counts it)."""
+        return self._bytes_after(0, self.settings.z_dim) + self._id_bytes + 8 * len(self.query_risk)
+
+    def _bytes_after(self, count: int, z_dim: int | None) -> int:
+        """Ring and index bytes once `count` more episodes of dimension `z_dim` are appended."""
+        if z_dim is None:
+            return 0
+        if self.ring is None or self.index is None or self.ring.z_dim != z_dim:
+            ring = Ring(z_dim, self.settings.capacity)
+            slots = ring.allocation_after(count)
+            return slots * row_bytes(z_dim) + self.engine.new_index(z_dim).bytes_after(slots)
+        slots = self.ring.allocation_after(count)
+        return slots * row_bytes(z_dim) + self.index.bytes_after(slots)
 
     # -- writes (writer thread) ------------------------------------------------------
 
@@ -144,131 +189,215 @@ class Memory:
             seq=seq,
             ts=np.full(n, now, np.float64),
             id=ids,
-            worker=np.array(batch.workers, dtype=object)[keep],
+            worker=np.array([None if w is None else sys.intern(w) for w in batch.workers], object)[keep],
             **{f: batch.values[f][keep].astype(np.float32) for f in FLOAT_FIELDS},
         )
-        ring = self.ring or Ring(d, self.settings.capacity)
-        grown = ring.allocation_after(pending.count + n) - ring.allocation_after(pending.count)
+        grown = self._bytes_after(pending.count + n, d) - self._bytes_after(pending.count, d)
         pending.ids.update(i for i in ids if i is not None)
         pending.next_seq += n
         pending.count += n
         pending.z_dim = d
-        return WritePlan(self, rows, duplicates=len(batch) - n, new_bytes=grown * row_bytes(d))
+        return WritePlan(self, rows, duplicates=len(batch) - n, new_bytes=grown + id_bytes(ids))
+
+    def reserve(self, count: int, z_dim: int) -> None:
+        """Secure everything appending `count` episodes of `z_dim` needs (ring and index room).
+
+        Runs before the commit: it may raise (MemoryError, InsufficientStorage), and then
+        the write fails with nothing stored. After it, `apply` cannot fail for lack of room.
+        """
+        with self._lock:
+            if self.ring is None or (self.ring.z_dim != z_dim and self.ring.size == 0):
+                self._build(z_dim)
+            assert self.ring is not None and self.index is not None
+            self.index.reserve(self.ring.allocation_after(count))
+            self.ring.reserve(count)
 
     def apply(self, rows: Columns) -> None:
-        """Append committed rows (already carrying their seqs) to the ring."""
+        """Append committed rows (already carrying their seqs) to the ring and the index.
+
+        `reserve` has made room for them."""
         n = len(rows)
         if n == 0:
             return
-        with self.lock:
-            if self.ring is None:
+        with self._lock:
+            if self.ring is None or self.ring.z_dim != rows.z.shape[1]:
+                self._build(rows.z.shape[1])
+            assert self.ring is not None and self.index is not None
+            if self.settings.z_dim is None:
                 self.settings = self.settings.model_copy(update={"z_dim": rows.z.shape[1]})
-                self.ring = Ring(rows.z.shape[1], self.settings.capacity)
             gone = self.ring.evicted_by(n)
             for id_, seq in zip(gone.id, gone.seq, strict=True):
                 if id_ is not None and self.ids.get(id_) == seq:
                     del self.ids[id_]
+                    self._id_bytes -= id_bytes([id_])
             for w in gone.worker:
                 self.workers[w or ""] -= 1
             if n > self.settings.capacity:
                 rows = rows.take(slice(n - self.settings.capacity, None))
-            self.ring.append(rows)
-            self.ids.update((i, int(s)) for i, s in zip(rows.id, rows.seq, strict=True) if i is not None)
+            self.index.reserve(self.ring.allocation_after(len(rows)))  # a no-op after `reserve`
+            slots = self.ring.append(rows)
+            self.index.write(slots, rows.z, rows.seq)
+            new_ids = [(i, int(s)) for i, s in zip(rows.id, rows.seq, strict=True) if i is not None]
+            self.ids.update(new_ids)
+            self._id_bytes += id_bytes([i for i, _ in new_ids])
             self.workers.update(w or "" for w in rows.worker)
             self.workers = +self.workers  # drop zero counts
             self.next_seq = int(rows.seq[-1]) + 1
             self.total_written += n
             self.version += 1
 
-    # -- reads (kNN thread) -------------------------------------------------------------
+    def oldest_seq(self) -> int | None:
+        """The seq of the oldest episode held (None when empty)."""
+        with self._lock:
+            if self.ring is None or self.ring.size == 0:
+                return None
+            return int(self.ring.column("seq")[self.ring.order()[0]])
 
-    def search(
-        self, knn: KnnBackend, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int
-    ) -> Neighbors:
-        """The k nearest stored episodes to each row of zq (float32 [B, d]).
+    def bytes_for(self, count: int, ids: Iterable[str | None]) -> int:
+        """What this memory will hold once `count` episodes with these ids are appended."""
+        return self._bytes_after(count, self.settings.z_dim) + id_bytes(ids)
 
-        Raises ValidationFailed when d isn't the memory's z_dim or the answer would
-        hold more than `max_floats` floats; both are checked under the lock, against
-        the memory as the search sees it.
+    def clear(self) -> None:
+        """Drop everything held, device memory included: the memory was deleted or replaced.
+
+        A query still holding this object answers as for an empty memory."""
+        with self._lock:
+            if self.index is not None:
+                self.index.clear()
+            self.ring = self.index = None
+            self.ids.clear()
+            self.query_risk.clear()
+            self._id_bytes = 0
+
+    # -- reads (searcher thread) -------------------------------------------------------------
+
+    def query_many(self, queries: Sequence[QueryLike]) -> list[Neighbors | ZMemError]:
+        """Answer several queries with one index search over their stacked rows (searcher thread).
+
+        Each query gets its own k nearest (of the rows searched at the largest k, its
+        first k columns: exact, as ties break by seq), or the ZMemError that refuses it:
+        a z that isn't the memory's z_dim, or an answer of more than its `max_floats`
+        floats, both checked under the lock against the memory as the search sees it.
+        A query with `record` > 0 adds its rows' kernel stats to the recorded queries.
         """
-        b, d = zq.shape
-        with self.lock:
-            z_dim = self.settings.z_dim
-            if z_dim is not None and d != z_dim:
-                raise ValidationFailed.at(
-                    ["z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {z_dim}"
-                )
-            want = self.settings.k if k is None else k
+        answers: list[Neighbors | ZMemError] = []
+        with self._lock:
+            wanted: list[tuple[int, int, float]] = []  # (answer index, k asked for, sigma)
+            for q in queries:
+                try:
+                    want, sigma = self._prepare(q.z, q.k, q.sigma, q.max_floats)
+                except ZMemError as e:
+                    answers.append(e)
+                    continue
+                wanted.append((len(answers), want, sigma))
+                answers.append(self._empty(q.z, sigma))
+            if not wanted or not self.active or self.ring is None or self.index is None:
+                return answers
             size = self.size
-            floats = b * min(want, size) * d
-            if floats > max_floats:
-                raise ValidationFailed.at(
-                    ["k"],
-                    f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
-                    f"{max_floats}: ask for fewer rows or a smaller k",
-                )
-            resolved = self._sigma(knn, self.settings.sigma if sigma is None else sigma)
-            if not self.active or self.ring is None:
-                return Neighbors(
-                    size,
-                    False,
-                    resolved,
-                    np.zeros((b, 0, d), np.float32),
-                    np.zeros((b, 0), np.float32),
-                    np.zeros((b, 0), np.float32),
-                    np.zeros((b, 0), np.int64),
-                )
-            kk = min(want, size)
-            d2, slots = knn.search(self.ring.z, zq, kk)
-            rows = self.ring.rows(slots.reshape(-1))
+            stacked = [queries[i].z for i, _, _ in wanted]
+            zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+            d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
+            start = 0
+            for (i, want, sigma), z in zip(wanted, stacked, strict=True):
+                kk = min(want, size)
+                stop = start + len(z)
+                nb = self._gather(d2[start:stop, :kk], slots[start:stop, :kk], sigma)
+                start = stop
+                answers[i] = nb
+                if queries[i].record:
+                    self._record(nb, queries[i].record)
+        return answers
+
+    def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
+        b, d = zq.shape
         return Neighbors(
-            size,
-            True,
-            resolved,
-            rows.z.reshape(b, kk, d),
-            rows.risk_target.reshape(b, kk),
-            d2,
-            rows.seq.reshape(b, kk),
+            self.size,
+            False,
+            sigma,
+            np.zeros((b, 0, d), np.float32),
+            np.zeros((b, 0), np.float32),
+            np.zeros((b, 0), np.float32),
+            np.zeros((b, 0), np.int64),
         )
 
-    def _sigma(self, knn: KnnBackend, sigma: float | str) -> float:
+    def _record(self, nb: Neighbors, keep: int) -> None:
+        risk, _, _ = nb.kernel_stats()
+        if self.query_risk.maxlen != keep:
+            self.query_risk = collections.deque(self.query_risk, maxlen=keep)
+        self.query_risk.extend(risk.tolist())
+
+    def _prepare(
+        self, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int
+    ) -> tuple[int, float]:
+        """Check a query against the memory (lock held) → (k asked for, numeric sigma)."""
+        b, d = zq.shape
+        z_dim = self.settings.z_dim
+        if z_dim is not None and d != z_dim:
+            raise ValidationFailed.at(["z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {z_dim}")
+        want = self.settings.k if k is None else k
+        floats = b * min(want, self.size) * d
+        if floats > max_floats:
+            raise ValidationFailed.at(
+                ["k"],
+                f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
+                f"{max_floats}: ask for fewer rows or a smaller k",
+            )
+        return want, self._sigma(self.settings.sigma if sigma is None else sigma)
+
+    def _gather(self, d2: np.ndarray, slots: np.ndarray, sigma: float) -> Neighbors:
+        """The neighbours' z, risk target and seq (lock held)."""
+        assert self.ring is not None
+        b, kk = slots.shape
+        flat = slots.reshape(-1)
+        return Neighbors(
+            self.size,
+            True,
+            sigma,
+            self.ring.column("z")[flat].reshape(b, kk, self.ring.z_dim),
+            self.ring.column("risk_target")[flat].reshape(b, kk),
+            d2,
+            self.ring.column("seq")[flat].reshape(b, kk),
+        )
+
+    def _sigma(self, sigma: float | str) -> float:
         """A numeric sigma; "auto" is recomputed once per capacity/10 writes (lock held).
 
-        While the memory is inactive "auto" is 1.0 and nothing is kept, so a value
-        computed on a nearly empty memory never outlives its emptiness.
+        The sample is drawn by arrival order (seq), never by slot, so the value depends
+        only on the buffer's contents. While the memory is inactive "auto" is 1.0 and
+        nothing is kept, so a value computed on a nearly empty memory never outlives it.
         """
         if sigma != "auto":
             return float(sigma)
-        if not self.active or self.ring is None or self.size < 2:
+        if not self.active or self.ring is None or self.index is None or self.size < 2:
             return 1.0
         bucket = self.total_written // max(1, self.settings.capacity // 10)
         if self._auto_sigma and self._auto_sigma[0] == bucket:
             return self._auto_sigma[1]
         rng = np.random.default_rng(0)
         n = min(self.size, AUTO_SIGMA_SAMPLE)
-        sample = self.ring.z[np.sort(rng.choice(self.size, n, replace=False))]
+        order = self.ring.order()
+        sample = self.ring.column("z")[order[np.sort(rng.choice(self.size, n, replace=False))]]
         kk = min(self.settings.k, self.size - 1)
-        d2, _ = knn.search(self.ring.z, sample, kk + 1)  # the first hit is the row itself
+        d2, _ = self.index.search(sample, kk + 1, self.size)  # the first hit is the row itself
         mean = float(d2[:, kk].astype(np.float64).mean())
         value = float(np.sqrt(mean)) if mean > 0 else 1.0
         self._auto_sigma = (bucket, value)
         return value
 
-    def record_risk(self, risk: np.ndarray, keep: int) -> None:
-        with self.lock:
-            if self.query_risk.maxlen != keep:
-                self.query_risk = collections.deque(self.query_risk, maxlen=keep)
-            self.query_risk.extend(float(r) for r in risk)
+    def recorded_risk(self) -> np.ndarray:
+        """A copy of the recorded queries' kernel risks, oldest first, float64 [Q]."""
+        with self._lock:
+            return np.fromiter(self.query_risk, dtype=np.float64, count=len(self.query_risk))
 
     def snapshot(self) -> Columns:
         """A copy of the buffer in arrival order."""
-        with self.lock:
+        with self._lock:
             if self.ring is None:
                 return Columns.empty(self.settings.z_dim or 0)
             return self.ring.ordered()
 
     def stats(self) -> dict[str, Any]:
-        with self.lock:
+        with self._lock:
             cols = self.ring.ordered() if self.ring else None
             out: dict[str, Any] = {
                 "name": self.name,
@@ -279,6 +408,7 @@ class Memory:
                 "settings": self.settings.model_dump(),
                 "total_written": self.total_written,
                 "next_seq": self.next_seq,
+                "generation": self.generation,
                 "recorded_queries": len(self.query_risk),
                 "workers": dict(sorted(self.workers.items())),
             }
@@ -289,6 +419,14 @@ class Memory:
         }
         out["z_norm"] = summary(np.linalg.norm(cols.z, axis=1)) if cols is not None else None
         return out
+
+
+ID_ENTRY_BYTES = 64
+"""What one id costs beyond its string: its slot in the id dict and its ring reference."""
+
+
+def id_bytes(ids: Iterable[str | None]) -> int:
+    return sum(sys.getsizeof(i) + ID_ENTRY_BYTES for i in ids if i is not None)
 
 
 def summary(x: np.ndarray) -> dict[str, float] | None:

@@ -197,8 +197,7 @@ def _recorded_risk(memory: Memory) -> tuple[np.ndarray, str]:
     The digest, not the count, keys the risk: once the series is at its length limit a
     new query changes the contents but not the count.
     """
-    with memory.lock:
-        risk = np.fromiter(memory.query_risk, dtype=np.float64, count=len(memory.query_risk))
+    risk = memory.recorded_risk()
     return risk, hashlib.sha1(risk.tobytes()).hexdigest()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
+from .index import CpuEngine, Engine
 from .memory import Memory
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import StoredMemory
@@ -28,22 +29,34 @@ def check_name(name: str) -> str:
 
 
 class Memories:
-    """Name → Memory. `default` always exists (empty, z_dim unset, until written)."""
+    """Name → Memory, and the one factory of memories. `default` always exists (empty,
+    z_dim unset, until written)."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, engine: Engine | None = None) -> None:
         self.settings = settings
+        self.engine = engine or CpuEngine(settings.knn_threads)
         self._items: dict[str, Memory] = {}
         self.loaded = False
+        self.skipped: dict[str, str] = {}  # stored memories that could not be loaded, and why
         self._reset_default()
 
+    def new(self, name: str, settings: MemorySettings | None = None, generation: str | None = None) -> Memory:
+        """A new, empty memory (not yet listed): the only place a `Memory` is built."""
+        memory = Memory(name, settings or self.settings.memory_defaults(), self.engine)
+        if generation is not None:
+            memory.generation = generation
+        return memory
+
     def _reset_default(self) -> None:
-        self._items[DEFAULT] = Memory(DEFAULT, self.settings.memory_defaults())
+        self._items[DEFAULT] = self.new(DEFAULT)
 
     def restore(self, stored: list[StoredMemory]) -> None:
         """Rebuild from the store; stored settings win over start-up flags (differences logged)."""
         defaults = self.settings.memory_defaults()
         for s in stored:
-            memory = Memory(s.name, s.settings)
+            memory = self.new(s.name, s.settings, s.generation)
+            if s.settings.z_dim is not None:
+                memory.reserve(len(s.rows), s.settings.z_dim)
             memory.apply(s.rows)
             memory.next_seq, memory.total_written = s.next_seq, s.total_written
             self._items[s.name] = memory
@@ -76,26 +89,33 @@ class Memories:
     def for_write(self, name: str) -> Memory:
         """The memory a write goes to, created with the defaults when unknown (not yet listed)."""
         check_name(name)
-        return self._items.get(name) or Memory(name, self.settings.memory_defaults())
+        return self._items.get(name) or self.new(name)
 
     def add(self, memory: Memory) -> None:
+        """List `memory` under its name, replacing (and releasing) any memory listed there."""
+        old = self._items.get(memory.name)
         self._items[memory.name] = memory
+        if old is not None and old is not memory:
+            old.clear()
 
     def remove(self, name: str) -> None:
-        self.get(name)
+        self.get(name).clear()
         del self._items[name]
         if name == DEFAULT:
             self._reset_default()
 
     def total_bytes(self) -> int:
-        return sum(m.ring_bytes for m in self._items.values())
+        return sum(m.nbytes for m in self._items.values())
 
-    def check_budget(self, extra: int) -> None:
+    def check_budget(self, extra: int, unlisted: int = 0) -> None:
+        """Raise InsufficientStorage (507) unless `extra` more bytes fit in --max-memory-bytes.
+
+        `unlisted`: bytes already held by memories being created that aren't listed yet."""
         limit = self.settings.max_memory_bytes
-        used = self.total_bytes()
+        used = self.total_bytes() + unlisted
         if extra > 0 and used + extra > limit:
             raise InsufficientStorage(
-                f"this write would grow the rings to {used + extra} bytes; the limit "
+                f"this write would grow the memories to {used + extra} bytes; the limit "
                 f"(--max-memory-bytes) is {limit}"
             )
 

@@ -116,8 +116,13 @@ class Ring:
         drop = max(0, self.size + n - self.capacity)
         return self.rows(self.order()[: min(drop, self.size)])
 
-    def append(self, batch: Columns) -> None:
-        """Append episodes in order; when more than `capacity` arrive, the last ones win."""
+    def reserve(self, n: int) -> None:
+        """Allocate now what appending `n` episodes needs (may raise MemoryError; then nothing changed)."""
+        self._grow(self.allocation_after(n))
+
+    def append(self, batch: Columns) -> np.ndarray:
+        """Append episodes in order (when more than `capacity` arrive, the last ones win);
+        returns the slots written, int64 [min(n, capacity)], in arrival order."""
         n = len(batch)
         if n > self.capacity:
             batch, n = batch.take(slice(n - self.capacity, None)), self.capacity
@@ -129,6 +134,7 @@ class Ring:
             self._write(0, batch.take(slice(first, n)))
         self._head = (start + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
+        return (start + np.arange(n, dtype=np.int64)) % self.capacity
 
     def _write(self, start: int, batch: Columns) -> None:
         stop = start + len(batch)

@@ -1,15 +1,18 @@
 """The durable store: SQLite (WAL) is the source of truth; rings are rebuilt from it.
 
-One connection, owned by the writer thread. A memory row holds its settings (JSON)
-and counters; an episode row holds one episode with `z` as float32 bytes. A write
-is acknowledged only after the transaction holding it commits, and many requests
-share one commit (see `writer.py`). `NullStore` keeps nothing (`--durability none`).
+One connection, owned by the writer thread. A memory row holds its settings (JSON),
+counters and generation; an episode row holds one episode with `z` as float32
+bytes. A write is acknowledged only after the transaction holding it commits, and
+many requests share one commit (see `writer.py`). `NullStore` keeps nothing
+(`--durability none`). The file records its schema version (`PRAGMA user_version`)
+and is migrated forward on open; a file from a newer release is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +24,8 @@ from .settings import MemorySettings
 
 log = logging.getLogger("zmem")
 
+SCHEMA_VERSION = 2
+"""1: release 0.1.0 (recorded no version: `user_version` 0). 2: memories carry a generation."""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
     name TEXT PRIMARY KEY,
@@ -43,6 +48,10 @@ CREATE TABLE IF NOT EXISTS episodes (
 COLUMNS = ("seq", "ts", "z", *FLOAT_FIELDS, "risk_target", "id", "worker")
 
 
+class StoreUnreadable(Exception):
+    """The store can't be opened or read at all: the service must not start on it."""
+
+
 @dataclass
 class StoredMemory:
     name: str
@@ -50,11 +59,14 @@ class StoredMemory:
     next_seq: int
     total_written: int
     rows: Columns  # the last `capacity` episodes, oldest first
+    generation: str | None = None
 
 
 class Store(Protocol):
-    def load(self) -> list[StoredMemory]: ...
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None: ...
+    def load(self) -> tuple[list[StoredMemory], dict[str, str]]: ...
+    def save_memory(
+        self, name: str, settings: MemorySettings, next_seq: int, total_written: int, generation: str
+    ) -> None: ...
     def insert(self, name: str, rows: Columns) -> None: ...
     def delete_memory(self, name: str) -> None: ...
     def commit(self) -> None: ...
@@ -66,10 +78,12 @@ class Store(Protocol):
 class NullStore:
     """Keeps nothing: a restart starts empty."""
 
-    def load(self) -> list[StoredMemory]:
-        return []
+    def load(self) -> tuple[list[StoredMemory], dict[str, str]]:
+        return [], {}
 
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None:
+    def save_memory(
+        self, name: str, settings: MemorySettings, next_seq: int, total_written: int, generation: str
+    ) -> None:
         pass
 
     def insert(self, name: str, rows: Columns) -> None:
@@ -99,43 +113,93 @@ class SqliteStore:
     def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE
-        # isolation_level=None: transactions are explicit (BEGIN … COMMIT).
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(SCHEMA)
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN … COMMIT).
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreUnreadable(f"the store {self.path} can't be opened: {e}") from None
         self._in_tx = False
+
+    def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION (a file from a newer release is refused)."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreUnreadable(
+                f"the store {self.path} has schema version {version}, newer than this release "
+                f"reads ({SCHEMA_VERSION}): upgrade zmem"
+            )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(memories)")}
+            if "generation" not in columns:  # version 1 → 2
+                self._db.execute("ALTER TABLE memories ADD COLUMN generation TEXT")
+            missing = self._db.execute("SELECT name FROM memories WHERE generation IS NULL").fetchall()
+            for (name,) in missing:
+                generation = uuid.uuid4().hex
+                self._db.execute("UPDATE memories SET generation = ? WHERE name = ?", (generation, name))
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _begin(self) -> None:
         if not self._in_tx:
             self._db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
-    def load(self) -> list[StoredMemory]:
-        out = []
-        for name, settings_json, next_seq, total in self._db.execute(
-            "SELECT name, settings, next_seq, total_written FROM memories ORDER BY name"
-        ):
-            try:
-                settings = MemorySettings.model_validate_json(settings_json)
-            except ValueError:
-                log.exception("memory %r has invalid stored settings; it is not loaded (its rows stay)", name)
-                continue
-            cur = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM episodes WHERE memory = ? ORDER BY seq DESC LIMIT ?",
-                (name, settings.capacity),
-            )
-            rows = cur.fetchall()[::-1]
-            out.append(StoredMemory(name, settings, next_seq, total, decode_rows(rows, settings.z_dim or 0)))
-        return out
+    def load(self) -> tuple[list[StoredMemory], dict[str, str]]:
+        """Every memory that reads back whole, and why each other one was skipped.
 
-    def save_memory(self, name: str, settings: MemorySettings, next_seq: int, total_written: int) -> None:
+        Rows are checked for structure (blob lengths, types, seq order), never against
+        today's value rules, so an upgrade never drops a memory written under older
+        rules. Raises StoreUnreadable when the file itself can't be read.
+        """
+        out, skipped = [], {}
+        try:
+            memories = self._db.execute(
+                "SELECT name, settings, next_seq, total_written, generation FROM memories ORDER BY name"
+            ).fetchall()
+            for name, settings_json, next_seq, total, generation in memories:
+                try:
+                    settings = MemorySettings.model_validate_json(settings_json)
+                except ValueError as e:
+                    skipped[name] = f"invalid stored settings: {str(e).splitlines()[0]}"
+                    continue
+                cur = self._db.execute(
+                    f"SELECT {', '.join(COLUMNS)} FROM episodes WHERE memory = ? ORDER BY seq DESC LIMIT ?",
+                    (name, settings.capacity),
+                )
+                rows = cur.fetchall()[::-1]
+                try:
+                    cols = decode_rows(rows, settings.z_dim or 0)
+                    check_counters(cols, next_seq, total)
+                except (ValueError, TypeError) as e:
+                    skipped[name] = f"corrupt rows: {e}"
+                    continue
+                out.append(StoredMemory(name, settings, next_seq, total, cols, generation))
+        except sqlite3.DatabaseError as e:
+            raise StoreUnreadable(f"the store {self.path} can't be read: {e}") from None
+        for name, why in skipped.items():
+            log.error("memory %r is not loaded (its rows stay in the store): %s", name, why)
+        return out, skipped
+
+    def save_memory(
+        self, name: str, settings: MemorySettings, next_seq: int, total_written: int, generation: str
+    ) -> None:
         self._begin()
         self._db.execute(
-            "INSERT INTO memories (name, settings, next_seq, total_written) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET settings = excluded.settings, "
-            "next_seq = excluded.next_seq, total_written = excluded.total_written",
-            (name, settings.model_dump_json(), next_seq, total_written),
+            "INSERT INTO memories (name, settings, next_seq, total_written, generation) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET settings = excluded.settings, "
+            "next_seq = excluded.next_seq, total_written = excluded.total_written, "
+            "generation = excluded.generation",
+            (name, settings.model_dump_json(), next_seq, total_written, generation),
         )
 
     def insert(self, name: str, rows: Columns) -> None:
@@ -176,20 +240,43 @@ class SqliteStore:
 
 
 def decode_rows(rows: list[tuple], z_dim: int) -> Columns:
+    """Stored rows as columns; ValueError/TypeError name the first row whose structure is wrong."""
     n = len(rows)
     if n == 0:
         return Columns.empty(z_dim)
-    cols = list(zip(*rows, strict=True))
-    by_name = dict(zip(COLUMNS, cols, strict=True))
-    z = np.frombuffer(b"".join(by_name["z"]), dtype=np.float32).reshape(n, z_dim).copy()
+    by_name = dict(zip(COLUMNS, zip(*rows, strict=True), strict=True))
+    for seq, blob in zip(by_name["seq"], by_name["z"], strict=True):
+        if not isinstance(blob, bytes) or len(blob) != 4 * z_dim:
+            got = f"{len(blob)} bytes" if isinstance(blob, bytes) else repr(blob)[:40]
+            raise ValueError(f"seq {seq}: z holds {got}, expected {4 * z_dim} bytes")
+    for name in ("seq", "ts", *FLOAT_FIELDS, "risk_target"):
+        bad = next((v for v in by_name[name] if isinstance(v, bool) or not isinstance(v, int | float)), None)
+        if bad is not None:
+            raise TypeError(f"column {name} holds {repr(bad)[:40]}")
+    for name in ("id", "worker"):
+        bad = next((v for v in by_name[name] if v is not None and not isinstance(v, str)), None)
+        if bad is not None:
+            raise TypeError(f"column {name} holds {repr(bad)[:40]}")
+    seq = np.array(by_name["seq"], np.int64)
+    if (np.diff(seq) <= 0).any():
+        raise ValueError("seqs do not increase")
     return Columns(
-        z=z,
-        seq=np.array(by_name["seq"], np.int64),
+        z=np.frombuffer(b"".join(by_name["z"]), dtype=np.float32).reshape(n, z_dim).copy(),
+        seq=seq,
         ts=np.array(by_name["ts"], np.float64),
         id=np.array(by_name["id"], object),
         worker=np.array(by_name["worker"], object),
         **{f: np.array(by_name[f], np.float32) for f in (*FLOAT_FIELDS, "risk_target")},
     )
+
+
+def check_counters(cols: Columns, next_seq: object, total_written: object) -> None:
+    """The counters are integers and every held seq lies in [1, next_seq)."""
+    counters_ok = isinstance(next_seq, int) and isinstance(total_written, int)
+    if not counters_ok or next_seq < 1 or total_written < 0:  # type: ignore[operator]
+        raise ValueError(f"counters next_seq={next_seq!r}, total_written={total_written!r}")
+    if len(cols) and (cols.seq[-1] >= next_seq or cols.seq[0] < 1):
+        raise ValueError(f"seqs {cols.seq[0]}..{cols.seq[-1]} do not lie below next_seq {next_seq}")
 
 
 def open_store(data_dir: Path, durability: str) -> Store:

@@ -1,10 +1,14 @@
 """The writer: the one thread that changes memories and the store, with group commit.
 
-Requests queue jobs; the writer takes every write waiting in the queue, plans each
-against its memory, commits them all in one transaction, then applies them to the
-rings and answers each request. A request is answered only after its commit, so an
-acknowledged episode survives a crash; sharing the commit keeps durability cheap
-under many concurrent writers. A job that fails changes nothing.
+Every mutation is a writer job: episodes, creating a memory (PUT), deleting one and
+importing one; nothing else calls the store. The writer takes every episode write
+waiting in the queue, plans each against its memory, reserves the room each needs
+(ring, index, budget: this may fail, and then nothing was stored), commits them all
+in one transaction, then applies them to the memories and answers each request. A
+request is answered only after its commit, so an acknowledged episode survives a
+crash; sharing the commit keeps durability cheap under many concurrent writers.
+Nothing after a commit can fail for lack of room, and a job that fails changes
+nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .episodes import EpisodeBatch
-from .errors import Unavailable, ZMemError
+from .errors import Conflict, Unavailable, ZMemError
 from .memory import Memory, Pending, WritePlan
-from .registry import Memories
+from .registry import Memories, conflict
+from .ring import Columns
+from .settings import MemorySettings, MemorySettingsIn
 from .store import Store
 
 log = logging.getLogger("zmem")
@@ -49,9 +55,63 @@ class Writer:
         self._thread.start()
 
     async def write(self, name: str, batch: EpisodeBatch) -> dict[str, Any]:
+        """Store a batch of episodes (grouped with other writes into one commit)."""
         return await self._submit(Job(write=(name, batch)))
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
+    async def put(self, name: str, body: MemorySettingsIn) -> tuple[MemorySettings, bool]:
+        """Create `name` with settings (or confirm them); whether anything changed."""
+
+        def put() -> tuple[MemorySettings, bool]:
+            settings, changed = self.memories.resolve_put(name, body)
+            if changed:
+                memory = self.memories.new(name, settings)
+                self.store.save_memory(name, settings, 1, 0, memory.generation)
+                self.store.commit()  # the registry follows the store, never leads it
+                self.memories.add(memory)
+            return settings, changed
+
+        return await self._call(put)
+
+    async def delete(self, name: str) -> None:
+        def delete() -> None:
+            self.memories.get(name)
+            self.store.delete_memory(name)
+            self.store.commit()
+            self.memories.remove(name)
+
+        await self._call(delete)
+
+    async def import_rows(self, name: str, settings: MemorySettings, rows: Columns) -> dict[str, Any]:
+        """Load exported rows into an empty memory (a fresh incarnation, new generation)."""
+
+        def load() -> dict[str, Any]:
+            current = self.memories.find(name)
+            if current is not None and current.size:
+                raise Conflict(f"memory {name!r} holds {current.size} episodes; import needs an empty memory")
+            if current is not None and current.settings.z_dim is not None:
+                diffs = current.settings.differences(settings)
+                if diffs:
+                    raise conflict(name, diffs)
+            kept = rows.take(slice(max(0, len(rows) - settings.capacity), None))
+            memory = self.memories.new(name, settings)
+            assert settings.z_dim is not None
+            self.memories.check_budget(
+                memory.bytes_for(len(kept), kept.id) - (current.nbytes if current else 0)
+            )
+            memory.reserve(len(kept), settings.z_dim)
+            next_seq = int(rows.seq[-1]) + 1 if len(rows) else 1
+            self.store.save_memory(name, settings, next_seq, len(kept), memory.generation)
+            self.store.insert(name, kept)
+            self.store.commit()
+            memory.apply(kept)
+            memory.next_seq, memory.total_written = next_seq, len(kept)
+            self.memories.add(memory)
+            return {"imported": len(kept), "size": memory.size}
+
+        result: dict[str, Any] = await self._call(load)
+        return result
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the writer thread inside a transaction committed when it returns."""
         return await self._submit(Job(fn=fn))
 
@@ -121,7 +181,6 @@ class Writer:
         now = time.time()
         pending: dict[str, Pending] = {}
         planned: list[tuple[Job, WritePlan]] = []
-        reserved = 0
         in_group: dict[str, Memory] = {}
         for job in group:
             assert job.write is not None
@@ -133,11 +192,13 @@ class Writer:
                 before = (p.next_seq, p.count, set(p.ids), p.z_dim)
                 plan = memory.plan(batch, now, p)
                 try:
-                    self.memories.check_budget(reserved + plan.new_bytes)
-                except ZMemError:
+                    unlisted = sum(m.nbytes for m in in_group.values() if self.memories.find(m.name) is not m)
+                    self.memories.check_budget(plan.new_bytes, unlisted)
+                    assert p.z_dim is not None
+                    memory.reserve(p.count, p.z_dim)
+                except BaseException:
                     p.next_seq, p.count, p.ids, p.z_dim = before
                     raise
-                reserved += plan.new_bytes
                 planned.append((job, plan))
             except BaseException as e:
                 self._fail(job, e)
@@ -148,7 +209,9 @@ class Writer:
                 owner = planned_memory(planned, name)
                 if owner is not None:
                     settings = owner.settings.model_copy(update={"z_dim": p.z_dim})
-                    self.store.save_memory(name, settings, p.next_seq, owner.total_written + p.count)
+                    self.store.save_memory(
+                        name, settings, p.next_seq, owner.total_written + p.count, owner.generation
+                    )
             self.store.commit()
         except Exception as e:
             self.store.rollback()
@@ -163,7 +226,7 @@ class Writer:
             return
         for job, plan in planned:
             memory = plan.memory
-            if memory.name not in self.memories:
+            if self.memories.find(memory.name) is not memory:
                 self.memories.add(memory)
             memory.apply(plan.rows)
             job.future.set_result({**plan.reply, "size": memory.size})
@@ -176,11 +239,9 @@ class Writer:
             if memory.total_written - self._trimmed.get(memory, 0) < every:
                 continue
             self._trimmed[memory] = memory.total_written
-            with memory.lock:
-                ring = memory.ring
-                if ring is None or ring.size == 0:
-                    continue
-                oldest = int(ring.column("seq")[ring.order()[0]])
+            oldest = memory.oldest_seq()
+            if oldest is None:
+                continue
             try:
                 self.store.trim(memory.name, oldest)
                 self.store.commit()

@@ -24,7 +24,10 @@ async def healthz() -> dict[str, str]:
 async def readyz(zmem: ZMemDep) -> JSONResponse:
     if not zmem.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "knn": zmem.knn.name})
+    body: dict[str, Any] = {"status": "ready", "knn": zmem.engine.name, "device_reason": zmem.engine.reason}
+    if zmem.memories.skipped:
+        body["skipped_memories"] = zmem.memories.skipped
+    return JSONResponse(body)
 
 
 @router.get("/metrics")

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from ..memory import Neighbors
 from ..service import ZMem
 from ..wire import Query, decode_episodes, decode_query, encode, neighbors_arrays, read_body
 from .deps import NameDep, ZMemDep
@@ -19,32 +18,29 @@ router = APIRouter()
 async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
     body = await read_body(request, zmem.settings.max_body_bytes)
     batch = decode_episodes(body, request.headers.get("content-type"))
-    reply = await zmem.write(name, batch)
-    metrics = request.app.state.metrics
-    metrics.episodes.labels(name).inc(reply["accepted"])
-    metrics.duplicates.labels(name).inc(reply["duplicates"])
-    return reply
+    return await zmem.write(name, batch)
 
 
-async def _query(request: Request, name: str, zmem: ZMem) -> tuple[Query, Neighbors]:
+async def _query(request: Request, zmem: ZMem) -> Query:
     body = await read_body(request, zmem.settings.max_body_bytes)
-    query = decode_query(body, request.headers.get("content-type"), dict(request.query_params))
-    return query, await zmem.search(name, query)
+    return decode_query(body, request.headers.get("content-type"), dict(request.query_params))
 
 
 @router.post("/neighbors")
 async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    query, nb = await _query(request, name, zmem)
+    query = await _query(request, zmem)
+    nb = await zmem.neighbors(name, query)
     meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
     return encode(request, neighbors_arrays(nb, query.one_row), meta)
 
 
 @router.post("/risk")
 async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    query, nb = await _query(request, name, zmem)
-    risk = nb.kernel_risk().astype(np.float32)
+    query = await _query(request, zmem)
+    nb, risk = await zmem.risk(name, query)
     meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
-    return encode(request, {"risk": risk.reshape(()) if query.one_row else risk}, meta)
+    risk32 = risk.astype(np.float32)
+    return encode(request, {"risk": risk32.reshape(()) if query.one_row else risk32}, meta)
 
 
 @router.get("/stats")
