@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from zmem_client import ZMemClient
-from zmem_client._replica import ReplicaLagWarning
+from zmem_client import ReplicaLagWarning
 
 from .server import Server
 
