@@ -79,11 +79,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        zmem.signal.bind(asyncio.get_running_loop())
         loading = asyncio.create_task(asyncio.to_thread(zmem.load))
         loading.add_done_callback(_report_load_failure)
         # Its render process starts with the first picture (about a second of imports).
         app.state.pictures = PictureCache()
         yield
+        zmem.signal.close()  # long polls of the changes feed answer now
         await asyncio.wait([loading])
         await asyncio.to_thread(app.state.pictures.close)
         await asyncio.to_thread(zmem.close)

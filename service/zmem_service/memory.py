@@ -31,6 +31,36 @@ from .settings import MemorySettings
 AUTO_SIGMA_SAMPLE = 1000
 
 
+@dataclass
+class Changes:
+    """A page of a memory's changes feed (see `Memory.changes`)."""
+
+    generation: str
+    reset: bool
+    next_seq: int
+    oldest_seq: int | None
+    size: int
+    settings: dict[str, Any]
+    sigma_auto: float | None
+    rows: Columns
+    complete: bool  # the page reaches the newest row
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        n = len(self.rows)
+        return {
+            "generation": self.generation,
+            "reset": self.reset,
+            "next_seq": self.next_seq,
+            "oldest_seq": self.oldest_seq,
+            "size": self.size,
+            "last_seq": int(self.rows.seq[-1]) if n else None,
+            "settings": self.settings,
+            "sigma_auto": self.sigma_auto,
+            "complete": self.complete,
+        }
+
+
 class QueryLike(Protocol):
     """What `Memory.query_many` reads of a query (`searcher.Query`)."""
 
@@ -383,6 +413,40 @@ class Memory:
         value = float(np.sqrt(mean)) if mean > 0 else 1.0
         self._auto_sigma = (bucket, value)
         return value
+
+    def changes(self, after: int, generation: str | None, limit: int) -> Changes:
+        """The rows with seq > `after` still held, oldest first, at most `limit` (searcher thread:
+        resolving `sigma: "auto"` may search the index).
+
+        When `generation` names another incarnation, or rows after `after` have been
+        evicted, the page is a reset: it starts at the oldest row held."""
+        with self._lock:
+            settings = self.settings.model_dump()
+            if self.ring is None or self.ring.size == 0:
+                reset = generation not in (None, self.generation) or after >= self.next_seq
+                return Changes(
+                    self.generation,
+                    reset,
+                    self.next_seq,
+                    None,
+                    0,
+                    settings,
+                    None,
+                    Columns.empty(self.settings.z_dim or 0),
+                    complete=True,
+                )
+            order = self.ring.order()
+            seqs = self.ring.column("seq")[order]
+            oldest = int(seqs[0])
+            reset = generation not in (None, self.generation) or after < oldest - 1 or after >= self.next_seq
+            start = int(np.searchsorted(seqs, 0 if reset else after, side="right"))
+            page = order[start : start + limit]
+            rows = self.ring.rows(page)
+            complete = start + limit >= len(order)
+            sigma = self._sigma("auto") if complete and self.active else None
+            return Changes(
+                self.generation, reset, self.next_seq, oldest, self.size, settings, sigma, rows, complete
+            )
 
     def recorded_risk(self) -> np.ndarray:
         """A copy of the recorded queries' kernel risks, oldest first, float64 [Q]."""

@@ -8,7 +8,10 @@ the searcher thread, file building on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ import numpy as np
 from .episodes import EpisodeBatch, validate
 from .errors import Unavailable, ValidationFailed
 from .index import make_engine
-from .memory import Memory, Neighbors
+from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
 from .npz import read_npz, write_npz
 from .registry import Memories, check_name
@@ -30,6 +33,47 @@ from .writer import Writer
 log = logging.getLogger("zmem")
 
 
+GATHER_SECONDS = 0.005
+"""A long poll woken by a write waits this long for more rows before answering."""
+
+
+class ChangeSignal:
+    """Wakes the long polls of a memory's changes feed when the writer has applied rows.
+
+    `changed` may be called from any thread; waiting happens on the event loop."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: dict[str, asyncio.Event] = {}
+        self.closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def changed(self, name: str) -> None:
+        if self._loop is not None and name in self._events:
+            self._loop.call_soon_threadsafe(self._wake, name)
+
+    def _wake(self, name: str) -> None:
+        event = self._events.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, name: str, timeout: float) -> None:
+        """Return when `name` changes, at shutdown, or after `timeout` seconds."""
+        if self.closed or timeout <= 0:
+            return
+        event = self._events.setdefault(name, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def close(self) -> None:
+        """Wake every waiter now (shutdown); later waits return at once."""
+        self.closed = True
+        for name in list(self._events):
+            self._wake(name)
+
+
 class ZMem:
     def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -37,6 +81,7 @@ class ZMem:
         self.engine = make_engine(settings.device, settings.knn_threads)
         self.memories = Memories(settings, self.engine)
         self.searcher = Searcher()
+        self.signal = ChangeSignal()
         self._writer: Writer | None = None
         self.ready = False
 
@@ -51,7 +96,7 @@ class ZMem:
         stored, self.memories.skipped = store.load()
         self.memories.restore(stored)
         self._warm_up()
-        self._writer = Writer(self.memories, store)
+        self._writer = Writer(self.memories, store, on_change=self.signal.changed)
         self.ready = True
         device = self.engine.device_bytes()
         log.info(
@@ -81,6 +126,7 @@ class ZMem:
     def close(self) -> None:
         """Finish queued writes and close the store; later writes get 503."""
         self.ready = False
+        self.signal.closed = True
         if self._writer is not None:
             self._writer.close()
         self.searcher.shutdown()
@@ -142,6 +188,24 @@ class ZMem:
         nb = await self.neighbors(name, query)
         risk, _, _ = nb.kernel_stats()
         return nb, risk
+
+    async def changes(
+        self, name: str, after: int, generation: str | None, limit: int, wait: float
+    ) -> Changes:
+        """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`."""
+        deadline = time.monotonic() + wait
+        while True:
+            memory = self.memory(name)
+            z_dim = memory.settings.z_dim or 1
+            rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
+            page = await asyncio.wrap_future(
+                self.searcher.call(functools.partial(memory.changes, after, generation, rows))
+            )
+            left = deadline - time.monotonic()
+            if len(page.rows) or page.reset or left <= 0 or self.signal.closed:
+                return page
+            await self.signal.wait(name, left)
+            await asyncio.sleep(GATHER_SECONDS)  # let a busy memory's next writes join this page
 
     async def stats(self, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.memory(name).stats)

@@ -44,9 +44,12 @@ class Job:
 
 
 class Writer:
-    def __init__(self, memories: Memories, store: Store) -> None:
+    def __init__(
+        self, memories: Memories, store: Store, on_change: Callable[[str], None] | None = None
+    ) -> None:
         self.memories = memories
         self.store = store
+        self._on_change = on_change or (lambda name: None)
         self.closing = False
         self._queue: queue.Queue[Job | None] = queue.Queue()
         # Per memory object: a re-created memory starts its own count.
@@ -68,6 +71,7 @@ class Writer:
                 self.store.save_memory(name, settings, 1, 0, memory.generation)
                 self.store.commit()  # the registry follows the store, never leads it
                 self.memories.add(memory)
+                self._on_change(name)
             return settings, changed
 
         return await self._call(put)
@@ -78,6 +82,7 @@ class Writer:
             self.store.delete_memory(name)
             self.store.commit()
             self.memories.remove(name)
+            self._on_change(name)
 
         await self._call(delete)
 
@@ -106,6 +111,7 @@ class Writer:
             memory.apply(kept)
             memory.next_seq, memory.total_written = next_seq, len(kept)
             self.memories.add(memory)
+            self._on_change(name)
             return {"imported": len(kept), "size": memory.size}
 
         result: dict[str, Any] = await self._call(load)
@@ -229,6 +235,7 @@ class Writer:
             if self.memories.find(memory.name) is not memory:
                 self.memories.add(memory)
             memory.apply(plan.rows)
+            self._on_change(memory.name)
             job.future.set_result({**plan.reply, "size": memory.size})
         self._trim({plan.memory for _, plan in planned})
 
