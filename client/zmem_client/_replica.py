@@ -384,12 +384,19 @@ class Replica:
         """Stop the threads (query records still queued get up to `timeout` seconds)."""
         self._stop.set()
         self._records.close(timeout)
-        self._http.close()  # ends a long poll in flight where the transport allows
-        self._thread.join(min(timeout, 1.0))  # a daemon: one still in a long poll exits when it returns
+        # The feed thread closes its own connection: closing it from here would leave the
+        # socket of a long poll in flight unclosed. One still polling exits when the poll returns.
+        self._thread.join(min(timeout, 0.1))
 
     # -- the feed thread ----------------------------------------------------------------
 
     def _follow(self) -> None:
+        try:
+            self._follow_feed()
+        finally:
+            self._http.close()
+
+    def _follow_feed(self) -> None:
         failures = 0
         while not self._stop.is_set():
             base = self._building or self._state  # the state the next page builds on
