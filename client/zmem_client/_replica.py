@@ -46,6 +46,10 @@ MAX_K = 1024  # the service's limit on k
 MAX_QUERY_ROWS = 10_000  # rows per POST …/queries (the service's per-request limit)
 PAGE_ROWS = 10_000  # rows per feed page
 POLL_WAIT = 10.0  # seconds a caught-up replica long-polls for news (the service allows 30)
+MIN_INTERVAL = 0.05
+"""Seconds between the starts of two feed requests while rows keep coming: each request
+costs the service about as much as a write, so a busy memory is followed in pages of
+many rows rather than one page per write (it bounds the lag this adds)."""
 
 
 class ReplicaError(ZMemError):
@@ -150,6 +154,7 @@ class Replica:
         max_bytes: int = 2**31,
         max_pending_records: int = 100_000,
         poll_wait: float = POLL_WAIT,
+        min_interval: float = MIN_INTERVAL,
     ) -> None:
         if not max_lag > 0:
             raise ValueError(f"max_lag must be > 0 seconds, got {max_lag!r}")
@@ -169,6 +174,7 @@ class Replica:
         records_http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
         self._prefix = prefix
         self._poll_wait = poll_wait
+        self._min_interval = min_interval
         self._lock = threading.Lock()  # guards the published state and the lag clocks
         self._state = _empty_state(self.device, None, None)
         self._synced = threading.Event()  # set at the first complete page (or 404)
@@ -421,8 +427,11 @@ class Replica:
                     continue
                 if r.status_code >= 400:
                     raise _http_error(r)
-                self._apply_page(*_decode_page(r))
+                arrays, meta = _decode_page(r)
+                self._apply_page(arrays, meta)
                 failures = 0
+                if len(arrays["seq"]) and meta.get("complete"):
+                    self._stop.wait(self._min_interval - (time.monotonic() - sent))
             except ReplicaError as e:
                 self._fail(e)
                 return
