@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         TransportError,
         ZMemError,
     )
+    from ._replica import Lag, ReplicaError, ReplicaLagWarning
     from ._risk import Regularizer, kernel_risk
 
 __version__ = "0.1.0"
@@ -33,8 +34,11 @@ __version__ = "0.1.0"
 __all__ = [
     "FlushTimeout",
     "HTTPError",
+    "Lag",
     "QueueFull",
     "Regularizer",
+    "ReplicaError",
+    "ReplicaLagWarning",
     "RequestRejected",
     "SendFailed",
     "ServerError",
@@ -49,8 +53,11 @@ _MODULE_OF = {
     "ZMemClient": "._client",
     "Regularizer": "._risk",
     "kernel_risk": "._risk",
-    **{name: "._exceptions" for name in __all__ if name not in {"ZMemClient", "Regularizer", "kernel_risk"}},
+    "Lag": "._replica",
+    "ReplicaError": "._replica",
+    "ReplicaLagWarning": "._replica",
 }
+_MODULE_OF.update({name: "._exceptions" for name in __all__ if name not in _MODULE_OF})
 
 
 def __getattr__(name: str) -> Any:

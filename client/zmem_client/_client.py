@@ -9,7 +9,7 @@ import socket
 import threading
 import uuid
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -19,6 +19,9 @@ from . import _wire
 from ._exceptions import RequestRejected, ServerError, Timeout, TransportError
 from ._risk import kernel_risk
 from ._sender import Sender, columns
+
+if TYPE_CHECKING:
+    from ._replica import Lag, Replica
 
 ArrayLike = torch.Tensor | np.ndarray | list[float]
 MAX_BATCH = 10_000  # the service's per-request limit
@@ -44,6 +47,11 @@ class ZMemClient:
         batch_size: int = 1024,
         worker: str | None = None,
         transport: httpx.BaseTransport | None = None,
+        replica: bool = False,
+        device: str | torch.device | None = None,
+        max_lag: float = 30.0,
+        strict: bool = False,
+        replica_max_bytes: int = 2**31,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
@@ -82,6 +90,29 @@ class ZMemClient:
         self._z_dim: int | None = None
         self._record_lock = threading.Lock()  # the z_dim check and the enqueue are one step
         self._closed = False
+        # -- replica mode: risk()/neighbors() answered locally from a mirror (see _replica.py)
+        self._args.update(
+            replica=replica,
+            device=None if device is None else str(device),
+            max_lag=max_lag,
+            strict=strict,
+            replica_max_bytes=replica_max_bytes,
+        )
+        self.replica: Replica | None = None
+        if replica:
+            from ._replica import Replica
+
+            self.replica = Replica(
+                self.url,
+                self._prefix,
+                headers=headers,
+                transport=transport,
+                device=device,
+                timeout=timeout,
+                max_lag=max_lag,
+                strict=strict,
+                max_bytes=replica_max_bytes,
+            )
         _open_clients.add(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -176,6 +207,8 @@ class ZMemClient:
             return
         self._sender.close(timeout)
         self._closed = True
+        if self.replica is not None:
+            self.replica.close()
         self._http.close()
         self._send_http.close()
         _open_clients.discard(self)
@@ -223,6 +256,8 @@ class ZMemClient:
         self, z: torch.Tensor, *, k: int | None = None, sigma: float | str | None = None, record: bool = True
     ) -> tuple[torch.Tensor, int]:
         """risk(z, squeeze=False) and the memory's size when it answered."""
+        if self.replica is not None:
+            return self.replica.risk_and_size(z, k=k, sigma=sigma, record=record)
         if z.dim() not in (1, 2):
             raise ValueError(f"z must have shape [d] or [B, d], got {list(z.shape)}")
         rows = z if z.dim() == 2 else z.unsqueeze(0)
@@ -247,6 +282,8 @@ class ZMemClient:
         """The k nearest stored episodes: numpy `z` [B, k, d], `risk_target`, `d2` [B, k],
         `seq` [B, k] (a 1-D z drops the B axis), and `size`, `active`, `k`, `sigma`."""
         q = _as_numpy(z).astype(np.float32)
+        if self.replica is not None:
+            return self.replica.neighbors(q, k, sigma)
         nb = self._neighbors(q if q.ndim == 2 else q.reshape(1, -1), k, sigma, False)
         if q.ndim == 1:
             nb.update({key: nb[key][0] for key in ("z", "risk_target", "d2", "seq")})
@@ -269,6 +306,12 @@ class ZMemClient:
         )
         arrays, info = _wire.decode(r.content)
         return {**info, **arrays}
+
+    @property
+    def replica_lag(self) -> Lag | None:
+        """With `replica=True`: seconds since the replica last knew it was caught up, and
+        seqs behind as last seen; None without a replica."""
+        return self.replica.lag() if self.replica is not None else None
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self._request(self._http, "GET", "stats").json()
