@@ -126,3 +126,16 @@ def test_export_and_changes_agree(make_client) -> None:
         np.testing.assert_array_equal(np.array(page["seq"]), f["seq"])
         np.testing.assert_array_equal(np.array(page["z"], np.float32), f["z"])
         np.testing.assert_array_equal(np.array(page["risk_target"], np.float32), f["risk_target"])
+
+
+def test_the_auto_sigma_is_sent_only_where_someone_asked_for_it(make_client) -> None:
+    """Resolving "auto" costs a search per capacity/10 writes: a memory with a numeric sigma
+    sends its value once a follower (`auto=true`) or a query has asked for "auto"."""
+    client = make_client(capacity=100, min_size=5)  # sigma 1.0
+    client.post("/episodes", json={"episodes": eps(20)})
+    assert client.get("/changes").json()["sigma_auto"] is None
+    asked = client.get("/changes", params={"auto": "true"}).json()["sigma_auto"]
+    assert asked == pytest.approx(
+        client.post("/neighbors", json={"z": [0, 0, 0], "sigma": "auto"}).json()["sigma"]
+    )
+    assert client.get("/changes").json()["sigma_auto"] == asked  # asked once: sent from now on

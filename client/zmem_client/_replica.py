@@ -186,6 +186,7 @@ class Replica:
         self._feed_next_seq = 1  # the memory's next_seq as last seen
         self._warned = False
         self._building: _State | None = None  # a fresh mirror being filled (feed thread only)
+        self._want_auto = False  # a caller asked for sigma "auto": the feed must send its value
         self._caught_up = False  # the last page reached the newest row (feed thread only)
         self.pages = 0
         self.resets = 0
@@ -284,6 +285,12 @@ class Replica:
         if not 1 <= want <= MAX_K:
             raise ValueError(f"k must be in 1..{MAX_K}, got {want}")
         s = settings.get("sigma", 1.0) if sigma is None else sigma
+        if s == "auto" and st.active and st.sigma_auto is None and not self._want_auto:
+            # The feed sends "auto"'s value only to followers that ask (it costs the service a
+            # search per capacity/10 writes): ask from now on, once over the network.
+            self._want_auto = True
+            self.sync()
+            st = replace(st, sigma_auto=self._state.sigma_auto)
         if s == "auto":
             resolved = st.sigma_auto if st.active and st.sigma_auto is not None else 1.0
         elif isinstance(s, str):
@@ -332,7 +339,10 @@ class Replica:
         params: dict[str, Any] = {"after": st.next_seq - 1, "limit": 1, "wait": 0}
         if st.generation is not None:
             params["generation"] = st.generation
+        if self._want_auto:
+            params["auto"] = "true"
         url = self._prefix + "changes"
+        meta: dict[str, Any] = {}
         try:
             with httpx.Client(
                 base_url=self._http.base_url,
@@ -355,6 +365,12 @@ class Replica:
                 raise self._error
             st = self._state
             if self._synced.is_set() and st.generation == target[0] and st.next_seq >= target[1]:
+                auto = meta.get("sigma_auto")
+                if auto is not None:
+                    with self._lock:  # the value for exactly the state now held
+                        now = self._state
+                        if now.generation == target[0] and now.next_seq == target[1]:
+                            self._state = replace(now, sigma_auto=float(auto))
                 return
             if time.monotonic() > deadline:
                 raise Timeout(
@@ -410,6 +426,8 @@ class Replica:
             params: dict[str, Any] = {"after": base.next_seq - 1, "limit": PAGE_ROWS, "wait": wait}
             if base.generation is not None:
                 params["generation"] = base.generation
+            if self._want_auto:
+                params["auto"] = "true"
             sent = time.monotonic()
             if wait:
                 self._polling_since = sent

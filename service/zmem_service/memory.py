@@ -157,6 +157,7 @@ class Memory:
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
     _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
+    _auto_asked: bool = False  # someone asked for sigma "auto": the feed sends its value from now on
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -436,6 +437,7 @@ class Memory:
         """
         if sigma != "auto":
             return float(sigma)
+        self._auto_asked = True
         if not self.active or self.ring is None or self.index is None or self.size < 2:
             return 1.0
         if self._auto_sigma_fresh():
@@ -463,12 +465,15 @@ class Memory:
             return True
         return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_bucket()
 
-    def changes(self, after: int, generation: str | None, limit: int) -> Changes:
+    def changes(self, after: int, generation: str | None, limit: int, auto: bool = False) -> Changes:
         """The rows with seq > `after` still held, oldest first, at most `limit` (searcher thread:
         resolving `sigma: "auto"` may search the index).
 
         When `generation` names another incarnation, or rows after `after` have been
-        evicted, the page is a reset: it starts at the oldest row held."""
+        evicted, the page is a reset: it starts at the oldest row held. A page that reaches
+        the newest row carries the value of `sigma: "auto"` when the memory's sigma is
+        "auto" or anyone (this follower included, with `auto`) has asked for "auto": resolving
+        it costs a search per capacity/10 writes, which nobody should pay for unasked."""
         with self._lock:
             settings = self.settings.model_dump()
             if self.ring is None or self.ring.size == 0:
@@ -492,7 +497,8 @@ class Memory:
             page = order[start : start + limit]
             rows = self.ring.rows(page)
             complete = start + limit >= len(order)
-            sigma = self._sigma("auto") if complete and self.active else None
+            wanted = auto or self._auto_asked or self.settings.sigma == "auto"
+            sigma = self._sigma("auto") if complete and wanted and self.active else None
             return Changes(
                 self.generation, reset, self.next_seq, oldest, self.size, settings, sigma, rows, complete
             )

@@ -215,7 +215,7 @@ class ZMem:
         return nb, risk
 
     async def changes(
-        self, name: str, after: int, generation: str | None, limit: int, wait: float
+        self, name: str, after: int, generation: str | None, limit: int, wait: float, auto: bool = False
     ) -> Changes:
         """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`."""
         deadline = time.monotonic() + wait
@@ -224,7 +224,7 @@ class ZMem:
             z_dim = memory.settings.z_dim or 1
             rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
             page = await asyncio.wrap_future(
-                self.searcher.call(functools.partial(memory.changes, after, generation, rows))
+                self.searcher.call(functools.partial(memory.changes, after, generation, rows, auto))
             )
             left = deadline - time.monotonic()
             if len(page.rows) or page.reset or left <= 0 or self.signal.closed:

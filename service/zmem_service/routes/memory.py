@@ -61,10 +61,13 @@ async def get_changes(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100_000, description="most rows in the page")] = 10_000,
     wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for new rows")] = 0,
+    auto: Annotated[
+        bool, Query(description='include the value of sigma "auto" even if the memory\'s sigma is a number')
+    ] = False,
 ) -> Response:
     """The rows after `after` in seq order (z, risk_target, seq) and what a replica needs to mirror
     the memory exactly; `reset` says to drop the mirrored state first."""
-    page = await zmem.changes(name, after, generation, limit, wait)
+    page = await zmem.changes(name, after, generation, limit, wait, auto)
     arrays = {"z": page.rows.z, "risk_target": page.rows.risk_target, "seq": page.rows.seq}
     return await respond(request, zmem.settings, arrays, page.meta)
 
