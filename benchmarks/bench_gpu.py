@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = search_rows(args.device, sizes, args.d, args.k, args.repeats)
     rows.append(risk_row(args.device, args.risk_n, args.d, args.k, args.risk_repeats))
+    if args.device.startswith("cuda"):  # the same machine's CPU service, for comparison
+        name, p50, p99, note = risk_row("cpu", args.risk_n, args.d, args.k, args.risk_repeats)
+        rows.append((name.replace("risk()", "risk() --device cpu"), p50, p99, note))
     took = time.perf_counter() - t0
     print(f"\nzmem GPU check: {where}; d={args.d}, k={args.k}; times in µs ({took:.0f} s)")
     print(f"{'':44} {'p50 µs':>9} {'p99 µs':>9}  note")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -300,14 +301,18 @@ def test_cuda_search_never_synchronises_with_the_host() -> None:
     sqnorm = (base * base).sum(dim=1)
     queries = [torch.randn(b, 32, device="cuda") for b in (1, 256)]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    results = []
     try:
-        results = []
+        with warnings.catch_warnings():  # "a prototype feature": we rely on it only as a check
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
         for q in queries:
             results.append(exact_knn(base, seq, q, 64, center=c, base_sqnorm=sqnorm))
             results.append(knn_certified(base, seq, q, 64, center=c, base_sqnorm=sqnorm)[:2])
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("default")
     xb = (base + c).cpu().numpy()
     for i, q in enumerate(queries):
         ref_d2, ref_idx = brute_force(xb, seq.cpu().numpy(), q.cpu().numpy(), 64)
