@@ -60,6 +60,7 @@ def test_extras_and_entry_point() -> None:
     assert project["scripts"]["zmem"] == "zmem_service.cli:main"
 
 
+@pytest.mark.e2e
 def test_device_cuda_is_refused_clearly(tmp_path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "zmem_service.cli", "serve", "--device", "cuda", "--data-dir", str(tmp_path)],
@@ -70,6 +71,7 @@ def test_device_cuda_is_refused_clearly(tmp_path) -> None:
     assert r.returncode == 2 and "GPU kNN backend is not available" in r.stderr
 
 
+@pytest.mark.e2e
 def test_backup_of_a_live_store(tmp_path) -> None:
     srv = Server(tmp_path / "data").start()
     try:

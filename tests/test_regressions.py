@@ -20,13 +20,8 @@ from zmem_service.settings import ServiceSettings
 from zmem_service.store import SqliteStore
 from zmem_service.writer import Writer
 
-ST = "application/x-safetensors"
-
-
-def episodes(n: int, d: int = 4, start: int = 0) -> list[dict]:
-    return [
-        {"z": [float(start + i)] * d, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0} for i in range(n)
-    ]
+from .conftest import ST, episodes
+from .server import Server
 
 
 def npz(**overrides: np.ndarray | str) -> bytes:
@@ -135,6 +130,7 @@ def test_infinite_risk_targets_are_refused(client) -> None:
     assert r.status_code == 422 and "risk target" in r.json()["detail"]
 
 
+@pytest.mark.e2e
 def test_risk_on_a_memory_nobody_wrote_to_is_zero(server) -> None:
     with ZMemClient(server.url, memory="fresh_run_1") as mem:
         z = torch.ones(3, 4, requires_grad=True)
@@ -172,9 +168,8 @@ def test_repeated_ids_in_one_batch_keep_the_first() -> None:
     mem.close()
 
 
+@pytest.mark.e2e
 def test_a_close_that_times_out_keeps_the_client_usable(tmp_path) -> None:
-    from .server import Server
-
     srv = Server(tmp_path / "data")
     mem = ZMemClient(srv.url, timeout=1)
     mem.record(np.zeros(3), soft_bind=0.5, cone_vol=1.0, lambda_bind=0.0)
