@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from zmem_client import FlushTimeout, SendFailed, ZMemClient
+from zmem_client import FlushTimeout, NoSuchMemory, RequestRejected, SendFailed, ZMemClient
 from zmem_service.episodes import EpisodeBatch
 from zmem_service.registry import Memories
 from zmem_service.ring import FLOAT_FIELDS
@@ -73,7 +73,8 @@ def test_a_bad_import_is_422_and_stores_nothing(client, overrides) -> None:
 def test_a_lone_surrogate_id_is_422(client) -> None:
     data = {
         "z": np.zeros((2, 4), np.float32),
-        **{f: np.zeros(2, np.float32) for f in ("soft_bind", "cone_vol", "lambda_bind")},
+        **{f: np.zeros(2, np.float32) for f in ("soft_bind", "lambda_bind")},
+        "cone_vol": np.ones(2, np.float32),
     }
     for key in ("id", "worker"):
         body = safetensors.numpy.save(data, metadata={key: json.dumps(["ok", "bad\ud800"])})
@@ -137,6 +138,15 @@ def test_risk_on_a_memory_nobody_wrote_to_is_zero(server) -> None:
         assert mem.risk(z).tolist() == [0.0, 0.0, 0.0]
         assert mem.risk(z[:1]).shape == ()
         assert mem.risk(torch.ones(1, 4, dtype=torch.int64)).dtype == torch.get_default_dtype()
+        # The real service's 404 is the one the client knows; reads say so plainly.
+        with pytest.raises(NoSuchMemory, match="no such memory yet"):
+            mem.diagnostics()
+        with pytest.raises(NoSuchMemory):
+            mem.stats()
+    with ZMemClient(server.url + "/not-a-prefix") as wrong:  # a route 404 is no memory's answer
+        with pytest.raises(RequestRejected) as info:
+            wrong.risk(torch.ones(1, 4))
+        assert info.value.status == 404 and not isinstance(info.value, NoSuchMemory)
 
 
 def test_a_broken_sender_surfaces_instead_of_hanging() -> None:

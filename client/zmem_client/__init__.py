@@ -7,8 +7,10 @@ loss = loss + 0.02 * mem.risk(z)
 
 from ._client import ZMemClient
 from ._exceptions import (
+    ClientClosed,
     FlushTimeout,
     HTTPError,
+    NoSuchMemory,
     QueueFull,
     RequestRejected,
     SendFailed,
@@ -16,14 +18,17 @@ from ._exceptions import (
     Timeout,
     TransportError,
     ZMemError,
+    ZMemWarning,
 )
 from ._risk import Regularizer, kernel_risk
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClientClosed",
     "FlushTimeout",
     "HTTPError",
+    "NoSuchMemory",
     "QueueFull",
     "Regularizer",
     "RequestRejected",
@@ -33,5 +38,6 @@ __all__ = [
     "TransportError",
     "ZMemClient",
     "ZMemError",
+    "ZMemWarning",
     "kernel_risk",
 ]
