@@ -350,14 +350,21 @@ def test_leaving_a_with_block_while_the_service_is_down_returns_and_warns() -> N
 
 def test_leaving_a_with_block_on_an_exception_waits_briefly_and_keeps_the_exception() -> None:
     error = KeyError("the training step failed")
+    up = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return ack(request) if up.is_set() else refused(request)
+
     with pytest.warns(ZMemWarning, match=r"1 recorded episodes not yet delivered .* after 2s"):  # noqa: SIM117
         with pytest.raises(KeyError) as info:
             with ZMemClient(
-                "http://zmem.test", exit_timeout=600, transport=httpx.MockTransport(refused)
+                "http://zmem.test", exit_timeout=600, transport=httpx.MockTransport(handler)
             ) as mem:
                 record(mem, 1)
                 raise error
     assert info.value is error and info.value.__context__ is None
+    up.set()  # else the exit flush would wait its 600 s for this client at the end of the run
+    wait_until(lambda: mem.pending == 0, 30, "the sender delivering after the service came back")
 
 
 def test_leaving_a_with_block_raises_a_permanent_rejection() -> None:
