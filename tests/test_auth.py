@@ -89,6 +89,7 @@ def test_a_read_token_alone_is_refused_at_start(tmp_path) -> None:
         create_app(ServiceSettings(data_dir=tmp_path, read_token="r"))
 
 
+@pytest.mark.e2e
 def test_tokens_from_files_and_never_in_the_log(tmp_path) -> None:
     import httpx
 

@@ -125,6 +125,10 @@ class Case:
     check: Callable[[dict[str, Any]], None] | None = None
 
 
+def _assert_in(part: str, text: str) -> None:
+    assert part in text and "more)" not in text, text
+
+
 def check_conflict(problem: dict[str, Any]) -> None:
     conflicts = {c["field"]: c for c in problem["conflicts"]}
     assert set(conflicts) == {"z_dim", "k"}, problem
@@ -189,6 +193,13 @@ CASES: list[Case | Any] = [
         loc=("episodes", 1, "soft_bind"),
     ),
     Case("negative_cone_vol", 422, batch(bad=3, cone_vol=-0.01), loc=("episodes", 3, "cone_vol")),
+    Case(  # the seed's design: cone_vol > 0 (log(0 + eps) made it the most attractive point)
+        "zero_cone_vol",
+        422,
+        batch(bad=2, cone_vol=0.0),
+        loc=("episodes", 2, "cone_vol"),
+        check=lambda p: _assert_in("cone_vol: must be > 0", p["detail"]),
+    ),
     Case("soft_bind_above_1", 422, batch(bad=0, soft_bind=1.0001), loc=("episodes", 0, "soft_bind")),
     Case("soft_bind_below_0", 422, batch(bad=4, soft_bind=-0.5), loc=("episodes", 4, "soft_bind")),
     Case("string_for_number", 422, batch(bad=1, lambda_bind="high"), loc=("episodes", 1, "lambda_bind")),
@@ -262,6 +273,22 @@ CASES: list[Case | Any] = [
     Case("sigma_zero", 422, {"z": [0.0] * 4, "sigma": 0}, path=NEIGHBORS, loc=("sigma",)),
     Case("sigma_negative", 422, {"z": [0.0] * 4, "sigma": -1}, path=NEIGHBORS, loc=("sigma",)),
     Case("sigma_string", 422, {"z": [0.0] * 4, "sigma": "fast"}, path=NEIGHBORS, loc=("sigma",)),
+    Case(  # the message names both forms instead of hiding "auto" behind "(and 1 more)"
+        "sigma_capitalised_auto",
+        422,
+        {"z": [0.0] * 4, "sigma": "Auto"},
+        path=NEIGHBORS,
+        loc=("sigma",),
+        check=lambda p: _assert_in('sigma: must be a positive number or "auto"', p["detail"]),
+    ),
+    Case(
+        "sigma_capitalised_auto_query_param",
+        422,
+        {"z": [0.0] * 4},
+        path=f"{NEIGHBORS}?sigma=Auto",
+        loc=("sigma",),
+        check=lambda p: _assert_in('a positive number or "auto"', p["detail"]),
+    ),
     Case("sigma_infinity", 422, raw({"z": [0.0] * 4, "sigma": float("inf")}), path=NEIGHBORS, loc=("sigma",)),
     Case("query_z_wrong_dim", 422, {"z": [0.0] * 3}, path=NEIGHBORS, loc=("z",)),
     Case("query_z_empty", 422, {"z": []}, path=NEIGHBORS, loc=("z",)),

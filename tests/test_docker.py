@@ -68,3 +68,22 @@ def test_service_gpu_extra_is_the_service_plus_torch() -> None:
         return {re.split(r"[\[<>=!~ ]", r, maxsplit=1)[0] for r in requirements}
 
     assert names(extras["service-gpu"]) == names(extras["service"]) | {"torch"}
+
+
+def test_the_image_installs_from_what_the_wheel_test_builds() -> None:
+    """The Dockerfile copies the files tests/test_packaging.py builds its wheel from, then
+    does a normal (non-editable) install: that wheel holding every module is what makes
+    `zmem serve` start in the image."""
+    from .test_packaging import BUILD_INPUTS
+
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    copied = {
+        word.rstrip("/").removeprefix("./")
+        for line in text.splitlines()
+        if line.startswith("COPY")
+        for word in line.split()[1:-1]
+        if not word.startswith("--")
+    }
+    assert copied == set(BUILD_INPUTS)
+    install = next(line for line in text.splitlines() if line.startswith("RUN pip install"))
+    assert " -e " not in install and "--editable" not in install

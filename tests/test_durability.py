@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
-import time
 
 import httpx
 import numpy as np
@@ -12,7 +10,8 @@ import pytest
 
 from zmem_client import ZMemClient
 
-from .server import Server
+from .conftest import episodes, load_npz
+from .server import Server, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -21,21 +20,11 @@ def export(url: str, memory: str = "default") -> dict[str, np.ndarray]:
     path = "/export" if memory == "default" else f"/memories/{memory}/export"
     r = httpx.get(url + path, timeout=30)
     r.raise_for_status()
-    with np.load(io.BytesIO(r.content), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return load_npz(r.content)
 
 
-def batch(tag: str, start: int, n: int, d: int = 4) -> list[dict]:
-    return [
-        {
-            "z": [float(start + i)] * d,
-            "soft_bind": 0.5,
-            "cone_vol": 1.0,
-            "lambda_bind": 0.0,
-            "id": f"{tag}-{start + i}",
-        }
-        for i in range(n)
-    ]
+def batch(tag: str, start: int, n: int) -> list[dict]:
+    return episodes(n, start=start, tag=f"{tag}-")
 
 
 def writer(url: str, rank: int, acks: mp.Queue) -> None:
@@ -116,7 +105,9 @@ def test_client_loses_nothing_while_the_server_is_down(tmp_path) -> None:
         srv.kill()
         for i in range(200, 500):
             mem.record(np.full(4, i, np.float32), soft_bind=0.5, cone_vol=1.0, lambda_bind=0.0)
-        time.sleep(3)
+        # The sender has met the dead server (and keeps everything) before it comes back.
+        retries = mem._sender.retries
+        wait_until(lambda: mem._sender.retries > retries, 30, "a failed send to the dead server")
         assert mem.pending > 0
         srv.restart()
         mem.flush(timeout=60)

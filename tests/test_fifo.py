@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from collections import deque
 
 import numpy as np
+
+from .conftest import load_npz
 
 CAPACITY = 1000
 
@@ -27,8 +28,7 @@ def episodes(start: int, n: int, d: int = 3) -> list[dict]:
 def export(client, path: str = "/export") -> dict[str, np.ndarray]:
     r = client.get(path)
     assert r.status_code == 200
-    with np.load(io.BytesIO(r.content), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return load_npz(r.content)
 
 
 def test_export_after_two_and_a_half_capacities_holds_the_last_capacity(client) -> None:

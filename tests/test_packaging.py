@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
+# What docker/Dockerfile copies before `pip install ".[service]"`: a wheel built from
+# these alone must hold the whole project.
+BUILD_INPUTS = ("pyproject.toml", "README.md", "constraints.txt", "service", "client")
 
 
 def modules_after(code: str) -> set[str]:
@@ -56,6 +62,7 @@ def test_extras_and_entry_point() -> None:
     assert project["scripts"]["zmem"] == "zmem_service.cli:main"
 
 
+@pytest.mark.e2e
 def test_device_cuda_without_cuda_is_refused_clearly(tmp_path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "zmem_service.cli", "serve", "--device", "cuda", "--data-dir", str(tmp_path)],
@@ -66,6 +73,7 @@ def test_device_cuda_without_cuda_is_refused_clearly(tmp_path) -> None:
     assert r.returncode == 2 and "--device cuda" in r.stderr and "CUDA" in r.stderr
 
 
+@pytest.mark.e2e
 def test_backup_of_a_live_store(tmp_path) -> None:
     srv = Server(tmp_path / "data").start()
     try:
@@ -97,3 +105,43 @@ def test_backup_of_a_live_store(tmp_path) -> None:
         assert httpx.get(restored.url + "/stats").json()["size"] == 100
     finally:
         restored.stop()
+
+
+def package_files(root: Path) -> set[str]:
+    """Every file of the two packages as a wheel names it, bytecode caches aside."""
+    files = set()
+    for top in ("service", "client"):
+        for path in (root / top).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files.add(path.relative_to(root / top).as_posix())
+    return files
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in BUILD_INPUTS:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, src / name)  # type: ignore[operator]
+    # Bytecode a developer's run left behind must not ship.
+    stray = src / "service" / "zmem_service" / "__pycache__"
+    stray.mkdir(exist_ok=True)
+    (stray / "stray.cpython-311.pyc").write_bytes(b"")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("zmem-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if not n.split("/")[0].endswith(".dist-info")}
+        entry_points = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        assert "zmem = zmem_service.cli:main" in zf.read(entry_points).decode()
+    expected = package_files(ROOT)
+    assert {"zmem_service/routes/__init__.py", "zmem_service/static/dashboard.html"} <= expected
+    assert {"zmem_service/py.typed", "zmem_client/py.typed"} <= expected
+    assert shipped - expected == set(), "the wheel holds files the tree does not"
+    assert expected - shipped == set(), "files of the tree missing from the wheel"

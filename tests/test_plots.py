@@ -149,9 +149,7 @@ def test_big_buffers_get_the_same_basis_from_the_scatter_matrix(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rng = np.random.default_rng(1)
-    z = (rng.normal(size=(1000, 6)) * np.array([3.0, 1.0, 0.5, 2.0, 0.1, 0.2]) + 5).astype(
-        np.float32
-    )
+    z = (rng.normal(size=(1000, 6)) * np.array([3.0, 1.0, 0.5, 2.0, 0.1, 0.2]) + 5).astype(np.float32)
     mean, comps = pca_basis(z)
     monkeypatch.setattr(plots, "_SVD_MAX_ENTRIES", 0)
     monkeypatch.setattr(plots, "_CHUNK_ROWS", 128)

@@ -12,7 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from zmem_client import FlushTimeout, SendFailed, ZMemClient
+from zmem_client import FlushTimeout, NoSuchMemory, RequestRejected, SendFailed, ZMemClient
 from zmem_service.episodes import EpisodeBatch
 from zmem_service.registry import Memories
 from zmem_service.ring import FLOAT_FIELDS
@@ -20,13 +20,8 @@ from zmem_service.settings import ServiceSettings
 from zmem_service.store import SqliteStore
 from zmem_service.writer import Writer
 
-ST = "application/x-safetensors"
-
-
-def episodes(n: int, d: int = 4, start: int = 0) -> list[dict]:
-    return [
-        {"z": [float(start + i)] * d, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0} for i in range(n)
-    ]
+from .conftest import ST, episodes
+from .server import Server
 
 
 def npz(**overrides: np.ndarray | str) -> bytes:
@@ -79,7 +74,8 @@ def test_a_bad_import_is_422_and_stores_nothing(client, overrides) -> None:
 def test_a_lone_surrogate_id_is_422(client) -> None:
     data = {
         "z": np.zeros((2, 4), np.float32),
-        **{f: np.zeros(2, np.float32) for f in ("soft_bind", "cone_vol", "lambda_bind")},
+        **{f: np.zeros(2, np.float32) for f in ("soft_bind", "lambda_bind")},
+        "cone_vol": np.ones(2, np.float32),
     }
     for key in ("id", "worker"):
         body = safetensors.numpy.save(data, metadata={key: json.dumps(["ok", "bad\ud800"])})
@@ -136,12 +132,22 @@ def test_infinite_risk_targets_are_refused(client) -> None:
     assert r.status_code == 422 and "risk target" in r.json()["detail"]
 
 
+@pytest.mark.e2e
 def test_risk_on_a_memory_nobody_wrote_to_is_zero(server) -> None:
     with ZMemClient(server.url, memory="fresh_run_1") as mem:
         z = torch.ones(3, 4, requires_grad=True)
         assert mem.risk(z).tolist() == [0.0, 0.0, 0.0]
         assert mem.risk(z[:1]).shape == ()
         assert mem.risk(torch.ones(1, 4, dtype=torch.int64)).dtype == torch.get_default_dtype()
+        # The real service's 404 is the one the client knows; reads say so plainly.
+        with pytest.raises(NoSuchMemory, match="no such memory yet"):
+            mem.diagnostics()
+        with pytest.raises(NoSuchMemory):
+            mem.stats()
+    with ZMemClient(server.url + "/not-a-prefix") as wrong:  # a route 404 is no memory's answer
+        with pytest.raises(RequestRejected) as info:
+            wrong.risk(torch.ones(1, 4))
+        assert info.value.status == 404 and not isinstance(info.value, NoSuchMemory)
 
 
 def test_a_broken_sender_surfaces_instead_of_hanging() -> None:
@@ -173,9 +179,8 @@ def test_repeated_ids_in_one_batch_keep_the_first() -> None:
     mem.close()
 
 
+@pytest.mark.e2e
 def test_a_close_that_times_out_keeps_the_client_usable(tmp_path) -> None:
-    from .server import Server
-
     srv = Server(tmp_path / "data")
     mem = ZMemClient(srv.url, timeout=1)
     mem.record(np.zeros(3), soft_bind=0.5, cone_vol=1.0, lambda_bind=0.0)

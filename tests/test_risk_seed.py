@@ -34,6 +34,7 @@ def queries(n: int, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(random_episodes(n, D, seed=seed, scale=0.45)["z"])
 
 
+@pytest.mark.e2e
 def test_risk_equals_seed_value_and_gradient(filled) -> None:
     srv, seed = filled
     weight_sums = []
@@ -55,6 +56,7 @@ def test_risk_equals_seed_value_and_gradient(filled) -> None:
     assert median > 1e-3  # the kernel does not underflow: the comparison means something
 
 
+@pytest.mark.e2e
 def test_batch_equals_row_by_row(filled) -> None:
     srv, _ = filled
     z = queries(8, seed=2).requires_grad_(True)
@@ -67,6 +69,7 @@ def test_batch_equals_row_by_row(filled) -> None:
         assert mem.risk(z[0]).shape == ()
 
 
+@pytest.mark.e2e
 def test_risk_is_zero_below_min_size(tmp_path) -> None:
     srv = Server(tmp_path / "data", "--min-size", "50").start()
     try:

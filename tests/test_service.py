@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import httpx
 import numpy as np
+import pytest
 import safetensors.numpy
 
 from zmem_service.index import FaissCpuIndex
@@ -20,23 +20,9 @@ from zmem_service.memory import id_bytes
 from zmem_service.ring import row_bytes
 from zmem_service.service import ZMem
 
-from .conftest import ready_client
+from .conftest import ST, episodes, ready_client
 from .seed_reference import random_episodes
-
-ST = "application/x-safetensors"
-
-
-def episodes(n: int, d: int = 4, start: int = 0) -> list[dict]:
-    return [
-        {
-            "z": [float(start + i)] * d,
-            "soft_bind": 0.5,
-            "cone_vol": 1.0,
-            "lambda_bind": 0.0,
-            "id": f"e{start + i}",
-        }
-        for i in range(start, start + n)
-    ]
+from .server import wait_until
 
 
 def test_the_memory_budget_gives_507_and_changes_nothing(make_client) -> None:
@@ -63,7 +49,6 @@ def test_readyz_is_503_until_the_memories_are_loaded(tmp_path, monkeypatch) -> N
         real_load(self)
 
     monkeypatch.setattr(ZMem, "load", slow_load)
-    t0 = time.monotonic()
     from fastapi.testclient import TestClient
 
     from zmem_service.app import create_app
@@ -73,10 +58,8 @@ def test_readyz_is_503_until_the_memories_are_loaded(tmp_path, monkeypatch) -> N
         assert client.get("/readyz").status_code == 503
         r = client.post("/episodes", json={"episodes": episodes(1)})
         assert r.status_code == 503 and "loading" in r.json()["detail"]
-        release.set()
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() - t0 < 30
-            time.sleep(0.02)
+        release.set()  # the load goes on only once the 503s are seen: no race with a timer
+        wait_until(lambda: client.get("/readyz").status_code == 200, 10, "/readyz 200 after the load")
         assert client.post("/episodes", json={"episodes": episodes(1)}).status_code == 200
 
 
@@ -131,6 +114,7 @@ def test_import_with_other_settings_into_a_configured_memory_is_409(client) -> N
         assert json.loads(str(f["settings"]))["z_dim"] == 4
 
 
+@pytest.mark.e2e
 def test_episodes_recorded_just_before_exit_are_sent(server) -> None:
     script = textwrap.dedent(f"""
         import numpy as np

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._client import ZMemClient
     from ._exceptions import (
+        ClientClosed,
         FlushTimeout,
         HTTPError,
+        NoSuchMemory,
         QueueFull,
         RequestRejected,
         SendFailed,
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
         Timeout,
         TransportError,
         ZMemError,
+        ZMemWarning,
     )
     from ._replica import Lag, ReplicaError, ReplicaLagWarning
     from ._risk import Regularizer, kernel_risk
@@ -32,9 +35,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClientClosed",
     "FlushTimeout",
     "HTTPError",
     "Lag",
+    "NoSuchMemory",
     "QueueFull",
     "Regularizer",
     "ReplicaError",
@@ -46,6 +51,7 @@ __all__ = [
     "TransportError",
     "ZMemClient",
     "ZMemError",
+    "ZMemWarning",
     "kernel_risk",
 ]
 

@@ -6,8 +6,11 @@ import atexit
 import os
 import re
 import socket
+import sys
 import threading
+import time
 import uuid
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +19,18 @@ import numpy as np
 import torch
 
 from . import _wire
-from ._exceptions import RequestRejected, ServerError, Timeout, TransportError
+from ._exceptions import (
+    NOT_FOUND,
+    ClientClosed,
+    FlushTimeout,
+    NoSuchMemory,
+    RequestRejected,
+    SendFailed,
+    ServerError,
+    Timeout,
+    TransportError,
+    ZMemWarning,
+)
 from ._risk import kernel_risk
 from ._sender import Sender, columns
 
@@ -25,6 +39,7 @@ if TYPE_CHECKING:
 
 ArrayLike = torch.Tensor | np.ndarray | list[float]
 MAX_BATCH = 10_000  # the service's per-request limit
+EXIT_TIMEOUT_ON_ERROR = 2.0  # leaving a `with` block on an exception waits at most this long
 
 
 class ZMemClient:
@@ -34,6 +49,14 @@ class ZMemClient:
     the other calls block for at most `timeout` seconds and raise a `ZMemError`
     subclass on failure. Pickling keeps only the constructor arguments, so each
     worker process that unpickles a client opens its own connection.
+
+    Leaving a `with` block flushes for at most `exit_timeout` seconds (at most
+    2 s when the block raised; that exception propagates unchanged), then warns
+    (`ZMemWarning`) with the number of episodes not yet delivered: they stay with
+    the background sender, which keeps trying until the process exits; at exit it
+    waits up to `exit_timeout` once more and says how many were lost. `close(timeout)`
+    instead raises `FlushTimeout` and leaves the client open. Any call on a closed
+    client raises `ClientClosed`.
     """
 
     def __init__(
@@ -43,6 +66,7 @@ class ZMemClient:
         memory: str = "default",
         token: str | None = None,
         timeout: float = 10.0,
+        exit_timeout: float = 30.0,
         queue_size: int = 100_000,
         batch_size: int = 1024,
         worker: str | None = None,
@@ -59,6 +83,8 @@ class ZMemClient:
             raise ValueError(f"memory must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}, got {memory!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not exit_timeout >= 0:
+            raise ValueError(f"exit_timeout must be >= 0 seconds, got {exit_timeout!r}")
         if queue_size < 1 or not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(
                 f"queue_size must be >= 1 and batch_size in 1..{MAX_BATCH}, got {queue_size}, {batch_size}"
@@ -66,12 +92,14 @@ class ZMemClient:
         self.url = url.rstrip("/")
         self.memory = memory
         self.timeout = timeout
+        self.exit_timeout = exit_timeout
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self._args = {
             "url": url,
             "memory": memory,
             "token": token,
             "timeout": timeout,
+            "exit_timeout": exit_timeout,
             "queue_size": queue_size,
             "batch_size": batch_size,
             "worker": worker,
@@ -87,8 +115,10 @@ class ZMemClient:
         self._sender = Sender(self._post_episodes, queue_size=queue_size, batch_size=batch_size)
         self._ids = f"{uuid.uuid4().hex[:16]}-"
         self._next_id = 0
+        # The z dimension the service has accepted from this client: records of another are
+        # refused at the call. One it rejected (a 422) is not remembered, so a fix goes through.
         self._z_dim: int | None = None
-        self._record_lock = threading.Lock()  # the z_dim check and the enqueue are one step
+        self._record_lock = threading.Lock()  # ids are taken in order
         self._closed = False
         # -- replica mode: risk()/neighbors() answered locally from a mirror (see _replica.py)
         self._args.update(
@@ -138,9 +168,13 @@ class ZMemClient:
     ) -> str:
         """Queue one episode (z of shape [d] or [1, d]) and return its idempotency id.
 
-        Raises ValueError for invalid values (here, not later in the background),
-        QueueFull when the queue is full, SendFailed for an earlier permanent rejection.
+        Raises ValueError for invalid values (here, not later in the background; `cone_vol`
+        must be > 0, `soft_bind` in [0, 1], z of the dimension the service accepted before),
+        QueueFull when the queue is full, SendFailed for an earlier permanent rejection,
+        ClientClosed after close.
         """
+        if self._closed:
+            raise ClientClosed(f"record() on a closed client: {self!r} is closed")
         arr = _as_numpy(z)
         if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != 1) or arr.size == 0:
             raise ValueError(f"z must have shape [d] or [1, d], got {list(arr.shape)}")
@@ -167,8 +201,8 @@ class ZMemClient:
             values[name] = value
         if not 0.0 <= values["soft_bind"] <= 1.0:
             raise ValueError(f"soft_bind must be in [0, 1], got {values['soft_bind']}")
-        if values["cone_vol"] < 0:
-            raise ValueError(f"cone_vol must be >= 0, got {values['cone_vol']}")
+        if not values["cone_vol"] > 0:  # the risk target takes its log
+            raise ValueError(f"cone_vol must be > 0, got {values['cone_vol']}")
         for name, text, limit in (("id", id, 128), ("worker", worker, 64)):
             if text is not None and not _valid_text(text, limit):
                 raise ValueError(
@@ -176,12 +210,14 @@ class ZMemClient:
                 )
         with self._record_lock:
             if self._z_dim is not None and vec.shape[0] != self._z_dim:
-                raise ValueError(f"z has {vec.shape[0]} dimensions; earlier records had {self._z_dim}")
+                raise ValueError(
+                    f"z has {vec.shape[0]} dimensions; memory {self.memory!r} accepted {self._z_dim} "
+                    "from this client"
+                )
             if id is None:
                 id = f"{self._ids}{self._next_id}"
                 self._next_id += 1
             self._sender.put({"z": vec, "id": id, "worker": worker or self.worker, **values})
-            self._z_dim = vec.shape[0]
         return id
 
     def flush(self, timeout: float | None = None) -> None:
@@ -190,6 +226,8 @@ class ZMemClient:
         Raises FlushTimeout when `timeout` runs out (the queue is kept) and
         SendFailed when a batch was rejected for good.
         """
+        if self._closed:
+            raise ClientClosed(f"flush() on a closed client: {self!r} is closed")
         self._sender.flush(timeout)
 
     @property
@@ -201,23 +239,53 @@ class ZMemClient:
         """Flush (waiting at most `timeout` seconds), then close the connections.
 
         When the flush times out or fails, it raises and the client stays open with
-        its queue, so a later `close()` or `flush()` can finish the job.
+        its queue, so a later `close()` or `flush()` can finish the job. Closing a
+        closed client does nothing.
         """
         if self._closed:
             return
         self._sender.close(timeout)
+        self._shut()
+
+    def _shut(self) -> None:
         self._closed = True
         if self.replica is not None:
             self.replica.close()
         self._http.close()
-        self._send_http.close()
-        _open_clients.discard(self)
+        self._sender.stop()
+        if not self._sender.pending:
+            self._send_http.close()
+            _open_clients.discard(self)
+        # else the sender keeps its connection and goes on; the exit flush (below) waits for it
 
     def __enter__(self) -> ZMemClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Flush for a bounded time; never hang, never mask the block's own exception."""
+        if self._closed:
+            return
+        failed = exc_type is not None
+        timeout = min(self.exit_timeout, EXIT_TIMEOUT_ON_ERROR) if failed else self.exit_timeout
+        try:
+            self._sender.close(timeout)
+        except FlushTimeout:
+            self._shut()
+            warnings.warn(
+                f"zmem: {self._sender.pending} recorded episodes not yet delivered to {self.url} "
+                f"(memory {self.memory!r}) after {timeout:g}s; the background sender keeps them and "
+                "keeps trying until the process exits",
+                ZMemWarning,
+                stacklevel=2,
+            )
+            return
+        except SendFailed as e:
+            self._shut()
+            if not failed:
+                raise
+            warnings.warn(f"zmem: while leaving on an error: {e}", ZMemWarning, stacklevel=2)
+            return
+        self._shut()
 
     def _post_episodes(self, batch: list[dict[str, Any]]) -> None:
         arrays, meta = columns(batch)
@@ -228,12 +296,13 @@ class ZMemClient:
             content=_wire.encode(arrays, meta),
             headers={"content-type": _wire.SAFETENSORS},
         )
+        self._z_dim = int(arrays["z"].shape[1])
 
     # -- queries ----------------------------------------------------------------------
 
     def risk(
         self,
-        z: torch.Tensor,
+        z: ArrayLike,
         *,
         k: int | None = None,
         sigma: float | str | None = None,
@@ -244,19 +313,26 @@ class ZMemClient:
 
         z [d] or [1, d] → 0-dim tensor (the seed's shape); [B, d] → [B]; with
         `squeeze=False` the shape is always z.shape[:-1] (a [1, d] query gives [1]).
-        Exactly 0 while the memory holds fewer than min_size episodes. On z's device
-        and dtype. `record=True` lets the service keep the value for its diagnostics.
+        Exactly 0 while the memory holds fewer than min_size episodes, and on a memory
+        nobody has written to yet (`NoSuchMemory`); any other error raises, a service that
+        is down included (`TransportError`). On z's device and dtype; z may also be a
+        numpy array or a list (made a tensor by `torch.as_tensor`: the risk then carries no
+        gradient to anything of yours). `record=True` lets the service keep the value for
+        its diagnostics.
         """
+        z = _as_tensor(z)
         risk, _ = self.risk_and_size(z, k=k, sigma=sigma, record=record)
         if squeeze and z.dim() == 2 and z.shape[0] == 1:
             return risk[0]
         return risk
 
     def risk_and_size(
-        self, z: torch.Tensor, *, k: int | None = None, sigma: float | str | None = None, record: bool = True
+        self, z: ArrayLike, *, k: int | None = None, sigma: float | str | None = None, record: bool = True
     ) -> tuple[torch.Tensor, int]:
-        """risk(z, squeeze=False) and the memory's size when it answered."""
+        """risk(z, squeeze=False) and the memory's size when it answered (0: no such memory yet)."""
+        z = _as_tensor(z)
         if self.replica is not None:
+            self._check_open()
             return self.replica.risk_and_size(z, k=k, sigma=sigma, record=record)
         if z.dim() not in (1, 2):
             raise ValueError(f"z must have shape [d] or [B, d], got {list(z.shape)}")
@@ -265,10 +341,9 @@ class ZMemClient:
             rows = rows.to(torch.get_default_dtype())
         try:
             nb = self._neighbors(rows.detach().to("cpu", torch.float32).numpy(), k, sigma, record)
-        except RequestRejected as e:
-            if e.status != 404:
-                raise
+        except NoSuchMemory:
             # A memory nobody wrote to yet is empty: below min_size, the risk is 0 (the seed's rule).
+            # Only this 404: one from a wrong URL prefix or a proxy must not switch the term off.
             risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
             return (risk if z.dim() == 2 else risk[0]), 0
         nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=rows.dtype)
@@ -283,6 +358,7 @@ class ZMemClient:
         `seq` [B, k] (a 1-D z drops the B axis), and `size`, `active`, `k`, `sigma`."""
         q = _as_numpy(z).astype(np.float32)
         if self.replica is not None:
+            self._check_open()
             return self.replica.neighbors(q, k, sigma)
         nb = self._neighbors(q if q.ndim == 2 else q.reshape(1, -1), k, sigma, False)
         if q.ndim == 1:
@@ -297,8 +373,7 @@ class ZMemClient:
             meta["k"] = k
         if sigma is not None:
             meta["sigma"] = sigma
-        r = self._request(
-            self._http,
+        r = self._query(
             "POST",
             "neighbors",
             content=_wire.encode({"z": z}, meta),
@@ -313,15 +388,18 @@ class ZMemClient:
         seqs behind as last seen; None without a replica."""
         return self.replica.lag() if self.replica is not None else None
 
+    # Reads of a memory nobody has written to (or configured) yet raise NoSuchMemory.
+
     def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self._request(self._http, "GET", "stats").json()
+        """The memory's size, settings, seq range and writers; NoSuchMemory before its first write."""
+        stats: dict[str, Any] = self._query("GET", "stats").json()
         return stats
 
     def export(self) -> dict[str, np.ndarray]:
         """The whole buffer in arrival order, as the service's export file holds it."""
         import io
 
-        r = self._request(self._http, "GET", "export")
+        r = self._query("GET", "export")
         with np.load(io.BytesIO(r.content), allow_pickle=False) as f:
             return {key: f[key] for key in f.files}
 
@@ -331,28 +409,48 @@ class ZMemClient:
         return data["z"], data["soft_bind"], data["cone_vol"], data["lambda_bind"]
 
     def configure(self, **settings: Any) -> dict[str, Any]:
-        """Create this memory with settings (z_dim, capacity, min_size, k, sigma, risk)."""
+        """Create this memory with settings (z_dim, capacity, min_size, k, sigma, risk).
+
+        It only creates: settings equal to the stored ones answer 200, different ones raise
+        RequestRejected (409, with `.problem["conflicts"]`); nothing is ever changed.
+        """
         path = f"/memories/{self.memory}"
-        result: dict[str, Any] = self._request(self._http, "PUT", path, json=settings).json()
+        result: dict[str, Any] = self._query("PUT", path, json=settings).json()
         return result
 
     def map_png(self, **params: Any) -> bytes:
-        return self._request(self._http, "GET", "map.png", params=params).content
+        """The seed's 2×2 PCA map as PNG bytes; NoSuchMemory before the memory's first write."""
+        return self._query("GET", "map.png", params=params).content
 
     def trail_png(self, **params: Any) -> bytes:
-        return self._request(self._http, "GET", "trail.png", params=params).content
+        """The last z's over the buffer's density (PNG); NoSuchMemory before the first write."""
+        return self._query("GET", "trail.png", params=params).content
 
     def risk_png(self, **params: Any) -> bytes:
-        return self._request(self._http, "GET", "risk.png", params=params).content
+        """The recorded risk of recent queries (PNG); NoSuchMemory before the first write."""
+        return self._query("GET", "risk.png", params=params).content
 
     def diagnostics(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._request(self._http, "GET", "diagnostics").json()
+        """The seed's acceptance criteria; NoSuchMemory before the memory's first write."""
+        result: dict[str, Any] = self._query("GET", "diagnostics").json()
         return result
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed(f"{self!r} is closed; make a new client")
+
+    def _query(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        self._check_open()
+        return self._request(self._http, method, path, **kwargs)
 
     def _request(self, http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = path if path.startswith("/") else self._prefix + path
         try:
             r = http.request(method, url, **kwargs)
+        except RuntimeError as e:
+            if http.is_closed:  # closed by another thread between the check and the call
+                raise ClientClosed(f"{self!r} is closed; make a new client") from e
+            raise
         except httpx.TimeoutException as e:
             raise Timeout(f"{method} {self.url}{url}: no answer within {self.timeout}s") from e
         except httpx.HTTPError as e:
@@ -362,6 +460,8 @@ class ZMemClient:
                 problem = r.json()
             except ValueError:
                 problem = {"title": r.reason_phrase, "detail": r.text[:500]}
+            if r.status_code == 404 and isinstance(problem, dict) and problem.get("type") == NOT_FOUND:
+                raise NoSuchMemory(r.status_code, problem, f"{method} {self.url}{url}", self.memory)
             cls = RequestRejected if r.status_code < 500 else ServerError
             raise cls(r.status_code, problem, f"{method} {self.url}{url}")
         return r
@@ -383,6 +483,10 @@ def _as_numpy(z: ArrayLike) -> np.ndarray:
     return np.asarray(z)
 
 
+def _as_tensor(z: ArrayLike) -> torch.Tensor:
+    return z if isinstance(z, torch.Tensor) else torch.as_tensor(z)
+
+
 def _rebuild(args: dict[str, Any]) -> ZMemClient:
     return ZMemClient(**args)
 
@@ -392,9 +496,19 @@ _open_clients: weakref.WeakSet[ZMemClient] = weakref.WeakSet()
 
 @atexit.register
 def _flush_at_exit() -> None:
-    # Episodes recorded just before the interpreter exits still reach the service.
+    # Episodes recorded just before the interpreter exits still reach the service; what
+    # cannot be delivered in time is lost with the process, and we say so.
+    start = time.monotonic()
     for client in list(_open_clients):
+        left = max(0.0, client.exit_timeout - (time.monotonic() - start))
         try:
-            client.close(timeout=30.0)
+            client._sender.close(left)
+        except FlushTimeout:
+            print(
+                f"zmem: {client._sender.pending} recorded episodes were never delivered to {client.url} "
+                f"(memory {client.memory!r}) and are LOST: the service did not take them within "
+                f"{client.exit_timeout:g}s and the process is ending",
+                file=sys.stderr,
+            )
         except Exception as e:  # at exit there is no one left to raise to
-            print(f"zmem: {client!r} could not flush at exit: {e}")
+            print(f"zmem: {client!r} could not flush at exit: {e}", file=sys.stderr)

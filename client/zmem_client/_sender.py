@@ -1,7 +1,8 @@
 """The background sender behind `record`: batches, retries, never drops, never blocks a step.
 
 Episodes wait in a bounded queue. One daemon thread takes up to `batch_size` at a
-time and posts them; a transient failure (no connection, timeout, 502/503/504) is
+time (consecutive ones of one z dimension: until the service has accepted one, a
+client may hold several) and posts them; a transient failure (no connection, timeout, 502/503/504) is
 retried with exponential backoff and jitter for as long as the client lives — the
 episodes carry idempotency ids, so a retry of a batch the service did store stores
 nothing twice. A 4xx (or 507) rejects the batch for good: it is dropped and the
@@ -19,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ._exceptions import FlushTimeout, HTTPError, QueueFull, SendFailed, ServerError, TransportError
+from ._exceptions import (
+    ClientClosed,
+    FlushTimeout,
+    HTTPError,
+    QueueFull,
+    SendFailed,
+    ServerError,
+    TransportError,
+)
 
 TRANSIENT_STATUS = {502, 503, 504}
 FIELDS = ("soft_bind", "cone_vol", "lambda_bind", "E_T", "lambda_T", "Hr")
@@ -51,7 +60,7 @@ class Sender:
         with self._cond:
             self._raise_error()
             if self._closed:
-                raise RuntimeError("record() after close()")
+                raise ClientClosed("record() after close(): this client is closed")
             if len(self._queue) + self._in_flight >= self._queue_size:
                 raise QueueFull(
                     f"{len(self._queue) + self._in_flight} episodes are waiting to be sent (queue_size="
@@ -85,6 +94,10 @@ class Sender:
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the thread; a flush that times out or fails leaves it running."""
         self.flush(timeout)
+        self.stop()
+
+    def stop(self) -> None:
+        """No more `put`s; the thread sends what is queued, then ends."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -101,8 +114,11 @@ class Sender:
                     self._cond.wait()
                 if not self._queue:
                     return
-                n = min(self._batch_size, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(n)]
+                d = len(self._queue[0]["z"])
+                batch: list[dict[str, Any]] = []
+                while self._queue and len(batch) < self._batch_size and len(self._queue[0]["z"]) == d:
+                    batch.append(self._queue.popleft())
+                n = len(batch)
                 self._in_flight = n
             try:
                 self._send(first_of_each_id(batch))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -43,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, kind, text in SERVE_FLAGS:
         env = "ZMEM_" + flag.upper().replace("-", "_")
         serve.add_argument(f"--{flag}", type=kind, help=f"{text} [{env}]")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-level",
+        type=str.lower,
+        default=os.environ.get("ZMEM_LOG_LEVEL", "info").lower(),
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="how much the service logs: critical, error, warning, info (default) or debug [ZMEM_LOG_LEVEL]",
+    )
     backup = sub.add_parser("backup", help="copy a live data dir's store consistently")
     backup.add_argument("--data-dir", default=None, help="the service's data dir [ZMEM_DATA_DIR]")
     backup.add_argument("dest", help="file to write (a SQLite database)")
@@ -101,6 +108,13 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         print(f"zmem serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    from .datadir import DataDirInUse, DataDirLock
+
+    try:  # before anything opens the store or listens; the lock lives as long as this frame
+        _lock = None if settings.durability == "none" else DataDirLock(settings.data_dir)
+    except (DataDirInUse, OSError) as e:
+        print(f"zmem serve: {e}", file=sys.stderr)
         return 2
     from .app import create_app
     from .server import serve

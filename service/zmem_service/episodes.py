@@ -92,7 +92,7 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     soft, cone = batch.values["soft_bind"], batch.values["cone_vol"]
     with np.errstate(invalid="ignore"):
         bad(np.flatnonzero((soft < 0) | (soft > 1)), "soft_bind", "must be in [0, 1]")
-        bad(np.flatnonzero(cone < 0), "cone_vol", "must be >= 0")
+        bad(np.flatnonzero(cone <= 0), "cone_vol", "must be > 0 (the risk target takes its log)")
     seen: dict[str, int] = {}
     for i, (id_, worker) in enumerate(zip(batch.ids, batch.workers, strict=True)):
         if id_ is not None:

@@ -22,7 +22,16 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from fastapi import Request, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from starlette.requests import ClientDisconnect
 
 from . import jsonchunks
@@ -82,6 +91,19 @@ class QueryOptions(BaseModel):
     k: int | None = Field(None, ge=1, le=MAX_K)
     sigma: Annotated[float, Field(ge=MIN_SIGMA, le=MAX_SIGMA, strict=True)] | Literal["auto"] | None = None
     record: bool = False
+
+    @field_validator("sigma", mode="wrap")
+    @classmethod
+    def _sigma_says_both_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # The union reports one error per member, and "(and 1 more)" hid the "auto" one.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "sigma",
+                'must be a positive number or "auto" (numbers in [{lo}, {hi}]), got {value}',
+                {"lo": f"{MIN_SIGMA:g}", "hi": f"{MAX_SIGMA:g}", "value": repr(value)},
+            ) from None
 
 
 class QueryIn(QueryOptions):
