@@ -192,3 +192,12 @@ def test_a_close_that_times_out_keeps_the_client_usable(tmp_path) -> None:
         assert httpx.get(srv.url + "/stats").json()["size"] == 1
     finally:
         srv.stop()
+
+
+def test_a_put_with_a_bad_sigma_names_both_forms(client) -> None:
+    r = client.put("/memories/x", json={"sigma": "Auto"})
+    assert r.status_code == 422
+    assert r.json()["errors"] == [
+        {"loc": ["body", "sigma"], "msg": "must be a positive number or \"auto\", got 'Auto'"}
+    ]
+    assert client.put("/memories/x", json={"sigma": "auto", "z_dim": 3}).status_code == 201

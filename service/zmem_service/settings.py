@@ -9,12 +9,33 @@ defaults for memories created later.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Sigma = float | Literal["auto"]
+
+def _sigma_either(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # The union reports one error per member, and "(and 1 more)" hid the "auto" one.
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "sigma", 'must be a positive number or "auto", got {value}', {"value": repr(value)[:40]}
+        ) from None
+
+
+Sigma = Annotated[float | Literal["auto"], WrapValidator(_sigma_either)]
 
 MAX_CAPACITY = 10_000_000
 MAX_Z_DIM = 4096
