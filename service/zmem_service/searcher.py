@@ -8,9 +8,11 @@ columns. That cut is exact because ties break by seq (a total order), so a query
 gets the same answer alone or in a batch. A lone query waits for nothing. Writes
 reach an index between batches (the memory's lock orders them).
 
-A small query that finds the searcher idle and its memory's lock free is answered
-on the caller's thread instead (`inline_work`: at most that many multiply-adds, B·N·d;
-CPU indexes only): handing it to the thread and back costs more than the search.
+A small query that finds the searcher idle, the service quiet (no query answered in
+the last millisecond) and its memory's lock free is answered on the caller's thread
+instead (`inline_work`: at most that many multiply-adds, B·N·d; CPU indexes only):
+handing a lone query to the thread and back costs more than the search, while queries
+that arrive back to back are better served batched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -47,25 +50,36 @@ class Query:
 
 INLINE_WORK = 2**21
 """A query of at most this many multiply-adds (B·N·d; 50,000 × 32 at B=1 is 1.6M) may run inline."""
+INLINE_GAP = 0.001
+"""...and only when no query was answered in the last INLINE_GAP seconds: under load, queries
+arrive back to back and one batched search on the searcher thread serves them better."""
 
 
 class Searcher:
     def __init__(self, inline_work: int = 0) -> None:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
+        self._last_answer = 0.0  # monotonic time the last query was answered
         self._queue: queue.SimpleQueue[Query | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-searcher", daemon=True)
         self._thread.start()
 
     async def search(self, query: Query) -> Neighbors:
-        if self._queued == 0 and len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work:
+        now = time.monotonic()
+        quiet = now - self._last_answer > INLINE_GAP  # queries arriving back to back batch better
+        work = len(query.z) * query.memory.size * query.z.shape[1]
+        if quiet and self._queued == 0 and work <= self.inline_work:
             answer = query.memory.query_now(query)
+            self._last_answer = time.monotonic()
             if isinstance(answer, Neighbors):
                 return answer
             if answer is not None:
                 raise answer
         self._put(query)
-        return await asyncio.wrap_future(query.future)
+        try:
+            return await asyncio.wrap_future(query.future)
+        finally:
+            self._last_answer = time.monotonic()
 
     def _put(self, item: Query | Callable[[], Any] | None) -> None:
         self._queued += 1
