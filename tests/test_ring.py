@@ -76,6 +76,10 @@ def run_against_deque(capacity: int, z_dim: int, sizes: list[int]) -> None:
         # the slot-order views agree with the rows they index
         assert sorted(ring.column("seq").tolist()) == sorted(ref)
         np.testing.assert_array_equal(ring.z[ring.order()], ordered.z)
+        # arrival positions without copies (the changes feed pages with them)
+        np.testing.assert_array_equal(ring.slots(0, ring.size), ring.order())
+        for seq in {0, next_seq - 1, *(list(ref)[:1] + list(ref)[-1:]), next_seq + 5, (next_seq + 1) // 2}:
+            assert ring.position_after(seq) == sum(1 for s in ref if s <= seq)
 
 
 @st.composite

@@ -489,14 +489,11 @@ class Memory:
                     Columns.empty(self.settings.z_dim or 0),
                     complete=True,
                 )
-            order = self.ring.order()
-            seqs = self.ring.column("seq")[order]
-            oldest = int(seqs[0])
+            oldest = int(self.ring.column("seq")[self.ring.slots(0, 1)[0]])
             reset = generation not in (None, self.generation) or after < oldest - 1 or after >= self.next_seq
-            start = int(np.searchsorted(seqs, 0 if reset else after, side="right"))
-            page = order[start : start + limit]
-            rows = self.ring.rows(page)
-            complete = start + limit >= len(order)
+            start = self.ring.position_after(0 if reset else after)
+            rows = self.ring.rows(self.ring.slots(start, start + limit))
+            complete = start + limit >= self.ring.size
             wanted = auto or self._auto_asked or self.settings.sigma == "auto"
             sigma = self._sigma("auto") if complete and wanted and self.active else None
             return Changes(

@@ -105,6 +105,22 @@ class Ring:
             return np.arange(self.size)
         return (self._head + np.arange(self.capacity)) % self.capacity
 
+    def position_after(self, seq: int) -> int:
+        """How many held episodes have a seq ≤ `seq` (seqs increase in arrival order), without
+        copying a column: the arrival position of the first episode after `seq`."""
+        seqs = self._cols.seq
+        if self.size < self.capacity:
+            return int(np.searchsorted(seqs[: self.size], seq, side="right"))
+        older, newer = seqs[self._head : self.capacity], seqs[: self._head]  # oldest first
+        n = int(np.searchsorted(older, seq, side="right"))
+        return n if n < len(older) else n + int(np.searchsorted(newer, seq, side="right"))
+
+    def slots(self, start: int, stop: int) -> np.ndarray:
+        """The slots of arrival positions [start, stop) (0 = the oldest held), int64."""
+        stop = min(stop, self.size)
+        first = 0 if self.size < self.capacity else self._head
+        return (first + np.arange(start, max(start, stop), dtype=np.int64)) % self.capacity
+
     def rows(self, slots: np.ndarray) -> Columns:
         return self._cols.take(slots)
 
