@@ -318,3 +318,23 @@ def test_cuda_search_never_synchronises_with_the_host() -> None:
         ref_d2, ref_idx = brute_force(xb, seq.cpu().numpy(), q.cpu().numpy(), 64)
         for d2, idx in results[2 * i : 2 * i + 2]:
             check_same_knn(ref_d2, ref_idx, d2.cpu().numpy(), idx.cpu().numpy(), exact=True)
+
+
+@pytest.mark.parametrize(("n", "b", "k"), [(20000, 1, 64), (20000, 40, 10), (5000, 3, 1024), (3000, 17, 64)])
+def test_faiss_candidates_give_the_same_exact_answer(n: int, b: int, k: int) -> None:
+    """The replica's CPU shortcut: FAISS finds the candidates, the re-rank and rescue are the
+    same; the answer equals brute force, ties by seq included (integer data ties everywhere)."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(n + b + k)
+    seq = ring_seqs(n, n // 3)
+    for xb in (
+        rng.normal(size=(n, 8)).astype(np.float32),
+        rng.integers(-2, 3, size=(n, 3)).astype(np.float32),
+    ):
+        xq = rng.normal(size=(b, xb.shape[1])).astype(np.float32).round(0)
+        kk = min(k, n)
+        d2, idx = exact_knn(
+            torch.from_numpy(xb), torch.from_numpy(seq), torch.from_numpy(xq), kk, faiss_candidates=True
+        )
+        ref_d2, ref_idx = brute_force(xb, seq, xq, kk)
+        check_same_knn(ref_d2, ref_idx, d2.numpy(), idx.numpy(), exact=True)

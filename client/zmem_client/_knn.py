@@ -71,6 +71,7 @@ def exact_knn(
     center: torch.Tensor | None = None,
     base_sqnorm: torch.Tensor | None = None,
     rescue: bool | None = None,
+    faiss_candidates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest base rows of each query row, exactly.
 
@@ -82,11 +83,21 @@ def exact_knn(
 
     `rescue`: answer uncertified query rows by a full exact scan (see the module
     docstring). None (default): on CPU tensors yes; on CUDA no, so that the call
-    never synchronises with the host. Raises ValueError on shapes, dtypes or k.
+    never synchronises with the host. `faiss_candidates`: on CPU tensors, find the candidates
+    with FAISS when it is installed (faster than torch's matrix product and top-k for a few
+    query rows); the re-rank, certificate and rescue are the same, so is the answer.
+    Raises ValueError on shapes, dtypes or k.
     """
     if rescue is None:
         rescue = base.device.type != "cuda"
-    d2, idx, certified = knn_certified(base, seq, query, k, center=center, base_sqnorm=base_sqnorm)
+    found = faiss_knn_candidates(base, seq, query, k, center) if faiss_candidates else None
+    if found is not None:
+        cand, last = found
+        d2, idx, certified = rerank_candidates(
+            base, seq, query, cand, last, k, center=center, base_sqnorm=base_sqnorm
+        )
+    else:
+        d2, idx, certified = knn_certified(base, seq, query, k, center=center, base_sqnorm=base_sqnorm)
     if rescue:
         rescue_uncertified(base, seq, query, k, d2, idx, certified, center=center)
     return d2, idx
@@ -156,6 +167,28 @@ def rerank_candidates(
     kth = d2[:, k - 1].to(torch.float64) * (1.0 + 4.0 * (dim + 2) * 2.0**-53)
     # Every row outside the candidates is at exact distance ≥ last − error.
     return d2, idx, kth < last.to(torch.float64) - error
+
+
+def faiss_knn_candidates(
+    base: torch.Tensor, seq: torch.Tensor, query: torch.Tensor, k: int, center: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Step 1 by `faiss.knn` on CPU tensors: (cand [B, c], last [B] float64), or None where it
+    doesn't apply (not CPU, faiss not installed, every row a candidate)."""
+    n = len(base)
+    c = min(n, k + margin(k))
+    if base.device.type != "cpu" or c == n or len(query) == 0:
+        return None
+    try:
+        import faiss
+    except ImportError:
+        return None
+    _check(base, seq, query, k, center, None)
+    xq = _centred(query, center).to(torch.float32).contiguous().numpy()
+    faiss.omp_set_num_threads(1 if len(xq) <= 16 else max(1, min(len(xq), torch.get_num_threads())))
+    approx, rows = faiss.knn(xq, base.contiguous().numpy(), c)
+    if (rows < 0).any():  # FAISS's "no result": let the torch path answer
+        return None
+    return torch.from_numpy(rows), torch.from_numpy(approx[:, -1]).to(torch.float64)
 
 
 def rescue_uncertified(

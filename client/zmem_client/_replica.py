@@ -23,6 +23,7 @@ daemon thread, batched; when the service is away they are dropped and counted.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import random
 import struct
@@ -187,6 +188,8 @@ class Replica:
         self._warned = False
         self._building: _State | None = None  # a fresh mirror being filled (feed thread only)
         self._want_auto = False  # a caller asked for sigma "auto": the feed must send its value
+        # On CPU, FAISS (when installed) finds the candidates faster than torch; same answer.
+        self._use_faiss = self.device.type == "cpu" and importlib.util.find_spec("faiss") is not None
         self._caught_up = False  # the last page reached the newest row (feed thread only)
         self.pages = 0
         self.resets = 0
@@ -309,7 +312,7 @@ class Replica:
                 t.record_stream(stream)  # keep the buffers from reuse while this stream reads them
         base, targets, seqs, sqnorm = st.window()
         q = rows.to(self.device, torch.float32, non_blocking=True)
-        d2, idx = exact_knn(base, seqs, q, kk, base_sqnorm=sqnorm)
+        d2, idx = exact_knn(base, seqs, q, kk, base_sqnorm=sqnorm, faiss_candidates=self._use_faiss)
         nz, rt = base[idx], targets[idx]
         return (d2, nz, rt, seqs[idx]) if with_seq else (d2, nz, rt)
 
