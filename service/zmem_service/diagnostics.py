@@ -58,8 +58,10 @@ class Thresholds:
     when every group binds well, above reliable_soft_bind."""
     convergence_factor: float = 0.9
     risk_rise: float = 0.05
-    """The recorded risk's median may rise by this fraction of the older half's |median|
-    (or by 3 standard errors of a half's median, if more) before convergence fails."""
+    """The recorded risk's median may rise by this fraction of the older half's |median|, by
+    `risk_rise_spread` × the series' interquartile range, or by 3 standard errors of a half's
+    median, whichever is most, before convergence fails."""
+    risk_rise_spread: float = 0.25
     spike_mad: float = 5.0
     spike_window: int = 21
     spike_rate_rise: float = 0.01
@@ -505,9 +507,16 @@ def _convergence_criterion(
         old, new = risk[:h], risk[h:]
         m_old, m_new = float(np.median(old)), float(np.median(new))
         mad = float(np.median(np.abs(risk - np.median(risk))))
-        # 3 standard errors of a half's median (1.2533·σ/√h with σ ≈ 1.4826·MAD) or a
-        # fraction of the level: a steady series passes, a level that climbs does not.
-        tol = max(t.risk_rise * abs(m_old), 3 * 1.2533 * 1.4826 * mad / np.sqrt(h), 1e-6)
+        # 3 standard errors of a half's median (1.2533·σ/√h with σ ≈ 1.4826·MAD), a fraction
+        # of the level, or a fraction of the series' spread (IQR: a level near 0 must not make
+        # any wobble a rise): a steady series passes, a level that climbs does not.
+        q25, q75 = np.percentile(risk, [25, 75])
+        tol = max(
+            t.risk_rise * abs(m_old),
+            t.risk_rise_spread * float(q75 - q25),
+            3 * 1.2533 * 1.4826 * mad / np.sqrt(h),
+            1e-6,
+        )
         level_ok = bool(m_new <= m_old + tol)
         spikes, _ = find_spikes(risk, t.spike_mad, t.spike_window)
         s_old, s_new = int(spikes[:h].sum()), int(spikes[h:].sum())
