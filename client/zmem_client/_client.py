@@ -33,6 +33,7 @@ from ._exceptions import (
 )
 from ._risk import kernel_risk
 from ._sender import Sender, columns
+from ._transport import lean_transport
 
 if TYPE_CHECKING:
     from ._replica import Lag, Replica
@@ -108,7 +109,11 @@ class ZMemClient:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         # Separate pools: the sender's retries never queue up behind a training step's query.
         # `transport` (e.g. httpx.MockTransport) is for tests; it is not pickled.
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        # The query path (one call per training step) uses the lean http.client transport.
+        query_transport = transport or lean_transport(self.url, timeout)
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=query_transport
+        )
         self._send_http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
