@@ -113,15 +113,17 @@ class Searcher:
                 if item is None:
                     self._answer(batch)
                     return
-                self._queued -= 1  # under the GIL; only a hint for `search`
                 if isinstance(item, Query):
                     if item.future.set_running_or_notify_cancel():  # skip queries whose caller left
                         batch.append(item)
                         rows += len(item.z)
+                    else:
+                        self._queued -= 1
                 else:
                     self._answer(batch)
                     batch, rows = [], 0
                     item()
+                    self._queued -= 1  # counted until done: nothing runs inline meanwhile
                 if rows >= MAX_BATCH_ROWS:
                     break
                 try:
@@ -130,8 +132,14 @@ class Searcher:
                     break
             self._answer(batch)
 
+    def _answer(self, batch: list[Query]) -> None:
+        try:
+            self._answer_batch(batch)
+        finally:
+            self._queued -= len(batch)  # under the GIL; only a hint for `search`
+
     @staticmethod
-    def _answer(batch: list[Query]) -> None:
+    def _answer_batch(batch: list[Query]) -> None:
         by_memory: dict[Memory, list[Query]] = {}
         for q in batch:
             by_memory.setdefault(q.memory, []).append(q)
