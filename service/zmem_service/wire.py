@@ -213,8 +213,10 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("body is not valid JSON: nested too deeply") from None
 
 
-def parse_safetensors(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Tensors (F32 only) and the decoded `__metadata__` values."""
+def parse_safetensors(
+    body: bytes, dtypes: tuple[str, ...] = ("F32",)
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Tensors (of `dtypes` only: F32 unless said) and the decoded `__metadata__` values."""
     try:
         (n,) = struct.unpack("<Q", body[:8])
         header = json.loads(body[8 : 8 + n])
@@ -222,8 +224,9 @@ def parse_safetensors(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any
     except Exception as e:
         raise BadRequest(f"body is not a valid safetensors file: {e}") from None
     for name, spec in header.items():
-        if name != "__metadata__" and spec.get("dtype") != "F32":
-            raise ValidationFailed.at([name], f"tensor is {spec.get('dtype')}; only F32 is accepted")
+        if name != "__metadata__" and spec.get("dtype") not in dtypes:
+            allowed = " or ".join(dtypes)
+            raise ValidationFailed.at([name], f"tensor is {spec.get('dtype')}; only {allowed} is accepted")
     meta = {}
     for key, text in (header.get("__metadata__") or {}).items():
         try:

@@ -10,18 +10,15 @@ suffices, as for `neighbors` and `risk`. Mounted at the root and under `/memorie
 from __future__ import annotations
 
 import asyncio
-import json
-import struct
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from ..errors import BadRequest, ValidationFailed
+from ..errors import ValidationFailed
 from ..memory import Memory
-from ..wire import is_safetensors, parse_json, read_body
+from ..wire import is_safetensors, parse_json, parse_safetensors, read_body
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
@@ -96,19 +93,11 @@ def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict
 
 
 def _safetensors_columns(body: bytes) -> dict[str, np.ndarray]:
-    try:
-        (length,) = struct.unpack("<Q", body[:8])
-        header = json.loads(body[8 : 8 + length])
-        tensors = safetensors.numpy.load(body)
-    except Exception as e:
-        raise BadRequest(f"body is not a valid safetensors file: {e}") from None
+    tensors, _ = parse_safetensors(body, dtypes=("F32", "F64"))
     out = {}
     for f in FIELDS:
-        spec = header.get(f) if isinstance(header, dict) else None
-        if spec is None:
+        if f not in tensors:
             raise ValidationFailed.at([f], "a F32 or F64 tensor is required")
-        if spec.get("dtype") not in ("F32", "F64"):
-            raise ValidationFailed.at([f], f"tensor is {spec.get('dtype')}; only F32 or F64 is accepted")
         if tensors[f].ndim != 1:
             raise ValidationFailed.at([f], f"shape {list(tensors[f].shape)}; expected [n]")
         out[f] = tensors[f].astype(np.float64)
