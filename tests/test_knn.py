@@ -23,6 +23,9 @@ from fastapi.testclient import TestClient
 from zmem_service import index as zindex
 from zmem_service.index import SMALL_QUERY_ROWS, FaissCpuIndex
 
+from . import knn_oracle
+from .knn_oracle import GRID
+
 RTOL = 1e-5
 
 
@@ -30,17 +33,7 @@ def brute_force(
     xb: np.ndarray, xq: np.ndarray, k: int, seq: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """float64 squared distances to every row, k nearest, ties by the lower seq (default: row)."""
-    xb64 = xb.astype(np.float64)
-    seq = np.arange(len(xb)) if seq is None else seq
-    rows = max(1, 2**22 // max(1, xb.size))  # keep the [rows, N, d] block at ~32 MiB
-    ds, ids = [], []
-    for start in range(0, len(xq), rows):
-        q = xq[start : start + rows].astype(np.float64)
-        d2 = ((q[:, None, :] - xb64[None]) ** 2).sum(-1)
-        order = np.lexsort((np.broadcast_to(seq, d2.shape), d2), axis=-1)[:, :k]
-        ds.append(np.take_along_axis(d2, order, -1))
-        ids.append(order)
-    return np.concatenate(ds), np.concatenate(ids)
+    return knn_oracle.brute_force(xb, np.arange(len(xb)) if seq is None else seq, xq, k)
 
 
 def search(
@@ -61,15 +54,10 @@ def check_knn(xb: np.ndarray, xq: np.ndarray, k: int, *, exact_ties: bool = Fals
     ref_d2, ref_idx = brute_force(xb, xq, k)
     check_ref_knn_with_draws(ref_d2, ref_idx, d2, idx, rtol=RTOL)
     # the distances are those of the returned rows (not just of some rows)
-    np.testing.assert_allclose(brute_pairs(xb, xq, idx), d2, rtol=RTOL)
+    np.testing.assert_allclose(knn_oracle.pair_d2(xb, xq, idx), d2, rtol=RTOL)
     if exact_ties:
         np.testing.assert_array_equal(idx, ref_idx)
         np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
-
-
-def brute_pairs(xb: np.ndarray, xq: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    diff = xb[idx].astype(np.float64) - xq[:, None, :].astype(np.float64)
-    return (diff**2).sum(-1)
 
 
 @pytest.fixture(autouse=True)
@@ -77,31 +65,6 @@ def restore_omp_threads() -> Iterator[None]:
     before = faiss.omp_get_max_threads()
     yield
     faiss.omp_set_num_threads(before)
-
-
-# (N, d, k, B): every N in {1, 7, 1000, 20000}, d in {1, 3, 32, 128}, k in {1, 10, 64, 1024}
-# and B in {1, 5, 40, 256} appears, in mixed combinations; k is clipped to N.
-GRID = [
-    (1, 1, 1, 1),
-    (1, 128, 1024, 5),
-    (1, 3, 10, 256),
-    (7, 3, 10, 1),
-    (7, 32, 1024, 40),
-    (7, 1, 64, 256),
-    (7, 128, 1, 5),
-    (1000, 1, 10, 40),
-    (1000, 3, 1024, 256),
-    (1000, 32, 64, 1),
-    (1000, 128, 1, 5),
-    (1000, 128, 1024, 40),
-    (20000, 3, 64, 256),
-    (20000, 32, 1024, 40),
-    (20000, 128, 10, 256),
-    (20000, 1, 1, 5),
-    (20000, 128, 64, 1),
-    (20000, 1, 1024, 40),
-    (20000, 32, 10, 5),
-]
 
 
 @pytest.mark.parametrize(("n", "d", "k", "b"), GRID, ids=[f"N{n}-d{d}-k{k}-B{b}" for n, d, k, b in GRID])
@@ -131,7 +94,7 @@ def test_identical_rows_give_the_first_k_rows(k: int, b: int) -> None:
     xq = np.random.default_rng(b).integers(-3, 4, size=(b, 4)).astype(np.float32)
     d2, idx = search(xb, xq, k)
     np.testing.assert_array_equal(idx, np.broadcast_to(np.arange(k), (b, k)))
-    np.testing.assert_array_equal(d2, brute_pairs(xb, xq, idx).astype(np.float32))
+    np.testing.assert_array_equal(d2, knn_oracle.pair_d2(xb, xq, idx).astype(np.float32))
 
 
 @pytest.mark.parametrize("b", [1, 40])

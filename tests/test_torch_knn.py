@@ -19,7 +19,7 @@ import torch
 from zmem_client import _knn
 from zmem_client._knn import centres_exactly, exact_center, exact_knn, knn_certified
 
-from .knn_oracle import brute_force, check_same_knn, pair_d2, ring_seqs
+from .knn_oracle import GRID, brute_force, check_same_knn, pair_d2, ring_seqs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -56,31 +56,6 @@ def check(
     check_same_knn(ref_d2, ref_idx, d2, idx, exact=exact)
     # the distances are those of the returned rows
     np.testing.assert_allclose(pair_d2(xb, xq, idx), d2, rtol=1e-6)
-
-
-# (N, d, k, B) as in test_knn.py: every N in {1, 7, 1000, 20000}, d in {1, 3, 32, 128},
-# k in {1, 10, 64, 1024} and B in {1, 5, 40, 256}; k is clipped to N.
-GRID = [
-    (1, 1, 1, 1),
-    (1, 128, 1024, 5),
-    (1, 3, 10, 256),
-    (7, 3, 10, 1),
-    (7, 32, 1024, 40),
-    (7, 1, 64, 256),
-    (7, 128, 1, 5),
-    (1000, 1, 10, 40),
-    (1000, 3, 1024, 256),
-    (1000, 32, 64, 1),
-    (1000, 128, 1, 5),
-    (1000, 128, 1024, 40),
-    (20000, 3, 64, 256),
-    (20000, 32, 1024, 40),
-    (20000, 128, 10, 256),
-    (20000, 1, 1, 5),
-    (20000, 128, 64, 1),
-    (20000, 1, 1024, 40),
-    (20000, 32, 10, 5),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
