@@ -63,11 +63,15 @@ class ChangeSignal:
         if event is not None:
             event.set()
 
-    async def wait(self, name: str, timeout: float) -> None:
-        """Return when `name` changes, at shutdown, or after `timeout` seconds."""
+    def event(self, name: str) -> asyncio.Event:
+        """The event the next change of `name` sets: take it *before* reading the memory, so a
+        change that lands between the read and the wait still wakes the waiter."""
+        return self._events.setdefault(name, asyncio.Event())
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        """Return when `event` is set (a change, or shutdown) or after `timeout` seconds."""
         if self.closed or timeout <= 0:
             return
-        event = self._events.setdefault(name, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
@@ -220,6 +224,7 @@ class ZMem:
         """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`."""
         deadline = time.monotonic() + wait
         while True:
+            changed = self.signal.event(name)
             memory = self.memory(name)
             z_dim = memory.settings.z_dim or 1
             rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
@@ -229,7 +234,7 @@ class ZMem:
             left = deadline - time.monotonic()
             if len(page.rows) or page.reset or left <= 0 or self.signal.closed:
                 return page
-            await self.signal.wait(name, left)
+            await self.signal.wait(changed, left)
             await asyncio.sleep(GATHER_SECONDS)  # let a busy memory's next writes join this page
 
     async def stats(self, name: str) -> dict[str, Any]:
