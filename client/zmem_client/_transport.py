@@ -23,6 +23,7 @@ class HTTPClientTransport(httpx.BaseTransport):
         self.host, self.port, self.timeout = host, port, timeout
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
@@ -30,6 +31,8 @@ class HTTPClientTransport(httpx.BaseTransport):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         timeout = request.extensions.get("timeout", {}).get("read") or self.timeout
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the transport is closed")
             for attempt in (0, 1):
                 fresh = self._conn is None
                 conn = self._conn or http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -68,6 +71,7 @@ class HTTPClientTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._drop()
 
 
