@@ -6,8 +6,10 @@ One `zmem serve --durability none` holds n×d episodes. Each worker (a spawned
 process, torch threads 1) calls `risk(z)` forward+backward in a loop for
 `--duration` seconds: first with B=1 rows per call, then with B=`--batch`.
 Printed per variant: total queries/s (query rows/s for the batched variant), each
-worker's p50/p99 latency, and the server's CPU per query (utime+stime of its
-process from /proc/<pid>/stat, before and after, divided by the calls answered).
+worker's p50/p99 latency, the server's CPU per query (utime+stime of its
+process from /proc/<pid>/stat, before and after, divided by the calls answered),
+the workers' own CPU per query (getrusage in each worker: the client, the kernel's
+forward and backward), and the rate the machine's cores allow at those two costs.
 The targets of issue 10 are printed next to the figures; nothing asserts them.
 
 Clients and server share this machine's cores, so the figures are those of one
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ import numpy as np
 
 TARGET_QPS = 2000
 TARGET_CPU_US = 400
-Results = mp.Queue  # (rank, start, end, latencies) from each worker
+Results = mp.Queue  # (rank, start, end, latencies, cpu seconds) from each worker
 
 
 def cpu_seconds(pid: int) -> float:
@@ -52,6 +55,7 @@ def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Bar
         for i in range(5):  # warm-up: connection, first allocations
             mem.risk(queries[i].clone().requires_grad_(True)).sum().backward()
         barrier.wait()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.monotonic()
         deadline = start + duration
         i = 0
@@ -64,7 +68,9 @@ def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Bar
             times.append(time.monotonic() - t0)
             i += 1
         end = time.monotonic()
-    out.put((rank, start, end, np.array(times)))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    out.put((rank, start, end, np.array(times), cpu))
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Result:
     calls: int
     wall: float
     server_cpu: float
+    client_cpu: float
     latencies: list[np.ndarray]
 
     @property
@@ -83,6 +90,15 @@ class Result:
     @property
     def cpu_us_per_call(self) -> float:
         return 1e6 * self.server_cpu / self.calls
+
+    @property
+    def client_cpu_us_per_call(self) -> float:
+        return 1e6 * self.client_cpu / self.calls
+
+    @property
+    def bound_calls_per_s(self) -> float:
+        """Calls/s this machine's cores allow at the measured server + client CPU per call."""
+        return (os.cpu_count() or 1) * 1e6 / (self.cpu_us_per_call + self.client_cpu_us_per_call)
 
 
 def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) -> Result:
@@ -104,7 +120,8 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
     start = min(g[1] for g in got)
     end = max(g[2] for g in got)
     lat = [g[3] for g in got]
-    return Result(rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, lat)
+    client_cpu = sum(g[4] for g in got)
+    return Result(rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, client_cpu, lat)
 
 
 def report(res: Result) -> list[str]:
@@ -123,6 +140,11 @@ def report(res: Result) -> list[str]:
     if res.rows > 1:
         lines.append(f"{'server CPU per query row (µs)':34} {res.cpu_us_per_call / res.rows:12,.1f}")
     lines.append(f"{'server CPU busy (cores)':34} {res.server_cpu / res.wall:12.2f}")
+    lines.append(f"{'worker CPU per call (µs)':34} {res.client_cpu_us_per_call:12,.0f}")
+    lines.append(f"{'worker CPU busy (cores)':34} {res.client_cpu / res.wall:12.2f}")
+    lines.append(
+        f"{'cores / (server + worker CPU)':34} {res.bound_calls_per_s:12,.0f}  calls/s this machine allows"
+    )
     lines.append(f"{'worker':>8} {'calls':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for rank, t in enumerate(res.latencies):
         p50, p99 = np.percentile(t * 1000, [50, 99]) if len(t) else (float("nan"), float("nan"))
@@ -132,6 +154,49 @@ def report(res: Result) -> list[str]:
         p50, p99 = np.percentile(every, [50, 99])
         lines.append(f"{'all':>8} {len(every):7d} {p50:8.2f} {p99:8.2f}")
     return lines
+
+
+def floors(url: str, pid: int, n: int, d: int, k: int, calls: int = 500) -> list[str]:
+    """What a query can't cost less than here, measured one call at a time before the load:
+    the server's CPU for a request that does no search (GET /healthz over one keep-alive
+    connection), and one FAISS search of the same size in this process (1 thread)."""
+    import http.client
+
+    import faiss
+
+    from .bench_risk import Data
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def healthz() -> None:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+
+    for _ in range(50):
+        healthz()
+    cpu0 = cpu_seconds(pid)
+    for _ in range(calls):
+        healthz()
+    http_us = 1e6 * (cpu_seconds(pid) - cpu0) / calls
+    conn.close()
+    z = Data.random(n, d).z
+    faiss.omp_set_num_threads(1)
+    q = z[:1] + np.float32(0.01)
+    for _ in range(20):
+        faiss.knn(q, z, k)
+    took = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        faiss.knn(q, z, k)
+        took.append(time.perf_counter() - t0)
+    search_us = 1e6 * float(np.median(took))
+    return [
+        f"\nfloors, one call at a time ({calls} calls each)          µs",
+        f"{'server CPU per GET /healthz (HTTP stack, no search)':52} {http_us:7,.0f}",
+        f"{'faiss.knn B=1, 1 thread, in-process (p50)':52} {search_us:7,.0f}",
+        f"{'sum: the server CPU floor of one query here':52} {http_us + search_us:7,.0f}",
+    ]
 
 
 def main() -> None:
@@ -151,6 +216,7 @@ def main() -> None:
     if args.url:
         if args.pid is None:
             ap.error("--url needs --pid (the server's process, for its CPU time)")
+        floor = floors(args.url, args.pid, args.n, args.d, args.k)
         results = [run(args.url, args.pid, args.workers, rows, args.d, args.duration) for rows in variants]
     else:
         from .bench_risk import Data, fill, start_server
@@ -160,6 +226,7 @@ def main() -> None:
             try:
                 fill(srv.url, Data.random(args.n, args.d))
                 assert srv.proc is not None
+                floor = floors(srv.url, srv.proc.pid, args.n, args.d, args.k)
                 results = [
                     run(srv.url, srv.proc.pid, args.workers, rows, args.d, args.duration) for rows in variants
                 ]
@@ -169,6 +236,8 @@ def main() -> None:
         f"\nzmem serve --durability none, N={args.n}, d={args.d}, k={args.k}, CPU, "
         f"{os.cpu_count()} cores shared by server and workers"
     )
+    for line in floor:
+        print(line)
     for res in results:
         for line in report(res):
             print(line)
