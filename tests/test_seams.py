@@ -71,6 +71,39 @@ def test_ties_and_auto_sigma_survive_a_restart_after_a_wrap(tmp_path) -> None:
         client.__exit__(None, None, None)
 
 
+def test_auto_sigma_depends_on_the_buffer_not_on_when_it_was_asked(make_client) -> None:
+    """Two memories that hold the same rows (same z's, same seqs) resolve "auto" to the same σ,
+    whether it was first asked early (before most of the current window arrived), never, or
+    with later rows already in; and that σ is the window's own: σ² = the mean squared distance
+    from each row with seq in (boundary − capacity + capacity/10, boundary] to its k-th nearest
+    neighbour among those rows (boundary = the newest seq rounded down to capacity/10)."""
+    client = make_client(capacity=300, min_size=10, k=8)
+    rng = np.random.default_rng(3)
+    z = np.concatenate([rng.standard_normal((300, 4)) * 0.1, rng.standard_normal((350, 4)) * 5.0])
+    eps = [{"z": row.tolist(), "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for row in z]
+
+    def sigma(name: str) -> float:
+        r = client.post(f"/memories/{name}/neighbors", json={"z": [0.0] * 4, "sigma": "auto"})
+        assert r.status_code == 200, r.text
+        return float(r.json()["sigma"])
+
+    asked_early = []
+    for start in range(0, 650, 50):  # "early" asks once per 50 writes
+        assert (
+            client.post("/memories/early/episodes", json={"episodes": eps[start : start + 50]}).status_code
+            == 200
+        )
+        asked_early.append(sigma("early"))
+    assert client.post("/memories/late/episodes", json={"episodes": eps}).status_code == 200
+    assert sigma("late") == asked_early[-1]
+
+    boundary = 650 // 30 * 30  # the newest seq (650) rounded down to capacity/10 = 30
+    rows = z[boundary - 300 + 30 : boundary]  # seqs (boundary − 270, boundary], 0-based rows
+    d2 = ((rows[:, None, :] - rows[None]) ** 2).sum(-1)
+    expected = np.sqrt(np.sort(d2, axis=1)[:, 8].mean())  # column 0 is the row itself
+    assert asked_early[-1] == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_reservation_that_fails_stores_nothing_and_the_memory_keeps_working(
     make_client, monkeypatch
 ) -> None:

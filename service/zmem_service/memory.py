@@ -155,7 +155,7 @@ class Memory:
     queries: QueryLog = field(default_factory=lambda: QueryLog(100_000))
     room: Callable[[], int] = lambda: 2**62  # bytes the memory budget has left (`Memories` sets it)
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
-    _auto_sigma: tuple[int, float] | None = None  # (total_written // (capacity/10), sigma)
+    _auto_sigma: tuple[int, float] | None = None  # (the window's boundary seq, sigma)
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
     _auto_asked: bool = False  # someone asked for sigma "auto": the feed sends its value from now on
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -429,11 +429,13 @@ class Memory:
         )
 
     def _sigma(self, sigma: float | str) -> float:
-        """A numeric sigma; "auto" is recomputed once per capacity/10 writes (lock held).
+        """A numeric sigma; "auto" from the rows of the current window (lock held).
 
-        The sample is drawn by arrival order (seq), never by slot, so the value depends
-        only on the buffer's contents. While the memory is inactive "auto" is 1.0 and
-        nothing is kept, so a value computed on a nearly empty memory never outlives it.
+        "auto" is σ with σ² = the mean squared distance from ≤ 1,000 rows (a seeded sample,
+        by seq) to their k-th nearest neighbour, both among the rows of a window fixed by
+        seqs (`_auto_sigma_window`): the value depends only on the buffer's contents (its
+        rows and their seqs) and settings, never on when it was first asked, on slot
+        layout or on a restart. While the memory is inactive "auto" is 1.0.
         """
         if sigma != "auto":
             return float(sigma)
@@ -443,27 +445,61 @@ class Memory:
         if self._auto_sigma_fresh():
             assert self._auto_sigma is not None
             return self._auto_sigma[1]
-        bucket = self._auto_sigma_bucket()
-        rng = np.random.default_rng(0)
-        n = min(self.size, AUTO_SIGMA_SAMPLE)
+        boundary, low = self._auto_sigma_window()
         order = self.ring.order()
-        sample = self.ring.column("z")[order[np.sort(rng.choice(self.size, n, replace=False))]]
-        kk = min(self.settings.k, self.size - 1)
-        d2, _ = self.index.search(sample, kk + 1, self.size)  # the first hit is the row itself
-        mean = float(d2[:, kk].astype(np.float64).mean())
-        value = float(np.sqrt(mean)) if mean > 0 else 1.0
-        self._auto_sigma = (bucket, value)
+        seqs = self.ring.column("seq")[order]  # ascending: arrival order is seq order
+        window = order[np.searchsorted(seqs, low, side="right") : np.searchsorted(seqs, boundary, side="right")]
+        value = self._window_sigma(window, low, boundary) if len(window) >= 2 else 1.0
+        self._auto_sigma = (boundary, value)
         return value
 
-    def _auto_sigma_bucket(self) -> int:
-        return self.total_written // max(1, self.settings.capacity // 10)
+    def _window_sigma(self, window: np.ndarray, low: int, boundary: int) -> float:
+        """σ over the rows at slots `window` (seqs in (low, boundary]), searching the whole index
+        and keeping only neighbours inside the window (lock held)."""
+        assert self.ring is not None and self.index is not None
+        rng = np.random.default_rng(0)
+        n = min(len(window), AUTO_SIGMA_SAMPLE)
+        sample = self.ring.column("z")[window[np.sort(rng.choice(len(window), n, replace=False))]]
+        kk = min(self.settings.k, len(window) - 1)  # the sample row itself comes first
+        kth = np.full(n, np.nan)
+        todo = np.arange(n)
+        want = kk + 1 + max(32, (kk + 1) // 2)
+        seq_of = self.ring.column("seq")
+        while len(todo):
+            got = min(want, self.size)
+            d2, slots = self.index.search(sample[todo], got, self.size)
+            inside = (seq_of[slots] > low) & (seq_of[slots] <= boundary)
+            rank = np.cumsum(inside, axis=1)
+            found = rank[:, -1] > kk
+            col = np.argmax(rank > kk, axis=1)  # the (kk+1)-th neighbour inside the window
+            kth[todo[found]] = d2[found, col[found]]
+            if got >= self.size:  # every row searched: the window holds fewer than kk + 1 near rows
+                break
+            todo, want = todo[~found], want * 2
+        mean = float(kth.astype(np.float64).mean())
+        return float(np.sqrt(mean)) if mean > 0 else 1.0
+
+    def _auto_sigma_window(self) -> tuple[int, int]:
+        """(boundary, low): "auto" is computed from the rows with low < seq ≤ boundary.
+
+        The boundary is the newest seq rounded down to a multiple of capacity/10 (to a
+        power of two while the memory is younger than that), so the value is recomputed
+        once per capacity/10 writes; low = boundary − capacity + capacity/10. Until the
+        next boundary, FIFO evicts only rows with seq ≤ low and adds only rows above the
+        boundary, so the window's rows stay in the buffer, unchanged, and any moment gives
+        the same value.
+        """
+        newest = max(1, self.next_seq - 1)
+        step = max(1, self.settings.capacity // 10)
+        boundary = newest // step * step if newest >= step else 1 << (newest.bit_length() - 1)
+        return boundary, boundary - self.settings.capacity + step
 
     def _auto_sigma_fresh(self) -> bool:
         """Whether "auto" resolves without a search: the memory is inactive, or the value of
-        this bucket of writes is kept (lock held)."""
+        the current window is kept (lock held)."""
         if not self.active or self.size < 2:
             return True
-        return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_bucket()
+        return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_window()[0]
 
     def changes(self, after: int, generation: str | None, limit: int, auto: bool = False) -> Changes:
         """The rows with seq > `after` still held, oldest first, at most `limit` (searcher thread:
