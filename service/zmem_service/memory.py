@@ -448,7 +448,8 @@ class Memory:
         boundary, low = self._auto_sigma_window()
         order = self.ring.order()
         seqs = self.ring.column("seq")[order]  # ascending: arrival order is seq order
-        window = order[np.searchsorted(seqs, low, side="right") : np.searchsorted(seqs, boundary, side="right")]
+        first, stop = np.searchsorted(seqs, [low, boundary], side="right")
+        window = order[first:stop]
         value = self._window_sigma(window, low, boundary) if len(window) >= 2 else 1.0
         self._auto_sigma = (boundary, value)
         return value
