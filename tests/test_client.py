@@ -424,6 +424,42 @@ def test_risk_takes_numpy_and_lists_like_record() -> None:
     mem.close()
 
 
+def spread_neighbors_answer(request: httpx.Request) -> httpx.Response:
+    """Every query row gets 64 neighbours at distances from 0.9 to 3 with varied risk targets."""
+    z = safetensors.numpy.load(request.content)["z"]
+    b, d = z.shape
+    rng = np.random.default_rng(5)
+    offsets = rng.standard_normal((64, d)).astype(np.float32)
+    offsets *= (np.linspace(0.9, 3.0, 64, dtype=np.float32) / np.linalg.norm(offsets, axis=1))[:, None]
+    body = safetensors.numpy.save(
+        {
+            "z": (z[:, None, :] + offsets[None]).astype(np.float32),
+            "risk_target": np.tile(rng.uniform(-1.0, 2.0, 64).astype(np.float32), (b, 1)),
+            "d2": np.tile((offsets.astype(np.float64) ** 2).sum(1).astype(np.float32), (b, 1)),
+            "seq": np.tile(np.arange(1, 65), (b, 1)),
+        },
+        metadata={"size": "700", "active": "true", "k": "64", "sigma": "0.7"},
+    )
+    return httpx.Response(200, content=body, headers={"content-type": "application/x-safetensors"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_z_gets_the_float32_kernel(dtype: torch.dtype) -> None:
+    """z in bfloat16/float16 (autocast) is computed as the seed does, in float32, and only the
+    result and the gradient are rounded to z's dtype."""
+    mem = ZMemClient("http://zmem.test", transport=httpx.MockTransport(spread_neighbors_answer))
+    z = (torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 0.5).to(dtype).requires_grad_(True)
+    risk = mem.risk(z)
+    risk.sum().backward()
+    z32 = z.detach().float().requires_grad_(True)
+    ref = mem.risk(z32)
+    ref.sum().backward()
+    assert risk.dtype == dtype and z.grad is not None and z.grad.dtype == dtype
+    assert torch.equal(risk, ref.detach().to(dtype))
+    assert torch.equal(z.grad, z32.grad.to(dtype))
+    mem.close()
+
+
 def test_episodes_that_cannot_be_sent_at_exit_are_reported_lost() -> None:
     script = textwrap.dedent("""
         import httpx, numpy as np

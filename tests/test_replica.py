@@ -235,6 +235,22 @@ def test_mirrors_the_fifo_across_wraps(feed: FakeFeed, make_replica: Callable[..
     assert rep.lag().seqs == 0
 
 
+def test_half_precision_z_gets_the_float32_kernel(
+    feed: FakeFeed, make_replica: Callable[..., Replica]
+) -> None:
+    """As on the network path: bfloat16 z is computed in float32, rounded only at the end."""
+    rng = np.random.default_rng(4)
+    feed.create(capacity=200, min_size=5)
+    feed.append(*rows(rng, 150))
+    rep = make_replica()
+    q = torch.from_numpy(rng.standard_normal((3, D))).to(torch.bfloat16)
+    risk, grad, _ = replica_answer(rep, q, k=16, sigma=0.8)
+    want = oracle(feed, q.float(), 16, 0.8)
+    assert risk.dtype == grad.dtype == torch.bfloat16
+    assert torch.equal(risk, want["risk"].to(torch.bfloat16))
+    assert torch.equal(grad, want["grad"].to(torch.bfloat16))
+
+
 def test_pages_are_published_only_when_complete(make_replica: Callable[..., Replica]) -> None:
     feed = FakeFeed(page_rows=7)
     rng = np.random.default_rng(1)

@@ -33,7 +33,7 @@ from ._exceptions import (
     TransportError,
     ZMemWarning,
 )
-from ._risk import kernel_risk
+from ._risk import kernel_dtype, kernel_risk
 from ._sender import Sender, columns
 from ._transport import lean_transport
 
@@ -362,9 +362,10 @@ class ZMemClient:
             # Only this 404: one from a wrong URL prefix or a proxy must not switch the term off.
             risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
             return (risk if z.dim() == 2 else risk[0]), 0
-        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=rows.dtype)
-        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=rows.dtype)
-        risk = kernel_risk(rows, nz, rt, nb["sigma"])
+        work = kernel_dtype(rows.dtype)
+        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=work)
+        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=work)
+        risk = kernel_risk(rows.to(work), nz, rt, nb["sigma"]).to(rows.dtype)
         return (risk if z.dim() == 2 else risk[0]), int(nb["size"])
 
     def neighbors(

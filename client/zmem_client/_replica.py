@@ -40,7 +40,7 @@ import torch
 
 from ._exceptions import HTTPError, RequestRejected, ServerError, Timeout, TransportError, ZMemError
 from ._knn import exact_knn
-from ._risk import kernel_risk
+from ._risk import kernel_dtype, kernel_risk
 
 SAFETENSORS = "application/x-safetensors"
 MAX_K = 1024  # the service's limit on k
@@ -221,7 +221,9 @@ class Replica:
             risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
             return (risk if z.dim() == 2 else risk[0]), st.size
         d2, nz, rt = self._search(st, rows.detach(), kk)
-        risk = kernel_risk(rows, nz.to(rows.device, rows.dtype), rt.to(rows.device, rows.dtype), resolved)
+        work = kernel_dtype(rows.dtype)
+        risk = kernel_risk(rows.to(work), nz.to(rows.device, work), rt.to(rows.device, work), resolved)
+        risk = risk.to(rows.dtype)
         if record:
             self._records.put(d2, rt, resolved)
         return (risk if z.dim() == 2 else risk[0]), st.size

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from ._client import ZMemClient
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel runs in for z of `dtype`: float16/bfloat16 (e.g. under autocast)
+    are promoted to float32, as the seed's float32 arithmetic; float32/float64 stay."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def kernel_risk(
     z: torch.Tensor, neighbor_z: torch.Tensor, risk_target: torch.Tensor, sigma: float
 ) -> torch.Tensor:
