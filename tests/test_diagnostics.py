@@ -349,6 +349,10 @@ def scenario(name: str) -> tuple[dict[str, Any], dict[str, bool]]:
     elif name in ("islands", "islands_one_reliable"):
         z, label = island_buffer(N, rng)
         soft, lam = reliability_of(label, rng, 1 if name == "islands_one_reliable" else None)
+    elif name == "islands_one_low_lambda":
+        z, label = island_buffer(N, rng)
+        soft = np.clip(0.4 + 0.05 * rng.normal(size=N), 0, 1)  # soft_bind tells nothing apart
+        lam = np.where(label == 1, 0.1, 3.0) + 0.05 * rng.random(N)
     elif name in ("tighten_onto_bad", "tighten_onto_good", "steady"):
         older, old_label = island_buffer(N // 2, rng)
         target = 1 if name == "tighten_onto_bad" else 0  # island 0 is the reliable one
@@ -381,6 +385,8 @@ SCENARIOS: dict[str, dict[str, bool]] = {
     # three islands, none reliable (only the sparse points between them are worse)
     "islands": {"density": True, "reliability": False, "convergence": False, "kernel": True},
     "islands_one_reliable": {"density": True, "reliability": True, "convergence": False, "kernel": True},
+    # the same islands with soft_bind alike everywhere and one island of low lambda_bind
+    "islands_one_low_lambda": {"density": True, "reliability": True, "convergence": False, "kernel": True},
     # the newer half tightens onto an unreliable island while the recorded risk rises
     "tighten_onto_bad": {"density": True, "reliability": True, "convergence": False, "kernel": True},
     "tighten_onto_good": {"density": True, "reliability": True, "convergence": True, "kernel": True},
@@ -426,6 +432,14 @@ def test_reliability_names_the_reliable_island() -> None:
     assert plain["values"]["rho_soft_bind"] > 0.2
     assert "none of the 3 islands is reliable" in plain["reading"]
     assert READING_1_WITHOUT_2 in plain["reading"]
+
+
+def test_reliability_counts_low_lambda_bind() -> None:
+    rel = criteria(scenario("islands_one_low_lambda")[0])["reliability"]
+    (good,) = [i for i in rel["values"]["islands"] if i["reliable"]]
+    assert good["lambda_bind"] < 0.2 and good["soft_bind"] < 0.5
+    assert f"lambda_bind {good['lambda_bind']:.2f}" in rel["reading"]
+    assert READING_1_WITHOUT_2 not in rel["reading"]
 
 
 def test_convergence_into_risk_fails_on_the_level_and_a_steady_run_has_no_spikes() -> None:

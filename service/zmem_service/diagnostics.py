@@ -56,6 +56,9 @@ class Thresholds:
     """A reliable island's mean soft_bind is ≥ reliable_soft_bind and ≥ reliable_margin above
     the least reliable group of points (another island, or the points between islands) or,
     when every group binds well, above reliable_soft_bind."""
+    reliable_lambda_fraction: float = 0.5
+    """An island is also reliable when its mean lambda_bind is at most this fraction of the
+    highest group's (the seed's "high soft_bind and/or low lambda_bind")."""
     convergence_factor: float = 0.9
     risk_rise: float = 0.05
     """The recorded risk's median may rise by this fraction of the older half's |median|, by
@@ -355,6 +358,8 @@ def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Threshol
     groups = [labels == i for i in range(int(labels.max()) + 1 if labels.size else 0)]
     means = [float(soft[g].mean()) for g in [*groups, labels < 0] if g.any()]
     floor = min(means) if means else 0.0
+    lam_means = [float(lam[g].mean()) for g in [*groups, labels < 0] if g.any()]
+    lam_worst = max(lam_means) if lam_means else 0.0
     for i, on in enumerate(groups):
         centre = xy[on].mean(axis=0)
         table.append(
@@ -371,6 +376,7 @@ def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Threshol
                 "reliable": bool(
                     soft[on].mean()
                     >= max(t.reliable_soft_bind, min(floor, t.reliable_soft_bind) + t.reliable_margin)
+                    or (lam_worst > 0 and lam[on].mean() <= t.reliable_lambda_fraction * lam_worst)
                 ),
             }
         )
@@ -433,14 +439,19 @@ def _reliability_criterion(
         share = sum(i["fraction"] for i in reliable)
         rule = (
             f"mean soft_bind ≥ {t.reliable_soft_bind} and ≥ {t.reliable_margin} above "
-            f"the least reliable points or above {t.reliable_soft_bind}"
+            f"the least reliable points or above {t.reliable_soft_bind}, or mean lambda_bind ≤ "
+            f"{t.reliable_lambda_fraction:g}× the highest group's"
         )
         if passed:
+            alike = len(reliable) == len(islands) and (
+                outside is None or not outside["size"] or outside["soft_bind"] >= t.reliable_soft_bind
+            )
             reading = (
                 f"{len(reliable)} of {len(islands)} islands are reliable ({rule}), holding "
                 f"{share:.0%} of the points: "
                 + "; ".join(_describe(i) for i in reliable)
                 + f"{between}; {rhos}"
+                + ("; every region binds alike, so the map doesn't single out reliable ones" if alike else "")
             )
         else:
             best = max(islands, key=lambda i: i["soft_bind"] or 0.0)
@@ -550,7 +561,16 @@ def _convergence_criterion(
     if passed is None:
         reading = _too_little(n, need) if not judge else f"cannot compare the halves: {cluster}"
     elif passed:
-        reading = f"converging away from risk: {cluster}; {level_text}; {spike_text}"
+        judged = level_ok is not None
+        reading = (
+            f"converging (clustering more{', the recorded risk not rising' if judged else ''}): "
+            f"{cluster}; {level_text}; {spike_text}"
+            + (
+                " (a steady level can still be a high one: this verdict doesn't judge the level)"
+                if judged
+                else ""
+            )
+        )
     else:
         problems = []
         if level_ok is False:
