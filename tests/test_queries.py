@@ -106,6 +106,9 @@ def test_safetensors_f32_and_f64_are_accepted(client: TestClient) -> None:
         ({"risk": [True], "wsum": [1.0], "n_eff": [1.0]}, "risk"),
         ({"risk": [1e400], "wsum": [1.0], "n_eff": [1.0]}, "risk"),
         ({"risk": [1.0], "wsum": [1.0], "n_eff": [1.0], "z": [1.0]}, "z"),
+        ({"risk": [10**400], "wsum": [1.0], "n_eff": [1.0]}, "risk"),  # an integer beyond float64
+        ({"risk": [1.0], "wsum": [1e308], "n_eff": [1.0]}, "wsum"),  # beyond float32's range
+        ({"risk": [-1e39], "wsum": [1.0], "n_eff": [1.0]}, "risk"),
     ],
 )
 def test_bad_bodies_are_422_naming_the_field_and_change_nothing(
@@ -134,6 +137,16 @@ def test_limits_unparseable_bodies_and_unknown_memories(make_client) -> None:  #
     r = client.post("/memories/nobody/queries", json=rows(2))
     assert r.status_code == 404
     assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_body_too_long_for_max_batch_rows_is_413_before_it_is_parsed(make_client) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    client = make_client(capacity=1000, min_size=10, max_batch=100)
+    big = json.dumps({f: [0.123456789] * 100_000 for f in ("risk", "wsum", "n_eff")})
+    r = client.post("/queries", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    assert client.post("/queries", json=rows(100)).status_code == 200  # the longest legitimate body
 
 
 def test_a_read_token_may_post_queries(make_client, tmp_path) -> None:  # type: ignore[no-untyped-def]

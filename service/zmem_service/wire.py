@@ -449,29 +449,33 @@ def _inline_body(request: Request) -> int:
     return INLINE_SAFETENSORS_BYTES if is_safetensors(media_type(request)) else INLINE_JSON_BYTES
 
 
-async def _decode(request: Request, settings: ServiceSettings, decode: Callable[[bytes], T]) -> T:
-    """Read the body and decode it: on the loop when small, else admitted to the decode pool
-    before the body is read, so large bodies in memory stay bounded."""
+async def decode_body(
+    request: Request, settings: ServiceSettings, decode: Callable[[bytes], T], limit: int | None = None
+) -> T:
+    """Read the body (at most `limit` bytes, default max_body_bytes) and decode it: on the loop
+    when small, else admitted to the decode pool before the body is read, so large bodies in
+    memory stay bounded."""
+    limit = settings.max_body_bytes if limit is None else min(limit, settings.max_body_bytes)
     inline = _inline_body(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) <= inline:
-        return decode(await read_body(request, settings.max_body_bytes))
+        return decode(await read_body(request, limit))
     pool: Pool = request.app.state.codecs.decode
     async with pool.admitted():
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, limit)
         return decode(body) if len(body) <= inline else await pool.run(decode, body)
 
 
 async def read_episodes(request: Request, settings: ServiceSettings) -> EpisodeBatch:
     """The request's episodes, decoded (400/413/415/422 as the module says)."""
     decode = partial(decode_episodes, content_type=media_type(request), max_batch=settings.max_batch)
-    return await _decode(request, settings, decode)
+    return await decode_body(request, settings, decode)
 
 
 async def read_query(request: Request, settings: ServiceSettings) -> Query:
     """The request's neighbours/risk query, k/sigma/record from the query string when the body lacks them."""
     params, kind = dict(request.query_params), media_type(request)
-    return await _decode(request, settings, lambda body: decode_query(body, kind, params))
+    return await decode_body(request, settings, lambda body: decode_query(body, kind, params))
 
 
 async def respond(

@@ -18,11 +18,14 @@ from pydantic import BaseModel
 
 from ..errors import ValidationFailed
 from ..memory import Memory
-from ..wire import is_safetensors, parse_json, parse_safetensors, read_body
+from ..wire import decode_body, is_safetensors, parse_json, parse_safetensors
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
 FIELDS = ("risk", "wsum", "n_eff")
+BYTES_PER_JSON_NUMBER = 48
+"""Room for one JSON number, its separator and some indentation (a float64 in full takes ~25)."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class QueriesIn(BaseModel):
@@ -36,11 +39,14 @@ class QueriesIn(BaseModel):
 @router.post("/queries")
 async def post_queries(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
     """Record query rows: body `{"risk": [...], "wsum": [...], "n_eff": [...]}` (or the same
-    tensors in safetensors), all finite, one length ≤ max_batch, wsum ≥ 0, n_eff ≥ 0.
+    tensors in safetensors), all finite and within float32's range, one length ≤ max_batch,
+    wsum ≥ 0, n_eff ≥ 0 (a body too long for max_batch rows is a 413 before it is parsed).
     Answers `{"recorded": n, "recorded_queries": total kept}`; unknown memory → 404."""
     memory = zmem.memory(name)
-    body = await read_body(request, zmem.settings.max_body_bytes)
-    columns = decode_queries(body, request.headers.get("content-type"), zmem.settings.max_batch)
+    rows, kind = zmem.settings.max_batch, request.headers.get("content-type")
+    # No body of `rows` rows is longer than this: refused (413) before anything is parsed.
+    limit = len(FIELDS) * rows * (8 if is_safetensors(kind) else BYTES_PER_JSON_NUMBER) + 4096
+    columns = await decode_body(request, zmem.settings, lambda body: decode_queries(body, kind, rows), limit)
     kept = await asyncio.to_thread(_record, memory, columns)
     return {"recorded": int(columns["risk"].size), "recorded_queries": kept}
 
@@ -74,8 +80,10 @@ def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict
                 isinstance(v, int | float) and not isinstance(v, bool) for v in value
             ):
                 raise ValidationFailed.at([f], "a list of numbers is required")
-            with np.errstate(over="ignore"):
+            try:
                 raw[f] = np.array(value, dtype=np.float64).reshape(-1)
+            except OverflowError:
+                raise ValidationFailed.at([f], f"values must be at most {FLOAT32_MAX:.3g} in size") from None
     n = raw["risk"].size
     for f in FIELDS:
         col = raw[f]
@@ -84,6 +92,9 @@ def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict
         if not np.isfinite(col).all():
             i = int(np.flatnonzero(~np.isfinite(col))[0])
             raise ValidationFailed.at([f, i], "must be finite (no NaN or inf)")
+        if (np.abs(col) > FLOAT32_MAX).any():  # the service's own records are float32-sized
+            i = int(np.flatnonzero(np.abs(col) > FLOAT32_MAX)[0])
+            raise ValidationFailed.at([f, i], f"must be at most {FLOAT32_MAX:.3g} in size, got {col[i]:.3g}")
         if f != "risk" and (col < 0).any():
             i = int(np.flatnonzero(col < 0)[0])
             raise ValidationFailed.at([f, i], f"must be ≥ 0, got {col[i]}")
