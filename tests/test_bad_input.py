@@ -201,6 +201,9 @@ CASES: list[Case | Any] = [
         check=lambda p: _assert_in("cone_vol: must be > 0", p["detail"]),
     ),
     Case("soft_bind_above_1", 422, batch(bad=0, soft_bind=1.0001), loc=("episodes", 0, "soft_bind")),
+    Case(  # import refuses it too, so an export of such a memory could not be restored
+        "negative_lambda_bind", 422, batch(bad=1, lambda_bind=-5.0), loc=("episodes", 1, "lambda_bind")
+    ),
     Case("soft_bind_below_0", 422, batch(bad=4, soft_bind=-0.5), loc=("episodes", 4, "soft_bind")),
     Case("string_for_number", 422, batch(bad=1, lambda_bind="high"), loc=("episodes", 1, "lambda_bind")),
     Case("string_in_z", 422, batch(bad=2, z=[0.0, "x", 0.0, 0.0]), loc=("episodes", 2, "z")),

@@ -148,6 +148,7 @@ def test_record_checks_values_at_the_call() -> None:
         (np.zeros(3), {**good, "cone_vol": -1.0}),
         (np.zeros(3), {**good, "cone_vol": 0.0}),  # log(0 + eps): the seed says cone_vol > 0
         (np.zeros(3), {**good, "lambda_bind": float("inf")}),
+        (np.zeros(3), {**good, "lambda_bind": -5.0}),
     ]:
         with pytest.raises(ValueError):
             mem.record(z, **fields)

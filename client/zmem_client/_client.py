@@ -219,6 +219,8 @@ class ZMemClient:
             raise ValueError(f"soft_bind must be in [0, 1], got {values['soft_bind']}")
         if not values["cone_vol"] > 0:  # the risk target takes its log
             raise ValueError(f"cone_vol must be > 0, got {values['cone_vol']}")
+        if not values["lambda_bind"] >= 0:
+            raise ValueError(f"lambda_bind must be >= 0, got {values['lambda_bind']}")
         for name, text, limit in (("id", id, 128), ("worker", worker, 64)):
             if text is not None and not _valid_text(text, limit):
                 raise ValueError(

@@ -89,10 +89,11 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     for field in FLOAT_FIELDS:
         col = batch.values[field]
         bad(np.flatnonzero(~np.isfinite(col)), field, "must be a finite float32 number")
-    soft, cone = batch.values["soft_bind"], batch.values["cone_vol"]
+    soft, cone, lam = batch.values["soft_bind"], batch.values["cone_vol"], batch.values["lambda_bind"]
     with np.errstate(invalid="ignore"):
         bad(np.flatnonzero((soft < 0) | (soft > 1)), "soft_bind", "must be in [0, 1]")
         bad(np.flatnonzero(cone <= 0), "cone_vol", "must be > 0 (the risk target takes its log)")
+        bad(np.flatnonzero(lam < 0), "lambda_bind", "must be >= 0")
     seen: dict[str, int] = {}
     for i, (id_, worker) in enumerate(zip(batch.ids, batch.workers, strict=True)):
         if id_ is not None:
