@@ -174,3 +174,37 @@ def test_stats_summarise_a_sample_and_are_cheap(make_client) -> None:
     assert stats["fields"]["soft_bind"]["median"] == pytest.approx(0.5)
     assert stats["z_norm"]["mean"] == pytest.approx(np.linalg.norm(z, axis=1).mean(), rel=0.05)
     assert client.get("/stats").json() == {**stats}  # cached while nothing changes
+
+
+def test_a_long_file_of_narrow_columns_is_loaded_only_as_far_as_capacity(make_client) -> None:
+    """40,000 rows of uint8 values and float16 z for a capacity of 10: only the last 10 rows are
+    widened (float64 values, Python strings), and the budget check counts the file's unpacked
+    columns plus those widened rows."""
+    n = 40_000
+    columns: dict[str, object] = {f: np.zeros(n, np.uint8) for f in (*FLOAT_FIELDS, "risk_target")}
+    columns.update(soft_bind=np.ones(n, np.uint8), cone_vol=np.ones(n, np.uint8))
+    settings = {**SETTINGS, "capacity": 10, "risk": {"a": 1, "b": 0.2, "c": 0.05, "eps": 1e-8}}
+    narrow = npz(
+        n,
+        z=np.zeros((n, 4), np.float16),
+        seq=np.arange(1, n + 1, dtype=np.int32),
+        ts=np.full(n, 1_700_000_000, np.uint32),
+        settings=json.dumps(settings),
+        **columns,
+    )
+    client = make_client(max_memory_bytes=4 * 2**20)
+    assert client.post("/memories/imp/import", content=narrow).json() == {"imported": 10, "size": 10}
+    seq = np.load(io.BytesIO(client.get("/memories/imp/export").content))["seq"]
+    assert seq.tolist() == list(range(n - 9, n + 1))
+    with zipfile.ZipFile(io.BytesIO(narrow)) as z:
+        unpacked = sum(info.file_size for info in z.infolist())
+    tight = make_client(max_memory_bytes=unpacked + 100)  # the file fits, the widened rows don't
+    assert "for the 10 rows kept" in refused(tight, narrow, 507)["detail"]
+
+
+def test_imports_are_refused_early_where_the_file_is_not_needed(client) -> None:
+    r = client.post("/memories/imp/import", content=npz(), headers={"content-length": str(2**40)})
+    assert r.status_code == 413, r.text
+    assert client.post("/memories/full/import", content=npz()).status_code == 200
+    r = client.post("/memories/full/import", content=b"not even a zip file")
+    assert r.status_code == 409 and "import needs an empty memory" in r.json()["detail"]

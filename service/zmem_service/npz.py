@@ -47,6 +47,7 @@ EXPORT_FIELDS = (
 MEMBERS = {f"{name}.npy" for name in (*EXPORT_FIELDS, "settings")}
 MAX_SETTINGS_BYTES = 64 * 1024
 NPY_HEADER_SLACK = 4096  # an .npy member's header, beyond its data
+PY_STR_BYTES = 64  # a Python str's own overhead, beyond its characters
 
 
 def write_npz(settings: MemorySettings, rows: Columns, out: IO[bytes] | Path) -> None:
@@ -123,6 +124,17 @@ def read_npz(path: Path, room: int) -> tuple[MemorySettings, Columns]:
             )
         if settings.z_dim is None:
             settings = _settings({**settings.model_dump(), "z_dim": d})
+        # Only the last `capacity` rows are kept; they are widened (float64 values, Python
+        # strings) while the file's own columns are still held: count both against the budget.
+        keep = min(n, settings.capacity)
+        strings = sum(_header(archive, m)[1].itemsize + PY_STR_BYTES for m in ("id", "worker"))
+        widened = keep * (8 * d + 8 * (len(FLOAT_FIELDS) + 3) + strings)
+        if declared + widened > room:
+            raise InsufficientStorage(
+                f"loading the import file takes about {declared + widened} bytes ({declared} unpacked, "
+                f"{widened} for the {keep} rows kept); the memory budget (--max-memory-bytes) has "
+                f"{max(room, 0)} left"
+            )
         columns = {
             "z": _load(archive, "z", (n, d), "f", 8 * n * d),
             "seq": _load(archive, "seq", (n,), "iu", 8 * n),
@@ -131,7 +143,7 @@ def read_npz(path: Path, room: int) -> tuple[MemorySettings, Columns]:
             "worker": _load(archive, "worker", (n,), "U", 4 * MAX_WORKER_CHARS * n),
             **{f: _load(archive, f, (n,), "fiu", 8 * n) for f in (*FLOAT_FIELDS, "risk_target")},
         }
-    return settings, _rows(settings, columns)
+    return settings, _rows(settings, {key: column[n - keep :] for key, column in columns.items()})
 
 
 def _settings(value: Any) -> MemorySettings:

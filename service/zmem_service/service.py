@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .episodes import EpisodeBatch, validate
-from .errors import InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
+from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
 from .index import CpuEngine, make_engine
 from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
@@ -82,6 +82,10 @@ class ChangeSignal:
             self._wake(name)
 
 
+MAX_CONCURRENT_IMPORTS = 1
+"""Imports received or unpacked at once: each may hold its file's columns in memory."""
+
+
 class ZMem:
     def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -93,6 +97,7 @@ class ZMem:
         self.signal = ChangeSignal()
         self._exports = asyncio.Semaphore(settings.max_concurrent_exports)
         self._exports_waiting = 0
+        self._imports = 0  # imports being received or unpacked (at most MAX_CONCURRENT_IMPORTS)
         self._writer: Writer | None = None
         self.ready = False
 
@@ -175,13 +180,33 @@ class ZMem:
         self.memory(name)
         await self.writer.delete(name)
 
-    async def import_npz(self, name: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
-        """Import an export file arriving as `chunks`: streamed to a temporary file (never held
-        whole in memory), checked from there, then loaded by the writer."""
+    async def import_npz(
+        self, name: str, chunks: AsyncIterator[bytes], declared: int | None = None
+    ) -> dict[str, Any]:
+        """Import an export file arriving as `chunks` (`declared` bytes, when the request says):
+        streamed to a temporary file (never held whole in memory), checked from there, then
+        loaded by the writer. What can be refused without the file is refused first (a
+        declared size over the limit, a memory that isn't empty), and at most
+        MAX_CONCURRENT_IMPORTS are received or unpacked at once (503 past that)."""
         check_name(name)
         if not self.ready:
             raise Unavailable("the service is loading its memories; retry shortly")
         limit = self.settings.max_import_bytes
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"import file of {declared} bytes; the limit is {limit} (--max-import-bytes)")
+        current = self.memories.find(name)
+        if current is not None and current.size:
+            raise Conflict(f"memory {name!r} holds {current.size} episodes; import needs an empty memory")
+        if self._imports >= MAX_CONCURRENT_IMPORTS:
+            raise Unavailable("another import is being loaded; retry shortly")
+        self._imports += 1
+        try:
+            settings, rows = await self._receive_import(chunks, limit)
+        finally:
+            self._imports -= 1
+        return await self.writer.import_rows(name, settings, rows)
+
+    async def _receive_import(self, chunks: AsyncIterator[bytes], limit: int) -> tuple[MemorySettings, Columns]:
         with tempfile.TemporaryDirectory(prefix="zmem-import-") as tmp:
             path = Path(tmp) / "import.npz"
             size = 0
@@ -195,8 +220,7 @@ class ZMem:
             except OSError as e:
                 raise InsufficientStorage(f"no room for the import file: {e}") from None
             room = self.settings.max_memory_bytes - self.memories.total_bytes()
-            settings, rows = await asyncio.to_thread(read_npz, path, room)
-        return await self.writer.import_rows(name, settings, rows)
+            return await asyncio.to_thread(read_npz, path, room)
 
     # -- reads ------------------------------------------------------------------------
 

@@ -90,4 +90,5 @@ async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
 
 @router.post("/import")
 async def post_import(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    return await zmem.import_npz(name, body_chunks(request))
+    declared = request.headers.get("content-length", "")
+    return await zmem.import_npz(name, body_chunks(request), int(declared) if declared.isdigit() else None)
