@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve(app, settings, args.log_level)
+    serve(app, settings, args.log_level, on_exit=app.state.zmem.signal.close_soon)
     return 0
 
 

@@ -23,7 +23,9 @@ import asyncio
 import json
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar
 
 import httptools
@@ -218,8 +220,25 @@ def protocol_for(limits: Limits) -> type[GuardedProtocol]:
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
 
 
-def serve(app: Any, settings: ServiceSettings, log_level: str) -> None:
-    """Run `app` in this process until SIGINT/SIGTERM (one worker: the rings are process state)."""
+class ExitingServer(uvicorn.Server):
+    """uvicorn's server, calling `on_exit` as soon as a signal asks it to stop: before it waits
+    for open requests to finish (a long poll would otherwise hold shutdown for its whole wait)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._on_exit is not None:
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def serve(
+    app: Any, settings: ServiceSettings, log_level: str, on_exit: Callable[[], None] | None = None
+) -> None:
+    """Run `app` in this process until SIGINT/SIGTERM (one worker: the rings are process state);
+    `on_exit` runs when a signal arrives, from the signal handler."""
     # uvicorn's access log would print query strings (a dashboard's ?token=); the app's
     # own access log (zmem.access) doesn't.
     config = uvicorn.Config(
@@ -233,4 +252,4 @@ def serve(app: Any, settings: ServiceSettings, log_level: str) -> None:
         timeout_graceful_shutdown=30,
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    ExitingServer(config, on_exit).run()

@@ -81,6 +81,14 @@ class ChangeSignal:
         for name in list(self._events):
             self._wake(name)
 
+    def close_soon(self) -> None:
+        """`close` from any thread or a signal handler: the server is beginning to exit, and
+        long polls must answer before it waits for open requests to finish."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.close)
+        else:
+            self.close()
+
 
 MAX_CONCURRENT_IMPORTS = 1
 """Imports received or unpacked at once: each may hold its file's columns in memory."""
@@ -193,7 +201,9 @@ class ZMem:
             raise Unavailable("the service is loading its memories; retry shortly")
         limit = self.settings.max_import_bytes
         if declared is not None and declared > limit:
-            raise PayloadTooLarge(f"import file of {declared} bytes; the limit is {limit} (--max-import-bytes)")
+            raise PayloadTooLarge(
+                f"import file of {declared} bytes; the limit is {limit} (--max-import-bytes)"
+            )
         current = self.memories.find(name)
         if current is not None and current.size:
             raise Conflict(f"memory {name!r} holds {current.size} episodes; import needs an empty memory")
@@ -206,7 +216,9 @@ class ZMem:
             self._imports -= 1
         return await self.writer.import_rows(name, settings, rows)
 
-    async def _receive_import(self, chunks: AsyncIterator[bytes], limit: int) -> tuple[MemorySettings, Columns]:
+    async def _receive_import(
+        self, chunks: AsyncIterator[bytes], limit: int
+    ) -> tuple[MemorySettings, Columns]:
         with tempfile.TemporaryDirectory(prefix="zmem-import-") as tmp:
             path = Path(tmp) / "import.npz"
             size = 0
