@@ -94,6 +94,26 @@ def test_a_head_over_the_limit_gets_431_before_any_token_check(guarded: Server) 
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /episodes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+        b"POST /episodes HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"POST /episodes HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"BREW /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+    ],
+    ids=["bad_chunk", "two_lengths", "negative_length", "unknown_method", "control_byte"],
+)
+def test_requests_the_http_parser_refuses_get_problem_json(guarded: Server, request_bytes: bytes) -> None:
+    answer = exchange(guarded.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 400, answer[:200]
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(body)["status"] == 400
+
+
+@pytest.mark.e2e
 def test_half_a_head_or_silence_is_timed_out(guarded: Server) -> None:
     t0 = time.monotonic()
     half = exchange(guarded.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")

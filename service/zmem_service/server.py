@@ -152,6 +152,12 @@ class GuardedProtocol(HttpToolsProtocol):
             self._last_data = self.loop.time()
             self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_check)
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request the parser refuses is text/plain; the contract says
+        # every error is problem+json.
+        self.transport.write(problem_bytes(400, "Bad request", f"{msg} (the HTTP parser refused it)"))
+        self.transport.close()
+
     # Parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()
