@@ -60,11 +60,11 @@ def record_queries(client: TestClient, n: int, *, base: str = "", seed: int = 1)
     nb = r.json()
     w = np.exp(-np.array(nb["d2"]) / (2 * nb["sigma"] ** 2))
     wsum = w.sum(axis=1)
-    wn = w / (wsum[:, None] + 1e-8)
+    w2 = (w * w).sum(axis=1)
     body = {
-        "risk": (wn * np.array(nb["risk_target"])).sum(axis=1).tolist(),
+        "risk": ((w * np.array(nb["risk_target"])).sum(axis=1) / (wsum + 1e-8)).tolist(),
         "wsum": wsum.tolist(),
-        "n_eff": np.where(wsum > 0, 1 / np.maximum((wn**2).sum(axis=1), 1e-300), 0).tolist(),
+        "n_eff": np.divide(wsum * wsum, w2, out=np.zeros_like(wsum), where=w2 > 0).tolist(),  # (Σw)²/Σw²
     }
     assert client.post(f"{base}/queries", json=body).status_code == 200
 

@@ -210,3 +210,18 @@ def test_a_render_whose_requesters_all_left_is_not_drawn(
         release.set()
     assert drawn == [20, 24]
     assert client.get("/map.png?dpi=21").headers["x-cache"] == "MISS"  # never drawn, so never cached
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "clim=soft_bind:1e308:1.7e308",
+        "clim=risk_target:-1e308:1e308",
+        "clim=risk_target:-inf:0",
+        "clim=soft_bind:nan:1",
+    ],
+)
+def test_colour_limits_beyond_any_drawable_scale_are_422(client: TestClient, query: str) -> None:
+    r = client.get(f"/map.png?{query}")
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["errors"][0]["loc"] == ["query", "clim"]

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,14 @@ def test_rendering_never_imports_pyplot() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_view_matplotlib_cannot_draw_is_a_picture_saying_so() -> None:
+    """A small memory drawn in the basis of one whose z's sit near 1e18: the projection is
+    huge and the density scale can't be drawn; the answer is still a PNG (saying why)."""
+    z = np.array([[i % 5, i // 5] for i in range(20)], np.float32) * 0.1
+    big = (np.random.default_rng(0).standard_normal((50, 2)) * 1e17 + 1e18).astype(np.float32)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        png = plots.render_trail(z, title="t", basis_z=big)
+    assert png.startswith(b"\x89PNG") and png_size(png) == (1200, 1000)

@@ -22,6 +22,7 @@ import torch
 
 from zmem_client import Timeout, ZMemClient, kernel_risk
 from zmem_client._replica import Replica, ReplicaError, ReplicaLagWarning, query_stats
+from zmem_service.kernel import kernel_stats
 
 D = 4
 
@@ -425,10 +426,10 @@ def test_query_records_are_posted_in_batches_and_dropped_when_down(
     assert len(got["risk"]) == 15 and rep.records_sent == 15
     np.testing.assert_allclose(got["risk"], torch.cat(risks).double().numpy(), rtol=1e-5)
     nb = rep.neighbors(q.numpy())
-    w = np.exp(-nb["d2"].astype(np.float64) / 2.0)
-    np.testing.assert_allclose(got["wsum"][:3], w.sum(-1), rtol=1e-12)
-    wn = w / (w.sum(-1, keepdims=True) + 1e-8)
-    np.testing.assert_allclose(got["n_eff"][:3], 1 / (wn**2).sum(-1), rtol=1e-12)
+    # the numbers the service records for the same neighbours (`kernel.kernel_stats`)
+    _, wsum, n_eff = kernel_stats(nb["d2"], nb["risk_target"], 1.0)
+    np.testing.assert_allclose(got["wsum"][:3], wsum, rtol=1e-12)
+    np.testing.assert_allclose(got["n_eff"][:3], n_eff, rtol=1e-12)
     feed.down = True
     rep.risk_and_size(q)
     assert rep.flush_records(10)

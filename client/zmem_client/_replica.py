@@ -787,12 +787,12 @@ def query_stats(batch: list[tuple[torch.Tensor, torch.Tensor, float, Any]]) -> d
         rth = _to_host(torch.cat([item[1] for item in run])).astype(np.float64)
         w = np.exp(-d2h / (2.0 * sigma**2))
         wsum = w.sum(axis=-1)
-        wn = w / (wsum[:, None] + 1e-8)
-        sq = (wn**2).sum(axis=-1)
-        out["risk"].append((wn * rth).sum(axis=-1))
+        out["risk"].append((w * rth).sum(axis=-1) / (wsum + 1e-8))
         out["wsum"].append(wsum)
-        with np.errstate(divide="ignore"):
-            out["n_eff"].append(np.where(sq > 0, 1.0 / np.where(sq > 0, sq, 1.0), 0.0))
+        # n_eff = (Σw)² / Σw² (≤ k), 0 where every weight underflowed: the service's definition
+        # (`kernel.kernel_stats`); the guard must not enter it, or underflow reads as 1e140.
+        w2 = (w * w).sum(axis=-1)
+        out["n_eff"].append(np.divide(wsum * wsum, w2, out=np.zeros_like(wsum), where=w2 > 0))
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 

@@ -8,8 +8,11 @@ byte-identical PNGs: the only varying PNG metadata (the Matplotlib version) is s
 
 from __future__ import annotations
 
+import functools
 import io
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -107,7 +110,11 @@ def _sample(n: int, max_points: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
 
 
+_drawing = threading.local()  # .started: the current render has checked its arguments and draws
+
+
 def _figure(size: tuple[float, float], dpi: int) -> Figure:
+    _drawing.started = True
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -125,6 +132,32 @@ def _message(size: tuple[float, float], dpi: int, title: str, message: str) -> b
     fig.suptitle(title)
     fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=18, color="0.4")
     return _png(fig, dpi)
+
+
+Render = TypeVar("Render", bound=Callable[..., bytes])
+
+
+def said_if_undrawable(size: tuple[float, float]) -> Callable[[Render], Render]:
+    """A render that matplotlib can't draw (extreme colour limits, a basis that projects the
+    points to huge coordinates) gives a picture saying why, not an error: the request was
+    valid, the view just can't be drawn."""
+
+    def wrap(render: Render) -> Render:
+        @functools.wraps(render)
+        def drawn(*args: Any, **kwargs: Any) -> bytes:
+            _drawing.started = False
+            try:
+                return render(*args, **kwargs)
+            except (ValueError, OverflowError, FloatingPointError, np.linalg.LinAlgError) as e:
+                if not _drawing.started:  # the arguments were wrong: that stays an error
+                    raise
+                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                message = f"this view can't be drawn ({why});\ntry other colour limits or another basis"
+                return _message(size, kwargs.get("dpi", 100), kwargs.get("title", ""), message)
+
+        return drawn  # type: ignore[return-value]
+
+    return wrap
 
 
 def _episodes(n: int) -> str:
@@ -158,6 +191,7 @@ def _robust_limits(c: np.ndarray) -> tuple[float, float, str]:
     return lo, hi, {(0, 0): "neither", (1, 0): "min", (0, 1): "max", (1, 1): "both"}[low, high]
 
 
+@said_if_undrawable(MAP_SIZE)
 def render_map(
     z: np.ndarray,
     soft_bind: np.ndarray,
@@ -214,6 +248,7 @@ def render_map(
     return _png(fig, dpi)
 
 
+@said_if_undrawable(MAP_SIZE)
 def render_trail(
     z: np.ndarray,
     *,
@@ -303,6 +338,7 @@ def _extent(xy: np.ndarray) -> tuple[float, float, float, float]:
     return (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
 
 
+@said_if_undrawable(RISK_SIZE)
 def render_risk(
     risk: np.ndarray, *, title: str, mad_k: float = 5.0, window: int = 21, dpi: int = 100
 ) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 from collections.abc import Awaitable
 from importlib import resources
 from typing import Annotated, Any, TypeVar
@@ -146,6 +145,10 @@ def _basis(zmem: ZMem, memory: Memory, basis: str | None) -> Memory | None:
     return other
 
 
+CLIM_MAX = 1e15
+"""Colour limits beyond this are no scale a picture can show (and overflow matplotlib)."""
+
+
 def _limits(specs: list[str] | None, fields: tuple[str, ...]) -> Limits:
     """`FIELD:LO:HI` specs → {field: (lo, hi)}; 422 naming `clim` for anything else."""
     limits: Limits = {}
@@ -153,15 +156,14 @@ def _limits(specs: list[str] | None, fields: tuple[str, ...]) -> Limits:
         parts = spec.split(":")
         try:
             lo, hi = float(parts[1]), float(parts[2])
-            ok = (
-                len(parts) == 3 and parts[0] in fields and math.isfinite(lo) and math.isfinite(hi) and lo < hi
-            )
+            ok = len(parts) == 3 and parts[0] in fields and -CLIM_MAX <= lo < hi <= CLIM_MAX
         except (IndexError, ValueError):
             ok = False
         if not ok or (parts[0] == "density" and lo <= 0):
             raise ValidationFailed.at(
                 ["query", "clim"],
-                f"{spec!r}: expected FIELD:LO:HI with FIELD one of {', '.join(fields)} and finite LO < HI"
+                f"{spec!r}: expected FIELD:LO:HI with FIELD one of {', '.join(fields)} and "
+                f"-{CLIM_MAX:g} <= LO < HI <= {CLIM_MAX:g}"
                 + (" (LO > 0 on the log density scale)" if "density" in fields else ""),
             )
         limits[parts[0]] = (lo, hi)
