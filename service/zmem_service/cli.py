@@ -8,7 +8,24 @@ import os
 import sys
 from typing import Any
 
-SERVE_FLAGS: list[tuple[str, type, str]] = [
+
+def byte_size(text: str) -> int:
+    """A size in bytes: a plain integer, or a number with a unit (KiB, MiB, GiB, KB, MB, GB)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    clean = text.strip().lower().replace(" ", "")
+    for unit, factor in units.items():
+        if clean.endswith(unit):
+            try:
+                return int(float(clean.removesuffix(unit)) * factor)
+            except ValueError:
+                break
+    try:
+        return int(clean.removesuffix("b"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4294967296, 4GiB, 512MiB)") from None
+
+
+SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("host", str, "address to bind (default 127.0.0.1)"),
     ("port", int, "port (default 8000)"),
     ("data-dir", str, "where the SQLite store lives (default ./zmem-data)"),
@@ -24,13 +41,13 @@ SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("sigma", str, "default sigma of new memories: a number or 'auto' (1.0)"),
     ("device", str, "kNN device: auto (a GPU when usable, else CPU), cpu, cuda or cuda:N"),
     ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
-    ("max-memory-bytes", int, "budget for all rings together (4 GiB)"),
-    ("max-body-bytes", int, "largest request body (32 MiB)"),
-    ("max-import-bytes", int, "largest import file, streamed to a temporary file (16 GiB)"),
+    ("max-memory-bytes", byte_size, "budget for all rings together (4 GiB)"),
+    ("max-body-bytes", byte_size, "largest request body (32 MiB)"),
+    ("max-import-bytes", byte_size, "largest import file, streamed to a temporary file (16 GiB)"),
     ("max-concurrent-exports", int, "exports built at once; a few more wait, the rest get 503 (2)"),
     ("recorded-queries", int, "recorded queries kept per memory for the diagnostics (100000)"),
-    ("max-response-bytes", int, "largest answer body (64 MiB); past it a 422"),
-    ("max-header-bytes", int, "largest request line + headers (16 KiB); past it a 431"),
+    ("max-response-bytes", byte_size, "largest answer body (64 MiB); past it a 422"),
+    ("max-header-bytes", byte_size, "largest request line + headers (16 KiB); past it a 431"),
     ("header-timeout", float, "seconds a request's headers may take to arrive (10)"),
     ("body-timeout", float, "seconds a request body may send nothing before the connection closes (30)"),
     ("keep-alive-timeout", int, "seconds an idle keep-alive connection stays open (5)"),
@@ -62,14 +79,22 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(demo)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "backup":
-        return _backup(args)
-    if args.command == "demo":
-        from .demo import main as demo_main
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "backup":
+            return _backup(args)
+        if args.command == "demo":
+            from .demo import main as demo_main
 
-        return demo_main(args)
+            return demo_main(args)
+    except ModuleNotFoundError as e:  # e.g. `zmem serve` where only the client extra is installed
+        print(
+            f"zmem {args.command}: {e}: this environment lacks the service's packages; "
+            "pip install 'zmem[service]'",
+            file=sys.stderr,
+        )
+        return 2
     return 2
 
 
@@ -86,13 +111,17 @@ def _backup(args: argparse.Namespace) -> int:
     if not source.exists():
         print(f"zmem backup: no store at {source}", file=sys.stderr)
         return 2
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    dst = sqlite3.connect(args.dest)
-    with dst:
-        src.backup(dst)
-    n = dst.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
-    src.close()
-    dst.close()
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        dst = sqlite3.connect(args.dest)
+        with dst:
+            src.backup(dst)
+        n = dst.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
+        src.close()
+        dst.close()
+    except sqlite3.Error as e:
+        print(f"zmem backup: cannot copy {source} to {args.dest}: {e}", file=sys.stderr)
+        return 2
     print(
         f"zmem backup: {n} episodes copied to {args.dest} (restore: use it as <data-dir>/{SqliteStore.FILE})"
     )
@@ -110,7 +139,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
-        print(f"zmem serve: invalid settings:\n{e}", file=sys.stderr)
+        for error in e.errors(include_url=False, include_input=False):
+            where = (
+                "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-") if error["loc"] else ""
+            )
+            print(f"zmem serve: {where or 'settings'}: {error['msg']}", file=sys.stderr)
         return 2
     from .datadir import DataDirInUse, DataDirLock
 

@@ -202,8 +202,8 @@ def make_engine(device: str, threads: int = 0) -> Engine:
             from .torch_index import cuda_engine
         except ImportError as e:
             raise RuntimeError(
-                f"--device {device}: the GPU index needs torch with CUDA "
-                f"(pip install 'zmem[service-gpu]'): {e}"
+                f"--device {device}: the GPU index needs torch with CUDA: install torch for your "
+                f"CUDA version first (see pytorch.org), then pip install 'zmem[service-gpu]' ({e})"
             ) from None
         engine: Engine = cuda_engine(device)
         return engine

@@ -43,9 +43,15 @@ def main(args: argparse.Namespace) -> int:
         import torch  # noqa: F401
 
         import zmem_client  # noqa: F401
+
+        if args.url is None:  # it starts its own `zmem serve`
+            import fastapi  # noqa: F401
     except ImportError as e:
         print(
-            f"zmem demo needs the client extra (torch, httpx): pip install 'zmem[client]' ({e})",
+            "zmem demo runs the client and, without --url, its own service: install both extras in "
+            "one environment, torch first (pip install torch, the CPU build from "
+            "https://download.pytorch.org/whl/cpu where no GPU is wanted), then "
+            f"pip install 'zmem[client,service]' ({e})",
             file=sys.stderr,
         )
         return 2
