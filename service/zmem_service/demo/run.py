@@ -25,8 +25,17 @@ KERNEL_D = 64
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="zmem-demo", help="report folder to write (default ./zmem-demo)")
-    parser.add_argument("--url", default=None, help="use this running service instead of starting one")
-    parser.add_argument("--token", default=None, help="bearer token for --url (write rights)")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="use this running service instead of starting one; the demo deletes and rewrites its "
+        "own memories there (demo-w*-s*, demo-kernel-d64, demo-kernel-d64-fixed) and leaves them",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("ZMEM_TOKEN"),
+        help="bearer token for --url (write rights) [ZMEM_TOKEN: keeps it out of `ps`]",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="fewer episodes and seeds (about a minute or two)"
     )
