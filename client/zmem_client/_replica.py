@@ -47,6 +47,7 @@ MAX_K = 1024  # the service's limit on k
 MAX_QUERY_ROWS = 10_000  # rows per POST …/queries (the service's per-request limit)
 PAGE_ROWS = 10_000  # rows per feed page
 POLL_WAIT = 10.0  # seconds a caught-up replica long-polls for news (the service allows 30)
+POLL_SLACK = 1.0  # seconds past its wait by which a long poll's answer is late
 MIN_INTERVAL = 0.05
 """Seconds between the starts of two feed requests while rows keep coming: each request
 costs the service about as much as a write, so a busy memory is followed in pages of
@@ -326,8 +327,10 @@ class Replica:
         return Lag(self._lag_seconds(time.monotonic()), seqs)
 
     def _lag_seconds(self, now: float) -> float:
+        # A long poll from a caught-up state means "nothing new yet" until the service should
+        # have answered it (its wait plus POLL_SLACK); past that, the service is stuck or away.
         polling, synced = self._polling_since, self._synced_at
-        if polling is not None and now - polling < self._poll_wait + self.timeout:
+        if polling is not None and now - polling < self._poll_wait + POLL_SLACK:
             return 0.0
         return now - (synced if synced is not None else self._started_at)
 
