@@ -134,6 +134,42 @@ def test_a_stalled_body_is_dropped_and_nothing_is_written(guarded: Server) -> No
 
 
 @pytest.mark.e2e
+def test_slow_read_bodies_holding_every_read_slot_leave_writes_alone(tmp_path: Path) -> None:
+    """Eight large neighbors bodies (a read token is enough) trickle in and hold all eight
+    read decode slots: further large reads get 503, but a large write still goes through."""
+    srv = Server(
+        tmp_path / "data",
+        *("--min-size", "1", "--durability", "none"),
+        env={"ZMEM_TOKEN": "w-secret", "ZMEM_READ_TOKEN": "r-secret"},
+    ).start()
+    head = (
+        b"POST /neighbors HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer r-secret\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
+    holders = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+    try:
+        for s in holders:
+            s.sendall(head)
+        time.sleep(0.5)  # each request now holds a read slot, waiting for the rest of its body
+        big_read = httpx.post(
+            srv.url + "/neighbors",
+            content=json.dumps({"z": [[0.0, 1.0]] * 300}),
+            headers={"authorization": "Bearer r-secret", "content-type": "application/json"},
+        )
+        assert big_read.status_code == 503
+        write = httpx.post(
+            srv.url + "/episodes",
+            content=json_episodes(40, 2),  # over the 2 KiB decoded on the loop: it needs a slot
+            headers={"authorization": "Bearer w-secret", "content-type": "application/json"},
+        )
+        assert write.status_code == 200, write.text
+    finally:
+        for s in holders:
+            s.close()
+        srv.stop()
+
+
+@pytest.mark.e2e
 def test_connections_past_the_cap_get_503_with_retry_after(guarded: Server) -> None:
     idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(16)]
     try:

@@ -429,19 +429,28 @@ class Pool:
 
 @dataclass
 class Codecs:
-    """The service's pools for bodies (decode) and answers (encode); on `app.state.codecs`."""
+    """The service's pools for bodies (decode: reads; decode_writes: episodes) and answers
+    (encode); on `app.state.codecs`. Writes decode in a pool of their own, so requests that
+    a read token may send can't take every slot and hold the workers' episodes off."""
 
     decode: Pool
+    decode_writes: Pool
     encode: Pool
 
     @classmethod
     def create(cls) -> Codecs:
         # 2 threads each: JSON work holds the GIL, so more threads would only queue on it.
-        # 8 decode slots bound the large bodies held in memory at once (8 × max_body_bytes).
-        return cls(decode=Pool("being decoded", 2, 8), encode=Pool("being encoded", 2, 8))
+        # 8 slots per decode pool bound the large bodies held in memory at once
+        # (16 × max_body_bytes in all).
+        return cls(
+            decode=Pool("being decoded", 2, 8),
+            decode_writes=Pool("being written", 2, 8),
+            encode=Pool("being encoded", 2, 8),
+        )
 
     def close(self) -> None:
         self.decode.close()
+        self.decode_writes.close()
         self.encode.close()
 
 
@@ -450,17 +459,23 @@ def _inline_body(request: Request) -> int:
 
 
 async def decode_body(
-    request: Request, settings: ServiceSettings, decode: Callable[[bytes], T], limit: int | None = None
+    request: Request,
+    settings: ServiceSettings,
+    decode: Callable[[bytes], T],
+    limit: int | None = None,
+    *,
+    write: bool = False,
 ) -> T:
     """Read the body (at most `limit` bytes, default max_body_bytes) and decode it: on the loop
-    when small, else admitted to the decode pool before the body is read, so large bodies in
-    memory stay bounded."""
+    when small, else admitted to a decode pool (the writes' own for `write`) before the body
+    is read, so large bodies in memory stay bounded."""
     limit = settings.max_body_bytes if limit is None else min(limit, settings.max_body_bytes)
     inline = _inline_body(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) <= inline:
         return decode(await read_body(request, limit))
-    pool: Pool = request.app.state.codecs.decode
+    codecs: Codecs = request.app.state.codecs
+    pool = codecs.decode_writes if write else codecs.decode
     async with pool.admitted():
         body = await read_body(request, limit)
         return decode(body) if len(body) <= inline else await pool.run(decode, body)
@@ -469,7 +484,7 @@ async def decode_body(
 async def read_episodes(request: Request, settings: ServiceSettings) -> EpisodeBatch:
     """The request's episodes, decoded (400/413/415/422 as the module says)."""
     decode = partial(decode_episodes, content_type=media_type(request), max_batch=settings.max_batch)
-    return await decode_body(request, settings, decode)
+    return await decode_body(request, settings, decode, write=True)
 
 
 async def read_query(request: Request, settings: ServiceSettings) -> Query:
