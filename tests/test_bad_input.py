@@ -444,11 +444,11 @@ CASES: list[Case | Any] = [
         content_type=ST,
     ),
     # import
-    Case(
+    Case(  # into an empty memory: a memory that holds episodes is a 409 before the file is read
         "import_garbage",
         422,
         b"PK\x03\x04 not really a zip",
-        path=f"{MEM}/import",
+        path="/memories/fresh/import",
         content_type="application/octet-stream",
     ),
     Case(
