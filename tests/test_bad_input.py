@@ -372,6 +372,12 @@ CASES: list[Case | Any] = [
     Case("st_id_list_wrong_length", 422, st_episodes(id=["a", "b", "c"]), content_type=ST, loc=("id",)),
     Case("st_worker_not_strings", 422, st_episodes(worker=[1, 2, 3, 4]), content_type=ST, loc=("worker",)),
     Case("st_metadata_not_json", 422, st_episodes(raw_meta={"id": "not json"}), content_type=ST, loc=("id",)),
+    Case(  # a misspelt optional field (HR for Hr) must not store zeros unseen
+        "st_unknown_tensor", 422, st_with(HR=np.zeros(4, np.float32)), content_type=ST, loc=("HR",)
+    ),
+    Case(
+        "st_unknown_metadata", 422, st_episodes(colour=["a", "b", "c", "d"]), content_type=ST, loc=("colour",)
+    ),
     Case(
         "st_same_id_twice",
         422,
@@ -426,6 +432,14 @@ CASES: list[Case | Any] = [
         path=NEIGHBORS,
         content_type=ST,
         loc=("z",),
+    ),
+    Case(  # a misspelt field must not pass unseen (JSON bodies refuse unknown fields too)
+        "st_query_unknown_tensor",
+        422,
+        st_body({"z": np.zeros((2, 4), np.float32), "q": np.zeros((2, 4), np.float32)}),
+        path=NEIGHBORS,
+        content_type=ST,
+        loc=("q",),
     ),
     Case(
         "st_query_k_zero",

@@ -282,9 +282,18 @@ def decode_episodes(body: bytes, content_type: str | None, max_batch: int | None
     )
 
 
+def _unknown(names: Any, known: Any, what: str) -> None:
+    """422 naming the first of `names` not in `known`: a misspelt field must not pass unseen."""
+    extra = sorted(set(names) - set(known))
+    if extra:
+        raise ValidationFailed.at([extra[0]], f"unknown {what}; expected some of {', '.join(sorted(known))}")
+
+
 def _episodes_from_safetensors(t: dict[str, np.ndarray], meta: dict[str, Any]) -> EpisodeBatch:
     if "z" not in t or t["z"].ndim != 2:
         raise ValidationFailed.at(["z"], "a F32 tensor z of shape [B, d] is required")
+    _unknown(t, ("z", *FLOAT_FIELDS), "tensor")
+    _unknown(meta, ("id", "worker"), "metadata key")
     b = t["z"].shape[0]
     values = {}
     for f in FLOAT_FIELDS:
@@ -316,6 +325,7 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
         tensors, fields = parse_safetensors(body)
         if "z" not in tensors:
             raise ValidationFailed.at(["z"], "a F32 tensor z is required")
+        _unknown(tensors, ("z",), "tensor")
         z = tensors["z"]
     else:
         fields = parse_json(body)
