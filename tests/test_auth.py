@@ -116,3 +116,11 @@ def test_tokens_from_files_and_never_in_the_log(tmp_path) -> None:
     log = srv.log.read_text()
     assert "GET /stats 200" in log
     assert "file-read-token" not in log and "file-write-token" not in log
+
+
+def test_the_schema_and_its_page_need_a_token_too(secured) -> None:
+    assert secured.get("/openapi.json").status_code == 401
+    assert secured.get("/docs").status_code == 401
+    schema = secured.get("/openapi.json", headers=bearer("r-secret"))
+    assert schema.status_code == 200 and "/memories/{name}/neighbors" in schema.json()["paths"]
+    assert secured.get("/docs", headers=bearer("r-secret")).status_code == 200

@@ -101,6 +101,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         dependencies=[Depends(authorize), Depends(check_body_type)],
+        openapi_url=None,  # served by routes/admin.py, behind the tokens
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.zmem = zmem
     app.state.codecs = Codecs.create()

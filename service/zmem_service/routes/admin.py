@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..registry import check_name
@@ -76,3 +77,15 @@ async def put_memory(name: str, body: MemorySettingsIn, zmem: ZMemDep) -> JSONRe
 async def delete_memory(name: str, zmem: ZMemDep) -> Response:
     await zmem.delete(name)
     return Response(status_code=204)
+
+
+# The schema and its page sit behind the tokens like every other route (FastAPI's own
+# /openapi.json and /docs would not): the app's dependencies apply to these.
+@router.get("/openapi.json", include_in_schema=False)
+async def get_openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def get_docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="zmem")
