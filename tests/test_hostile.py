@@ -170,6 +170,54 @@ def test_slow_read_bodies_holding_every_read_slot_leave_writes_alone(tmp_path: P
 
 
 @pytest.mark.e2e
+def test_large_answers_nobody_reads_are_bounded_and_dropped(tmp_path: Path) -> None:
+    """Eight clients ask for 6.5 MB answers and never read them: they hold the eight answer
+    slots (a ninth large answer is a 503, small ones still flow); once they have read nothing
+    for --body-timeout seconds their answers are dropped and the slots are free again."""
+    srv = Server(
+        tmp_path / "data",
+        *("--min-size", "1", "--capacity", "2000", "--body-timeout", "1"),
+        "--durability",
+        "none",
+    ).start()
+    try:
+        z = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+        ones = np.ones(2000, np.float32)
+        st = safetensors.numpy.save({"z": z, "soft_bind": ones / 2, "cone_vol": ones, "lambda_bind": ones})
+        assert httpx.post(srv.url + "/episodes", content=st, headers={"content-type": ST}).status_code == 200
+        query = safetensors.numpy.save({"z": z[:50]}, metadata={"k": "512"})  # 50×512×64 floats
+        request = (
+            b"POST /neighbors HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
+            b"Accept: application/x-safetensors\r\nContent-Length: %d\r\n\r\n" % len(query)
+        ) + query
+        silent = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(request)
+            silent.append(s)
+        time.sleep(0.5)
+        big = httpx.post(srv.url + "/neighbors", content=query, headers={"content-type": ST, "accept": ST})
+        assert big.status_code == 503 and big.headers["retry-after"] == "1"
+        small = httpx.post(srv.url + "/neighbors", json={"z": [0.0] * 64, "k": 4})
+        assert small.status_code == 200
+        deadline = time.monotonic() + 20
+        while True:  # the silent clients' answers are dropped after 1 s without progress
+            big = httpx.post(
+                srv.url + "/neighbors", content=query, headers={"content-type": ST, "accept": ST}
+            )
+            if big.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert big.status_code == 200 and len(big.content) > 6_000_000
+        for s in silent:
+            s.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.e2e
 def test_connections_past_the_cap_get_503_with_retry_after(guarded: Server) -> None:
     idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(16)]
     try:

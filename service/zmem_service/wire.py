@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +56,10 @@ T = TypeVar("T")
 # Bodies and answers up to these sizes are decoded/encoded on the event loop: below them
 # a hop to a pool thread (~60 µs) costs more than the work (benchmarks/bench_hostile.py).
 INLINE_JSON_BYTES = 2048
+log = logging.getLogger("zmem")
 INLINE_SAFETENSORS_BYTES = 256 * 1024
+LARGE_ANSWER_BYTES = 1 << 20
+"""Answers above this hold one of the answer slots until they are sent (`respond`)."""
 INLINE_JSON_FLOATS = 256
 # Floats validated per pydantic call on large JSON bodies (each call holds the GIL).
 FLOATS_PER_STEP = 16384
@@ -446,6 +450,7 @@ class Codecs:
     decode: Pool
     decode_writes: Pool
     encode: Pool
+    answers: AnswerSlots
 
     @classmethod
     def create(cls) -> Codecs:
@@ -456,6 +461,7 @@ class Codecs:
             decode=Pool("being decoded", 2, 8),
             decode_writes=Pool("being written", 2, 8),
             encode=Pool("being encoded", 2, 8),
+            answers=AnswerSlots(8),  # 8 × max_response_bytes of large answers at most
         )
 
     def close(self) -> None:
@@ -507,7 +513,28 @@ async def respond(
     request: Request, settings: ServiceSettings, arrays: dict[str, np.ndarray], meta: dict[str, Any]
 ) -> Response:
     """An answer as safetensors when the client accepts it, JSON otherwise; at most
-    `max_response_bytes` (else 422 on `k`, saying when safetensors would fit)."""
+    `max_response_bytes` (else 422 on `k`, saying when safetensors would fit).
+
+    A large answer (over LARGE_ANSWER_BYTES) takes one of the service's answer slots from
+    before it is encoded until its last byte is handed over (503 when none is free), and
+    goes out in chunks under the connection's flow control, dropped once its client has
+    read nothing for `body_timeout` s: answers nobody reads can't pile up in memory."""
+    if safetensors_size(arrays, meta) <= LARGE_ANSWER_BYTES:
+        body, media_type = await _encode(request, settings, arrays, meta)
+        return Response(body, media_type=media_type)
+    slots: AnswerSlots = request.app.state.codecs.answers
+    slots.take()
+    try:
+        body, media_type = await _encode(request, settings, arrays, meta)
+    except BaseException:
+        slots.give()
+        raise
+    return SentInChunks(body, media_type, done=slots.give, stall=settings.body_timeout)
+
+
+async def _encode(
+    request: Request, settings: ServiceSettings, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> tuple[bytes, str]:
     limit = settings.max_response_bytes
     st_size = safetensors_size(arrays, meta)
     pool: Pool = request.app.state.codecs.encode
@@ -515,10 +542,9 @@ async def respond(
         if st_size > limit:
             raise ValidationFailed.at(["k"], f"the answer would be {st_size} bytes; {_over(limit)}")
         if st_size <= INLINE_SAFETENSORS_BYTES:
-            return Response(encode_safetensors(arrays, meta), media_type=SAFETENSORS)
+            return encode_safetensors(arrays, meta), SAFETENSORS
         async with pool.admitted():
-            body = await pool.run(encode_safetensors, arrays, meta)
-        return Response(body, media_type=SAFETENSORS)
+            return await pool.run(encode_safetensors, arrays, meta), SAFETENSORS
     try:
         if sum(a.size for a in arrays.values()) <= INLINE_JSON_FLOATS:
             body = jsonchunks.encode_arrays(meta, arrays, limit)
@@ -534,7 +560,61 @@ async def respond(
         raise ValidationFailed.at(["k"], f"the JSON answer would exceed {limit} bytes; {hint}") from None
     except ValueError:  # NaN or infinity: admissible inputs never produce one
         raise ZMemError("the answer holds a non-finite number; see the server log") from None
-    return Response(body, media_type=JSON)
+    return body, JSON
+
+
+class AnswerSlots:
+    """At most `slots` large answers held at once (being encoded or sent); on the event loop."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+
+    def take(self) -> None:
+        if self._free <= 0:
+            raise Unavailable("too many large answers are being sent; retry shortly")
+        self._free -= 1
+
+    def give(self) -> None:
+        self._free += 1
+
+
+class SentInChunks(Response):
+    """A whole answer sent a chunk at a time: each chunk waits for the connection to drain
+    (uvicorn's flow control), and a client that reads nothing for `stall` seconds loses the
+    answer and its connection. `done` runs once, when the answer is handed over or dropped."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, body: bytes, media_type: str, *, done: Callable[[], None], stall: float) -> None:
+        super().__init__(body, media_type=media_type)
+        self._done: Callable[[], None] | None = done
+        self._stall = stall
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            view = memoryview(self.body)
+            for start in range(0, len(view), self.CHUNK):
+                chunk = {
+                    "type": "http.response.body",
+                    "body": bytes(view[start : start + self.CHUNK]),
+                    "more_body": start + self.CHUNK < len(view),
+                }
+                await asyncio.wait_for(send(chunk), self._stall)
+        except TimeoutError:
+            log.info("dropped an answer whose client read nothing for %g s", self._stall)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None:
+            done, self._done = self._done, None
+            done()
+
+    def __del__(self) -> None:  # never sent (the request ended first): the slot comes back
+        self._finish()
 
 
 def _over(limit: int) -> str:
