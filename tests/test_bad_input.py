@@ -151,6 +151,8 @@ CASES: list[Case | Any] = [
     Case("not_json", 400, b"{not json"),
     Case("empty_body", 400, b""),
     Case("invalid_utf8", 400, b'\xff\xfe{"episodes": []}'),
+    Case("utf8_bom", 400, b'\xef\xbb\xbf{"episodes": []}'),  # UTF-8 without a BOM, at any size
+    Case("utf16", 400, '{"episodes": []}'.encode("utf-16-le")),
     Case("truncated_json", 400, raw(batch())[:-7]),
     Case("neighbors_not_json", 400, b"z=1,2,3,4", path=NEIGHBORS),
     Case("put_not_json", 400, b"{", method="PUT", path=MEM),

@@ -208,9 +208,11 @@ def wants_safetensors(request: Request) -> bool:
 
 def parse_json(body: bytes) -> Any:
     try:
+        # UTF-8 only, whatever the size (json.loads would also take UTF-16/32 and a BOM).
+        text = body.decode("utf-8")
         if len(body) <= jsonchunks.WINDOW:
-            return json.loads(body)
-        return jsonchunks.loads(body.decode("utf-8"))
+            return json.loads(text)
+        return jsonchunks.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
     except RecursionError:
