@@ -1,14 +1,20 @@
 """Train a small Gaussian policy with the zmem memory regularizer (the seed's §3).
 
-Start a service first (`zmem serve --durability none`), then run this file. Each worker
+Start a service first (`zmem serve --durability none`), then run this file (another
+service: `ZMEM_URL=http://host:8000 python train_with_zmem.py`). Each worker
 process gets the pickled client (it reconnects on its own), records its episodes and adds
 `w_mem · risk(z)` to its loss, so z is pushed away from neighbourhoods that went badly.
 `zmem demo` runs the same loop at several w_mem values and writes a report.
+
+Expect each worker to print where its policy mean ended along the reliable axis: the task
+alone pulls it to the unreliable side (negative); the memory term pushes back, and how far
+it gets in 200 steps depends on W_MEM (the demo's table shows the trend over longer runs).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import torch
 
@@ -31,14 +37,14 @@ def worker(mem: ZMemClient, seed: int, steps: int = 200) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        soft_bind = float(torch.sigmoid(3 * side))  # the episode's outcome
+        soft_bind = float(torch.sigmoid(3 * side.detach()))  # the episode's outcome
         mem.record(z.detach(), soft_bind=soft_bind, cone_vol=1.0 - 0.5 * soft_bind, lambda_bind=1 - soft_bind)
     mem.flush()
     print(f"worker {seed}: policy mean is {float((mu - CENTRE) @ RELIABLE):+.2f} along the reliable axis")
 
 
 if __name__ == "__main__":
-    mem = ZMemClient("http://127.0.0.1:8000", memory="example")
+    mem = ZMemClient(os.environ.get("ZMEM_URL", "http://127.0.0.1:8000"), memory="example")
     mem.configure(z_dim=8, min_size=200)
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.starmap(worker, [(mem, seed) for seed in range(3)])
