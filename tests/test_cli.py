@@ -50,3 +50,14 @@ def test_a_backup_that_cannot_be_written_says_why(tmp_path: Path, capsys: pytest
     SqliteStore(tmp_path / "data").close()
     assert main(["backup", "--data-dir", str(tmp_path / "data"), str(tmp_path / "missing" / "copy.db")]) == 2
     assert "zmem backup: cannot copy" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_said_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--durability", "none"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

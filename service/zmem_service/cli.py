@@ -98,6 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why `host:port` can't be listened on now (in use, no such address), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def _backup(args: argparse.Namespace) -> int:
     """SQLite's online backup: a consistent copy while the service keeps writing."""
     import os
@@ -151,6 +166,10 @@ def _serve(args: argparse.Namespace) -> int:
         _lock = None if settings.durability == "none" else DataDirLock(settings.data_dir)
     except (DataDirInUse, OSError) as e:
         print(f"zmem serve: {e}", file=sys.stderr)
+        return 2
+    problem = _cannot_listen(settings.host, settings.port)
+    if problem:  # said before the store loads, not as a failure to load it
+        print(f"zmem serve: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)
         return 2
     from .app import create_app
     from .server import serve
