@@ -375,7 +375,8 @@ def scenario(name: str) -> tuple[dict[str, Any], dict[str, bool]]:
     # The newest Q z's stand for the queries that preceded them: searched against the rest.
     records = kernel_records(z[:-Q], z[-Q:], sigma)
     records["risk"] = risk
-    result = evaluate(z, soft, lam, records, min_size=500, sigma=sigma, k=64)
+    risk_target = (1.0 - soft) + 0.05 * lam  # the seed's weights, cone_vol left out
+    result = evaluate(z, soft, lam, records, min_size=500, sigma=sigma, k=64, risk_target=risk_target)
     return result, SCENARIOS[name]
 
 
@@ -453,6 +454,25 @@ def test_convergence_into_risk_fails_on_the_level_and_a_steady_run_has_no_spikes
     steady = criteria(scenario("steady")[0])["convergence"]["values"]
     assert steady["older_spikes"] == steady["newer_spikes"] == 0
     assert abs(steady["newer_risk_median"] - steady["older_risk_median"]) < steady["risk_rise_tolerance"]
+
+
+def test_a_rise_small_on_the_risk_targets_scale_is_no_rise() -> None:
+    """A level that moves 0.07 while stored risk targets span ~1 (the demo's w = 20 runs: -0.06
+    → 0.01) is steady; the same move on a tight series without risk targets is a rise."""
+    rng = np.random.default_rng(7)
+    older, _ = islands(1000, rng, spread=1.5)
+    newer, _ = islands(1000, rng, spread=0.2)
+    z = np.vstack([older, newer])
+    soft = rng.uniform(size=2000)
+    risk = np.r_[-0.06 + 0.02 * rng.normal(size=500), 0.01 + 0.02 * rng.normal(size=500)]
+
+    def judged(risk_target: np.ndarray | None) -> dict[str, Any]:
+        result = evaluate(z, soft, 1 - soft, {"risk": risk}, min_size=500, risk_target=risk_target)
+        return criteria(result)["convergence"]
+
+    assert judged(None)["passed"] is False
+    steady = judged(1.0 - soft)  # risk targets spread over ~0.8 (10th–90th percentile)
+    assert steady["passed"] is True and steady["values"]["risk_rise_tolerance"] >= 0.07
 
 
 def test_kernel_reading_says_what_to_change() -> None:

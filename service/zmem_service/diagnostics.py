@@ -62,9 +62,13 @@ class Thresholds:
     convergence_factor: float = 0.9
     risk_rise: float = 0.05
     """The recorded risk's median may rise by this fraction of the older half's |median|, by
-    `risk_rise_spread` × the series' interquartile range, or by 3 standard errors of a half's
-    median, whichever is most, before convergence fails."""
+    `risk_rise_spread` × the series' interquartile range, by `risk_rise_range` × the stored
+    risk targets' 10th–90th percentile range, or by 3 standard errors of a half's median,
+    whichever is most, before convergence fails."""
     risk_rise_spread: float = 0.25
+    risk_rise_range: float = 0.1
+    """…or by this fraction of the stored risk targets' 10th–90th percentile range (the scale
+    the kernel risk lives on), when the buffer's risk targets are given."""
     spike_mad: float = 5.0
     spike_window: int = 21
     spike_rate_rise: float = 0.01
@@ -239,6 +243,7 @@ def evaluate(
     sample: int = 5000,
     neighbors: int = 10,
     seed: int = 0,
+    risk_target: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Judge a buffer against the seed's acceptance criteria and the kernel's health.
 
@@ -254,6 +259,8 @@ def evaluate(
         sample: each kNN computation uses a seeded subsample of at most this many z's.
         neighbors: k for the k-NN distances (fewer when the sample is smaller).
         seed: seeds the subsamples and the Gaussian references; same inputs, same result.
+        risk_target: [N] the stored risk targets, when known: their spread sets the scale
+            of what counts as the recorded risk rising.
 
     Returns:
         ``{"size": N, "criteria": [density, reliability, convergence, kernel]}``, each
@@ -285,7 +292,11 @@ def evaluate(
         reliability["reading"] += f"; {READING_1_WITHOUT_2}"
     if reliability["passed"] is True and density["passed"] is False:
         density["reading"] += f"; {READING_2_WITHOUT_1}"
-    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t)  # type: ignore[arg-type]
+    scale = None
+    if risk_target is not None and np.size(risk_target):
+        p10, p90 = np.percentile(np.asarray(risk_target, dtype=np.float64), [10, 90])
+        scale = float(p90 - p10)
+    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, scale)  # type: ignore[arg-type]
     kernel = _kernel_criterion(geo, q, judge, n, need, t, sigma, k)
     return {"size": int(n), "criteria": [density, reliability, convergence, kernel]}
 
@@ -487,7 +498,13 @@ def _reliability_criterion(
 
 
 def _convergence_criterion(
-    geo: dict[str, Any] | None, risk: np.ndarray, judge: bool, n: int, need: int, t: Thresholds
+    geo: dict[str, Any] | None,
+    risk: np.ndarray,
+    judge: bool,
+    n: int,
+    need: int,
+    t: Thresholds,
+    scale: float | None = None,
 ) -> dict[str, Any]:
     r_old = r_new = None
     if geo is not None and geo["xy"].shape[0] >= 4:
@@ -525,6 +542,7 @@ def _convergence_criterion(
         tol = max(
             t.risk_rise * abs(m_old),
             t.risk_rise_spread * float(q75 - q25),
+            t.risk_rise_range * (scale or 0.0),  # a small move on the risk targets' own scale
             3 * 1.2533 * 1.4826 * mad / np.sqrt(h),
             1e-6,
         )

@@ -246,6 +246,7 @@ class PictureCache:
                 min_size=s.min_size,
                 sigma=s.sigma,
                 k=s.k,
+                risk_target=cols.risk_target,
             )
 
         result: dict[str, Any] = await self._get(key, job)
