@@ -475,6 +475,26 @@ def test_a_rise_small_on_the_risk_targets_scale_is_no_rise() -> None:
     assert steady["passed"] is True and steady["values"]["risk_rise_tolerance"] >= 0.07
 
 
+def test_newer_episodes_faring_worse_fail_convergence_even_with_a_flat_recorded_risk() -> None:
+    """The demo's w = 0 runs: the agent settles on the unreliable side early, so the recorded
+    risk is flat, but the newer half of the buffer holds worse outcomes than the older."""
+    rng = np.random.default_rng(8)
+    older, old_label = island_buffer(1000, rng)
+    newer, new_label = island_buffer(1000, rng, which=(1,), spread=0.4, sparse=0.02)
+    z, label = np.vstack([older, newer]), np.r_[old_label, new_label]
+    soft, lam = reliability_of(label, rng, 0)  # island 0 reliable; the newer half sits on island 1
+    flat = 0.6 + 0.03 * rng.normal(size=400)
+    conv = criteria(evaluate(z, soft, lam, {"risk": flat}, min_size=500, risk_target=1.0 - soft))[
+        "convergence"
+    ]
+    assert conv["passed"] is False
+    assert conv["values"]["newer_risk_target"] > conv["values"]["older_risk_target"]
+    assert conv["reading"].startswith("converging into risk: the newer episodes fare worse")
+    # without the risk targets only the recorded risk speaks, and it is flat
+    blind = criteria(evaluate(z, soft, lam, {"risk": flat}, min_size=500))["convergence"]
+    assert blind["passed"] is True
+
+
 def test_kernel_reading_says_what_to_change() -> None:
     dead = criteria(scenario("kernel_d64_unit")[0])["kernel"]
     assert dead["values"]["underflow_fraction"] == 1.0

@@ -66,6 +66,9 @@ class Thresholds:
     risk targets' 10th–90th percentile range, or by 3 standard errors of a half's median,
     whichever is most, before convergence fails."""
     risk_rise_spread: float = 0.25
+    risk_target_rise: float = 0.02
+    """The newer half of the buffer's mean risk target may exceed the older half's by this
+    fraction of the risk targets' 10th–90th percentile range (or 3 standard errors)."""
     risk_rise_range: float = 0.1
     """…or by this fraction of the stored risk targets' 10th–90th percentile range (the scale
     the kernel risk lives on), when the buffer's risk targets are given."""
@@ -292,11 +295,10 @@ def evaluate(
         reliability["reading"] += f"; {READING_1_WITHOUT_2}"
     if reliability["passed"] is True and density["passed"] is False:
         density["reading"] += f"; {READING_2_WITHOUT_1}"
-    scale = None
-    if risk_target is not None and np.size(risk_target):
-        p10, p90 = np.percentile(np.asarray(risk_target, dtype=np.float64), [10, 90])
-        scale = float(p90 - p10)
-    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, scale)  # type: ignore[arg-type]
+    rt = None if risk_target is None else np.asarray(risk_target, dtype=np.float64).ravel()
+    if rt is not None and rt.size != n:
+        raise ValueError(f"z has {n} rows but risk_target {rt.size}")
+    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, rt)  # type: ignore[arg-type]
     kernel = _kernel_criterion(geo, q, judge, n, need, t, sigma, k)
     return {"size": int(n), "criteria": [density, reliability, convergence, kernel]}
 
@@ -504,7 +506,7 @@ def _convergence_criterion(
     n: int,
     need: int,
     t: Thresholds,
-    scale: float | None = None,
+    risk_target: np.ndarray | None = None,
 ) -> dict[str, Any]:
     r_old = r_new = None
     if geo is not None and geo["xy"].shape[0] >= 4:
@@ -516,6 +518,26 @@ def _convergence_criterion(
         if ref > 0:
             r_old, r_new = (_float(_knn_mean_distance(part, k).mean() / ref) for part in halves)
     ratio_ok = None if r_old is None or r_new is None else bool(r_new <= t.convergence_factor * r_old)
+    scale = None
+    outcome: dict[str, Any] = dict.fromkeys(
+        ("older_risk_target", "newer_risk_target", "risk_target_tolerance")
+    )
+    outcome_ok = None
+    if risk_target is not None and risk_target.size >= 4:
+        # The episodes themselves: the newer half of the buffer must not fare worse than the older
+        # (a mean risk target higher by more than 3 standard errors and a 50th of its range).
+        p10, p90 = np.percentile(risk_target, [10, 90])
+        scale = float(p90 - p10)
+        h = risk_target.size // 2
+        older, newer = risk_target[:h], risk_target[h:]
+        se = float(np.sqrt(older.var() / older.size + newer.var() / newer.size))
+        outcome_tol = max(3 * se, t.risk_target_rise * scale, 1e-9)
+        outcome_ok = bool(newer.mean() <= older.mean() + outcome_tol)
+        outcome.update(
+            older_risk_target=_float(older.mean()),
+            newer_risk_target=_float(newer.mean()),
+            risk_target_tolerance=_float(outcome_tol),
+        )
 
     q = risk.size
     values: dict[str, Any] = dict.fromkeys(
@@ -561,9 +583,15 @@ def _convergence_criterion(
         spikes_ok = bool(values["newer_spike_rate"] <= values["older_spike_rate"] + t.spike_rate_rise)
     passed: bool | None = None
     if judge and ratio_ok is not None:
-        passed = ratio_ok and level_ok is not False and spikes_ok is not False
+        passed = ratio_ok and level_ok is not False and spikes_ok is not False and outcome_ok is not False
 
     cluster = f"projected k-NN distance {_fmt(r_old)} (older half) → {_fmt(r_new)} (newer half) of a blob's"
+    outcome_text = (
+        f"mean risk target {outcome['older_risk_target']:.3g} (older half of the buffer) → "
+        f"{outcome['newer_risk_target']:.3g} (newer half; may rise by {outcome['risk_target_tolerance']:.2g})"
+        if outcome_ok is not None
+        else ""
+    )
     if level_ok is None:
         query_text = f"recorded risk not judged ({q} recorded queries, needs {MIN_RECORDED_QUERIES})"
         level_text = spike_text = query_text
@@ -580,17 +608,15 @@ def _convergence_criterion(
         reading = _too_little(n, need) if not judge else f"cannot compare the halves: {cluster}"
     elif passed:
         judged = level_ok is not None
+        faring = f"; newer episodes fare no worse: {outcome_text}" if outcome_ok is not None else ""
         reading = (
             f"converging (clustering more{', the recorded risk not rising' if judged else ''}): "
-            f"{cluster}; {level_text}; {spike_text}"
-            + (
-                " (a steady level can still be a high one: this verdict doesn't judge the level)"
-                if judged
-                else ""
-            )
+            f"{cluster}; {level_text}; {spike_text}{faring}"
         )
     else:
         problems = []
+        if outcome_ok is False:
+            problems.append(f"converging into risk: the newer episodes fare worse: {outcome_text}")
         if level_ok is False:
             problems.append(f"converging into risk: {level_text}")
         if ratio_ok is False:
@@ -607,6 +633,7 @@ def _convergence_criterion(
             "factor": float(t.convergence_factor),
             "recorded_queries": int(q),
             **values,
+            **outcome,
             "required_size": int(need),
         },
         "reading": reading,
