@@ -69,7 +69,7 @@ class Thresholds:
     risk_target_rise: float = 0.02
     """The newer half of the buffer's mean risk target may exceed the older half's by this
     fraction of the risk targets' 10th–90th percentile range (or 3 standard errors)."""
-    risk_rise_range: float = 0.1
+    risk_rise_range: float = 0.15
     """…or by this fraction of the stored risk targets' 10th–90th percentile range (the scale
     the kernel risk lives on), when the buffer's risk targets are given."""
     spike_mad: float = 5.0
