@@ -53,10 +53,10 @@ SAFETENSORS = "application/x-safetensors"
 JSON = "application/json"
 NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
 T = TypeVar("T")
+log = logging.getLogger("zmem")
 # Bodies and answers up to these sizes are decoded/encoded on the event loop: below them
 # a hop to a pool thread (~60 µs) costs more than the work (benchmarks/bench_hostile.py).
 INLINE_JSON_BYTES = 2048
-log = logging.getLogger("zmem")
 INLINE_SAFETENSORS_BYTES = 256 * 1024
 LARGE_ANSWER_BYTES = 1 << 20
 """Answers above this hold one of the answer slots until they are sent (`respond`)."""
