@@ -104,6 +104,31 @@ def test_auto_sigma_depends_on_the_buffer_not_on_when_it_was_asked(make_client) 
     assert asked_early[-1] == pytest.approx(expected, rel=1e-5)
 
 
+def test_seqs_are_never_reused_under_a_name_after_delete_and_restart(tmp_path) -> None:
+    """A memory deleted and made again (by PUT, by a write, or `default` itself) goes on from
+    its old next seq, also after a restart: a seq names one episode of a name for good."""
+    settings = ServiceSettings(data_dir=tmp_path, capacity=100, min_size=1)
+    client = ready_client(settings)
+    try:
+        for name in ("m", "default"):
+            first = client.post(f"/memories/{name}/episodes", json={"episodes": tied_episodes(7, 0)})
+            assert first.json()["last_seq"] == 7
+            assert client.delete(f"/memories/{name}").status_code == 204
+        assert client.put("/memories/m", json={"z_dim": 3}).status_code == 201
+        again = client.post("/memories/m/episodes", json={"episodes": tied_episodes(2, 0)}).json()
+        assert (again["first_seq"], again["last_seq"]) == (8, 9)
+        assert client.delete("/memories/m").status_code == 204
+    finally:
+        client.__exit__(None, None, None)
+    client = ready_client(settings)
+    try:
+        for name, first_seq in (("m", 10), ("default", 8)):
+            r = client.post(f"/memories/{name}/episodes", json={"episodes": tied_episodes(1, 0)}).json()
+            assert r["first_seq"] == first_seq, name
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_a_reservation_that_fails_stores_nothing_and_the_memory_keeps_working(
     make_client, monkeypatch
 ) -> None:

@@ -39,6 +39,7 @@ class Memories:
         self._items: dict[str, Memory] = {}
         self.loaded = False
         self.skipped: dict[str, str] = {}  # stored memories that could not be loaded, and why
+        self.retired: dict[str, int] = {}  # the next seq of deleted memories, by name
         self._reset_default()
 
     def new(self, name: str, settings: MemorySettings | None = None, generation: str | None = None) -> Memory:
@@ -52,6 +53,7 @@ class Memories:
         )
         if generation is not None:
             memory.generation = generation
+        memory.next_seq = self.retired.get(name, 1)  # seqs are never reused under a name
         return memory
 
     def _reset_default(self) -> None:
@@ -60,6 +62,7 @@ class Memories:
     def restore(self, stored: list[StoredMemory]) -> None:
         """Rebuild from the store; stored settings win over start-up flags (differences logged)."""
         defaults = self.settings.memory_defaults()
+        self._reset_default()  # made before `retired` was known
         for s in stored:
             memory = self.new(s.name, s.settings, s.generation)
             if s.settings.z_dim is not None:
@@ -106,7 +109,9 @@ class Memories:
             old.clear()
 
     def remove(self, name: str) -> None:
-        self.get(name).clear()
+        memory = self.get(name)
+        self.retired[name] = max(memory.next_seq, self.retired.get(name, 1))
+        memory.clear()
         del self._items[name]
         if name == DEFAULT:
             self._reset_default()

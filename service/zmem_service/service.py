@@ -118,6 +118,7 @@ class ZMem:
         are corrupt is skipped (listed in `memories.skipped`, /readyz and the log)."""
         store = open_store(self.settings.data_dir, self.settings.durability)
         stored, self.memories.skipped = store.load()
+        self.memories.retired = store.retired()
         self.memories.restore(stored)
         self._warm_up()
         self._writer = Writer(self.memories, store, on_change=self.signal.changed)

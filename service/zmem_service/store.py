@@ -25,13 +25,19 @@ from .settings import MemorySettings
 log = logging.getLogger("zmem")
 
 SCHEMA_VERSION = 2
-"""1: release 0.1.0 (recorded no version: `user_version` 0). 2: memories carry a generation."""
+"""1: release 0.1.0 (recorded no version: `user_version` 0). 2: memories carry a generation.
+(The `retired` table, the next seq of deleted memories, was added within version 2: older
+readers of version 2 ignore it.)"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
     name TEXT PRIMARY KEY,
     settings TEXT NOT NULL,
     next_seq INTEGER NOT NULL,
     total_written INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retired (
+    name TEXT PRIMARY KEY,
+    next_seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS episodes (
     memory TEXT NOT NULL,
@@ -68,7 +74,8 @@ class Store(Protocol):
         self, name: str, settings: MemorySettings, next_seq: int, total_written: int, generation: str
     ) -> None: ...
     def insert(self, name: str, rows: Columns) -> None: ...
-    def delete_memory(self, name: str) -> None: ...
+    def delete_memory(self, name: str, next_seq: int) -> None: ...
+    def retired(self) -> dict[str, int]: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def trim(self, name: str, keep_from_seq: int) -> None: ...
@@ -89,8 +96,11 @@ class NullStore:
     def insert(self, name: str, rows: Columns) -> None:
         pass
 
-    def delete_memory(self, name: str) -> None:
+    def delete_memory(self, name: str, next_seq: int) -> None:
         pass
+
+    def retired(self) -> dict[str, int]:
+        return {}
 
     def commit(self) -> None:
         pass
@@ -215,10 +225,24 @@ class SqliteStore:
             ((name, *r) for r in zip(*cols, strict=True)),
         )
 
-    def delete_memory(self, name: str) -> None:
+    def delete_memory(self, name: str, next_seq: int) -> None:
+        """Delete a memory; its next seq is kept, so a memory made later under the name never
+        reuses a seq."""
         self._begin()
         self._db.execute("DELETE FROM episodes WHERE memory = ?", (name,))
         self._db.execute("DELETE FROM memories WHERE name = ?", (name,))
+        self._db.execute(
+            "INSERT INTO retired (name, next_seq) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+            (name, next_seq),
+        )
+
+    def retired(self) -> dict[str, int]:
+        """The next seq of each deleted memory's name."""
+        try:
+            return dict(self._db.execute("SELECT name, next_seq FROM retired").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise StoreUnreadable(f"the store {self.path} can't be read: {e}") from None
 
     def trim(self, name: str, keep_from_seq: int) -> None:
         self._begin()

@@ -68,7 +68,7 @@ class Writer:
             settings, changed = self.memories.resolve_put(name, body)
             if changed:
                 memory = self.memories.new(name, settings)
-                self.store.save_memory(name, settings, 1, 0, memory.generation)
+                self.store.save_memory(name, settings, memory.next_seq, 0, memory.generation)
                 self.store.commit()  # the registry follows the store, never leads it
                 self.memories.add(memory)
                 self._on_change(name)
@@ -78,8 +78,8 @@ class Writer:
 
     async def delete(self, name: str) -> None:
         def delete() -> None:
-            self.memories.get(name)
-            self.store.delete_memory(name)
+            memory = self.memories.get(name)
+            self.store.delete_memory(name, memory.next_seq)
             self.store.commit()
             self.memories.remove(name)
             self._on_change(name)
@@ -102,7 +102,8 @@ class Writer:
             assert settings.z_dim is not None
             self.memories.check_budget(memory.bytes_for(kept) - (current.nbytes if current else 0))
             memory.reserve(len(kept), settings.z_dim)
-            next_seq = int(rows.seq[-1]) + 1 if len(rows) else 1
+            # The file's seqs are kept; later writes never reuse a seq of an earlier incarnation.
+            next_seq = max(int(rows.seq[-1]) + 1 if len(rows) else 1, memory.next_seq)
             self.store.save_memory(name, settings, next_seq, len(kept), memory.generation)
             self.store.insert(name, kept)
             self.store.commit()
