@@ -521,13 +521,14 @@ async def respond(
     before it is encoded until its last byte is handed over (503 when none is free), and
     goes out in chunks under the connection's flow control, dropped once its client has
     read nothing for `body_timeout` s: answers nobody reads can't pile up in memory."""
-    if safetensors_size(arrays, meta) <= LARGE_ANSWER_BYTES:
-        body, media_type = await _encode(request, settings, arrays, meta)
+    st_size = safetensors_size(arrays, meta)
+    if st_size <= LARGE_ANSWER_BYTES:
+        body, media_type = await _encode(request, settings, arrays, meta, st_size)
         return Response(body, media_type=media_type)
     slots: AnswerSlots = request.app.state.codecs.answers
     slots.take()
     try:
-        body, media_type = await _encode(request, settings, arrays, meta)
+        body, media_type = await _encode(request, settings, arrays, meta, st_size)
     except BaseException:
         slots.give()
         raise
@@ -535,10 +536,14 @@ async def respond(
 
 
 async def _encode(
-    request: Request, settings: ServiceSettings, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    request: Request,
+    settings: ServiceSettings,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    st_size: int,
 ) -> tuple[bytes, str]:
+    """(body, media type) of an answer whose safetensors form takes `st_size` bytes."""
     limit = settings.max_response_bytes
-    st_size = safetensors_size(arrays, meta)
     pool: Pool = request.app.state.codecs.encode
     if wants_safetensors(request):
         if st_size > limit:
