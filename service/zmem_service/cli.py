@@ -119,7 +119,7 @@ def _backup(args: argparse.Namespace) -> int:
     import sqlite3
     from pathlib import Path
 
-    from .store import SqliteStore
+    from .store import SqliteStore, mark_as_backup
 
     data_dir = Path(args.data_dir or os.environ.get("ZMEM_DATA_DIR", "zmem-data"))
     source = data_dir / SqliteStore.FILE
@@ -131,6 +131,7 @@ def _backup(args: argparse.Namespace) -> int:
         dst = sqlite3.connect(args.dest)
         with dst:
             src.backup(dst)
+        mark_as_backup(dst)
         n = dst.execute("SELECT COUNT(*) FROM episodes").fetchone()[0]
         src.close()
         dst.close()
@@ -138,7 +139,8 @@ def _backup(args: argparse.Namespace) -> int:
         print(f"zmem backup: cannot copy {source} to {args.dest}: {e}", file=sys.stderr)
         return 2
     print(
-        f"zmem backup: {n} episodes copied to {args.dest} (restore: use it as <data-dir>/{SqliteStore.FILE})"
+        f"zmem backup: {n} episodes copied to {args.dest} (restore: use it as <data-dir>/{SqliteStore.FILE}; "
+        "its memories get new generations when a server opens it, so replicas start over)"
     )
     return 0
 

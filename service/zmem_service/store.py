@@ -11,6 +11,7 @@ and is migrated forward on open; a file from a newer release is refused.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ log = logging.getLogger("zmem")
 
 SCHEMA_VERSION = 2
 """1: release 0.1.0 (recorded no version: `user_version` 0). 2: memories carry a generation.
-(The `retired` table, the next seq of deleted memories, was added within version 2: older
-readers of version 2 ignore it.)"""
+(The `retired` table, the next seq of deleted memories, and the `state` table, which marks a
+store open while a server runs on it, were added within version 2: older readers of version 2
+ignore them.)"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
     name TEXT PRIMARY KEY,
@@ -38,6 +40,10 @@ CREATE TABLE IF NOT EXISTS memories (
 CREATE TABLE IF NOT EXISTS retired (
     name TEXT PRIMARY KEY,
     next_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS episodes (
     memory TEXT NOT NULL,
@@ -116,25 +122,37 @@ class NullStore:
 
 
 class SqliteStore:
-    """SQLite in WAL mode; `synchronous` FULL survives power loss, NORMAL a process crash."""
+    """SQLite in WAL mode; `synchronous` FULL survives power loss, NORMAL a process crash.
+
+    A generation names one history (SPEC §2), so opening the store mints new generations
+    where the history may have been cut: for a copy made by `zmem backup` (it clears the
+    generations, see `mark_as_backup`), and, under `synchronous` NORMAL, after a server
+    stopped without closing the store (power loss may have taken acknowledged rows).
+    `minted` names the memories that got one.
+    """
 
     FILE = "zmem.sqlite3"
 
     def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE
+        self.minted: list[str] = []
         try:
             # isolation_level=None: transactions are explicit (BEGIN … COMMIT).
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # The open marker and minted generations must outlive a power loss whatever the
+            # durability: lost, a later start would bring back a generation replicas left.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate(lossy=synchronous != "FULL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self._migrate()
         except sqlite3.DatabaseError as e:
             raise StoreUnreadable(f"the store {self.path} can't be opened: {e}") from None
         self._in_tx = False
 
-    def _migrate(self) -> None:
-        """Bring the file to SCHEMA_VERSION (a file from a newer release is refused)."""
+    def _migrate(self, lossy: bool = False) -> None:
+        """Bring the file to SCHEMA_VERSION (a file from a newer release is refused), mint
+        the generations the history needs (see the class) and mark the store open."""
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreUnreadable(
@@ -149,10 +167,25 @@ class SqliteStore:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(memories)")}
             if "generation" not in columns:  # version 1 → 2
                 self._db.execute("ALTER TABLE memories ADD COLUMN generation TEXT")
+            unclean = self._db.execute("SELECT value FROM state WHERE key = 'open'").fetchone()
+            if unclean is not None and lossy:
+                self._db.execute("UPDATE memories SET generation = NULL")
+                log.warning(
+                    "the last server on this store stopped without closing it (pid %s) under "
+                    "--durability normal, where acknowledged rows may be gone: every memory gets a new "
+                    "generation, so replicas start over",
+                    unclean[0],
+                )
             missing = self._db.execute("SELECT name FROM memories WHERE generation IS NULL").fetchall()
             for (name,) in missing:
                 generation = uuid.uuid4().hex
                 self._db.execute("UPDATE memories SET generation = ? WHERE name = ?", (generation, name))
+            self.minted = [name for (name,) in missing]
+            self._db.execute(
+                "INSERT INTO state (key, value) VALUES ('open', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(os.getpid()),),
+            )
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("COMMIT")
         except BaseException:
@@ -259,8 +292,24 @@ class SqliteStore:
             self._db.execute("ROLLBACK")
 
     def close(self) -> None:
+        """Close the store, marking it closed cleanly (see the class)."""
         self.rollback()
-        self._db.close()
+        try:
+            self._db.execute("DELETE FROM state WHERE key = 'open'")
+        finally:
+            self._db.close()
+
+
+def mark_as_backup(db: sqlite3.Connection) -> None:
+    """Clear a copy's generations: whoever opens it gets new ones, so replicas that
+    followed the live store past the copy's newest row start over (SPEC §2)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(memories)")}
+    with db:
+        if "generation" in columns:
+            db.execute("UPDATE memories SET generation = NULL")
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "state" in tables:  # the live server's open marker is not the copy's
+            db.execute("DELETE FROM state")
 
 
 def decode_rows(rows: list[tuple], z_dim: int) -> Columns:
