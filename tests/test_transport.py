@@ -64,3 +64,65 @@ def test_a_timeout_is_a_read_timeout() -> None:
     listener.close()
     for conn in accepted:
         conn.close()
+
+
+class Dribbler:
+    """A listener that reads each request, sends `head` at once, then `body` one byte per `every` s."""
+
+    def __init__(self, head: bytes, body: bytes, every: float = 0.3) -> None:
+        import socket
+        import threading
+
+        self.head, self.body, self.every = head, body, every
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:  # type: ignore[no-untyped-def]
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.head)
+                for byte in self.body:
+                    if self.stopped.wait(self.every):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_server_that_dribbles_cannot_stretch_a_call_past_its_timeout(where: str) -> None:
+    from zmem_client import Timeout
+
+    body = b'{"size": 0}' * 20
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    # Every byte comes well within the timeout, so a per-read timeout never fires.
+    dribbler = Dribbler(b"", head + body) if where == "head" else Dribbler(head, body)
+    mem = ZMemClient(f"http://127.0.0.1:{dribbler.port}", timeout=1.5)
+    try:
+        for call in (mem.stats, lambda: mem.risk(torch.zeros(1, 4))):
+            t0 = time.monotonic()
+            with pytest.raises(Timeout):
+                call()
+            assert time.monotonic() - t0 < 2.5
+    finally:
+        mem.close(timeout=1)
+        dribbler.close()

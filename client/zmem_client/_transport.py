@@ -6,22 +6,73 @@ a real share of it. This transport keeps httpx's API (timeouts, errors, MockTran
 tests) and swaps only the wire. One connection, used by one caller at a time (a lock);
 a connection the server closed while idle is reopened and the request sent again once,
 which is safe for zmem's requests (queries are reads, episodes carry idempotency ids).
+
+The timeout is a deadline for the whole call, connecting, sending and reading included:
+each socket operation gets only the time left, so a server or proxy that dribbles a
+byte at a time can't stretch a call past it (a per-read timeout would be reset by
+every byte).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
+import socket
 import threading
+import time
+from typing import Any
 
 import httpx
 
 RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each given only the time left until `conn.deadline` (monotonic)."""
+
+    def __init__(self, sock: socket.socket, conn: _Connection) -> None:
+        self._sock, self._conn = sock, conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._conn.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _Response(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, conn: _Connection, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain reader (it holds a reference that keeps the socket open)
+        self.fp = io.BufferedReader(_DeadlineReader(sock, conn))
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTPConnection whose response is read against `deadline` (see the module)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.deadline = float("inf")
+        self.response_class = functools.partial(_Response, conn=self)  # type: ignore[assignment]
+
+    def start(self, deadline: float) -> None:
+        """The next request must be answered by `deadline`; connecting and sending included."""
+        self.deadline = deadline
+        left = max(deadline - time.monotonic(), 1e-3)
+        self.timeout = left  # used when connecting
+        if self.sock is not None:
+            self.sock.settimeout(left)  # sendall: a total for the whole send
+
+
 class HTTPClientTransport(httpx.BaseTransport):
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host, self.port, self.timeout = host, port, timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: _Connection | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -30,16 +81,18 @@ class HTTPClientTransport(httpx.BaseTransport):
         target = request.url.raw_path.decode("ascii")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         timeout = request.extensions.get("timeout", {}).get("read") or self.timeout
-        with self._lock:
+        deadline = time.monotonic() + timeout  # waiting for another thread's call counts too
+        if not self._lock.acquire(timeout=timeout):
+            raise httpx.PoolTimeout(f"the connection stayed busy for {timeout}s", request=request)
+        try:
             if self._closed:
                 raise RuntimeError("the transport is closed")
             for attempt in (0, 1):
                 fresh = self._conn is None
-                conn = self._conn or http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+                conn = self._conn or _Connection(self.host, self.port)
                 self._conn = conn
                 try:
-                    if conn.sock is not None:
-                        conn.sock.settimeout(timeout)
+                    conn.start(deadline)
                     conn.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
                     for name, value in headers:
                         conn.putheader(name, value)
@@ -62,7 +115,9 @@ class HTTPClientTransport(httpx.BaseTransport):
                 return httpx.Response(
                     response.status, headers=response.getheaders(), content=content, request=request
                 )
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
+        finally:
+            self._lock.release()
 
     def _drop(self) -> None:
         if self._conn is not None:
