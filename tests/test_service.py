@@ -26,9 +26,11 @@ from .server import wait_until
 
 
 def test_the_memory_budget_gives_507_and_changes_nothing(make_client) -> None:
-    # 64 slots of d=4 (ring and index) and 70 ids fit; growing to 128 slots does not.
+    # 64 slots of d=4 (ring and index) and 70 ids fit; growing to 128 slots does not. No
+    # recorded queries: their bound would be counted from the first rows on.
     slot = row_bytes(4) + FaissCpuIndex(4, 1).bytes_after(1)
-    client = make_client(max_memory_bytes=64 * slot + id_bytes(["e00"] * 70), capacity=1000, min_size=1)
+    budget = 64 * slot + id_bytes(["e00"] * 70)
+    client = make_client(max_memory_bytes=budget, capacity=1000, min_size=1, recorded_queries=0)
     assert client.post("/episodes", json={"episodes": episodes(60)}).status_code == 200
     before = client.get("/export").content
     r = client.post("/episodes", json={"episodes": episodes(10, start=60)})

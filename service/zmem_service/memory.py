@@ -178,19 +178,30 @@ class Memory:
 
     @property
     def nbytes(self) -> int:
-        """What this memory holds: ring, index, ids and recorded queries (the budget counts it)."""
-        return self._bytes_after(0, self.settings.z_dim) + self._id_bytes + self.queries.nbytes
+        """What the budget counts for this memory: ring, index, ids and recorded queries (the
+        log at its full bound, see `_log_bytes`)."""
+        return self._bytes_after(0, self.settings.z_dim) + self._id_bytes
 
     def _bytes_after(self, count: int, z_dim: int | None) -> int:
-        """Ring and index bytes once `count` more episodes of dimension `z_dim` are appended."""
+        """Ring, index and recorded-query bytes once `count` more episodes of dimension `z_dim`
+        are appended."""
         if z_dim is None:
-            return 0
+            return self._log_bytes(0)
         if self.ring is None or self.index is None or self.ring.z_dim != z_dim:
             ring = Ring(z_dim, self.settings.capacity)
             slots = ring.allocation_after(count)
-            return slots * row_bytes(z_dim) + self.engine.new_index(z_dim).bytes_after(slots)
-        slots = self.ring.allocation_after(count)
-        return slots * row_bytes(z_dim) + self.index.bytes_after(slots)
+            held = slots * row_bytes(z_dim) + self.engine.new_index(z_dim).bytes_after(slots)
+        else:
+            slots = self.ring.allocation_after(count)
+            held = slots * row_bytes(z_dim) + self.index.bytes_after(slots)
+        return held + self._log_bytes(slots)
+
+    def _log_bytes(self, slots: int) -> int:
+        """What the budget counts for the recorded queries while the ring has room for `slots`
+        rows: their full bound from the moment the memory has room for rows or keeps a recorded
+        query, nothing before. Counted up front, the log's growth never takes room that
+        episodes need, and what reads record can't decide whether a write fits."""
+        return self.queries.bound_bytes if slots or len(self.queries) else 0
 
     # -- writes (writer thread) ------------------------------------------------------
 
@@ -388,11 +399,18 @@ class Memory:
         self._keep_queries(*nb.kernel_stats())
 
     def _keep_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
-        """Append to the query log (lock held); where growing it would pass the memory
-        budget, the log stops growing and keeps its newest rows instead."""
-        growth = self.queries.growth(len(risk))
-        if growth and self.room() < growth:
-            self.queries.stop_growing()
+        """Append to the query log (lock held), which keeps its last `capacity` rows.
+
+        A memory with rows has its log's bound counted already (`_log_bytes`); one without
+        takes it with its first recorded query, and raises InsufficientStorage (nothing
+        kept) when the memory budget has no room for it."""
+        slots = self.ring.allocated if self.ring is not None else 0
+        need = self.queries.bound_bytes
+        if len(risk) and need and not self._log_bytes(slots) and self.room() < need:
+            raise InsufficientStorage(
+                f"memory {self.name!r} holds no episodes yet and the memory budget (--max-memory-bytes) "
+                f"has no room for its recorded queries ({need} bytes)"
+            )
         self.queries.extend(risk, wsum, n_eff, time.time())
 
     def _prepare(

@@ -21,7 +21,9 @@ class QueryLog:
 
     Args:
         capacity: how many rows are kept (≥ 0; 0 keeps nothing). The columns grow on
-            demand (doubling) up to `capacity`, so a memory nobody queries costs nothing.
+            demand (doubling) up to `capacity`, so a memory nobody queries holds nothing; the
+            memory budget counts them at full size (`bound_bytes`), so they never take room
+            that episodes need.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -37,8 +39,13 @@ class QueryLog:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the columns (counted in the memory budget)."""
+        """Bytes the columns hold now (at most `bound_bytes`)."""
         return sum(col.nbytes for col in self._cols.values())
+
+    @property
+    def bound_bytes(self) -> int:
+        """Bytes the columns hold once full: what the memory budget counts for the log."""
+        return self.capacity * 8 * len(COLUMNS)
 
     def extend(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, ts: float) -> None:
         """Append rows (each argument [n], the same n), all stamped `ts`; the oldest go first.
@@ -62,28 +69,6 @@ class QueryLog:
             self._cols[name][slots] = values
         self._next = (self._next + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
-
-    def growth(self, n: int) -> int:
-        """Bytes the columns would grow by to take `n` more rows (0 once they are full size)."""
-        have = self._cols["risk"].size
-        rows = self._size + n
-        if have >= min(rows, self.capacity):
-            return 0
-        return (min(self.capacity, max(rows, 2 * have, 1024)) - have) * 8 * len(COLUMNS)
-
-    def stop_growing(self) -> None:
-        """Keep at most the rows there is room for now (the memory budget is spent): the
-        log goes on as a ring of that length."""
-        have = self._cols["risk"].size
-        if have >= self.capacity:
-            return
-        rows = self.snapshot()  # oldest first; never more than `have`
-        self.capacity = have
-        for name in COLUMNS:
-            col = np.zeros(have, np.float64)
-            col[: self._size] = rows[name]
-            self._cols[name] = col
-        self._next = self._size % have if have else 0
 
     def _grow(self, rows: int) -> None:
         """Room for min(rows, capacity) rows. Before the log first fills, its rows are
