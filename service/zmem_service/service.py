@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,31 @@ GATHER_SECONDS = 0.005
 """A long poll woken by a write waits this long for more rows before answering."""
 
 
+class _Watch:
+    """The event the next change of one memory sets, and how many long polls hold it."""
+
+    __slots__ = ("event", "holders")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.holders = 0
+
+
 class ChangeSignal:
     """Wakes the long polls of a memory's changes feed when the writer has applied rows.
 
-    `changed` may be called from any thread; waiting happens on the event loop."""
+    `changed` may be called from any thread; waiting happens on the event loop. An event
+    is kept only while a poll holds it (`watch`), so the names kept are those of memories
+    someone is polling right now, never every name ever asked for."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, asyncio.Event] = {}
+        self._events: dict[str, _Watch] = {}
         self.closed = False
+
+    def __len__(self) -> int:
+        """How many names have an event kept (those polled right now)."""
+        return len(self._events)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -59,14 +75,27 @@ class ChangeSignal:
             self._loop.call_soon_threadsafe(self._wake, name)
 
     def _wake(self, name: str) -> None:
-        event = self._events.pop(name, None)
-        if event is not None:
-            event.set()
+        watch = self._events.pop(name, None)
+        if watch is not None:
+            watch.event.set()
 
-    def event(self, name: str) -> asyncio.Event:
-        """The event the next change of `name` sets: take it *before* reading the memory, so a
-        change that lands between the read and the wait still wakes the waiter."""
-        return self._events.setdefault(name, asyncio.Event())
+    @contextlib.contextmanager
+    def watch(self, name: str) -> Iterator[asyncio.Event]:
+        """The event the next change of `name` sets, held for the block (event loop only).
+
+        Enter it *before* reading the memory, so a change that lands between the read and
+        the wait still wakes the waiter; check the name first, as the event is kept under
+        it until the last holder leaves."""
+        watch = self._events.get(name)
+        if watch is None:
+            watch = self._events[name] = _Watch()
+        watch.holders += 1
+        try:
+            yield watch.event
+        finally:
+            watch.holders -= 1
+            if not watch.holders and self._events.get(name) is watch:
+                del self._events[name]
 
     async def wait(self, event: asyncio.Event, timeout: float) -> None:
         """Return when `event` is set (a change, or shutdown) or after `timeout` seconds."""
@@ -261,17 +290,18 @@ class ZMem:
         """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`."""
         deadline = time.monotonic() + wait
         while True:
-            changed = self.signal.event(name)
-            memory = self.memory(name)
-            z_dim = memory.settings.z_dim or 1
-            rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
-            page = await asyncio.wrap_future(
-                self.searcher.call(functools.partial(memory.changes, after, generation, rows, auto))
-            )
-            left = deadline - time.monotonic()
-            if len(page.rows) or page.reset or left <= 0 or self.signal.closed:
-                return page
-            await self.signal.wait(changed, left)
+            self.memory(name)  # an unknown or invalid name is refused before anything is kept
+            with self.signal.watch(name) as changed:
+                memory = self.memory(name)  # after the watch: a re-creation since is seen too
+                z_dim = memory.settings.z_dim or 1
+                rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
+                page = await asyncio.wrap_future(
+                    self.searcher.call(functools.partial(memory.changes, after, generation, rows, auto))
+                )
+                left = deadline - time.monotonic()
+                if len(page.rows) or page.reset or left <= 0 or self.signal.closed:
+                    return page
+                await self.signal.wait(changed, left)
             await asyncio.sleep(GATHER_SECONDS)  # let a busy memory's next writes join this page
 
     async def stats(self, name: str) -> dict[str, Any]:
