@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -25,11 +26,23 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def _no_bool(value: Any) -> Any:
+    # JSON's true and false are not numbers, though pydantic's lax mode takes them as 1 and 0.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "must be a number, not a boolean")
+    return value
+
+
+NoBool = BeforeValidator(_no_bool)
+"""On a number field (`Annotated[int | None, NoBool]`): a boolean is refused, not taken as 1 or 0."""
+
+
 def _sigma_either(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # The union reports one error per member, and "(and 1 more)" hid the "auto" one.
     try:
+        _no_bool(value)
         return handler(value)
-    except ValidationError:
+    except (ValidationError, PydanticCustomError):
         raise PydanticCustomError(
             "sigma", 'must be a positive number or "auto", got {value}', {"value": repr(value)[:40]}
         ) from None
@@ -49,10 +62,10 @@ class RiskWeights(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    a: float = Field(1.0, allow_inf_nan=False)
-    b: float = Field(0.2, allow_inf_nan=False)
-    c: float = Field(0.05, allow_inf_nan=False)
-    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    a: Annotated[float, NoBool] = Field(1.0, allow_inf_nan=False)
+    b: Annotated[float, NoBool] = Field(0.2, allow_inf_nan=False)
+    c: Annotated[float, NoBool] = Field(0.05, allow_inf_nan=False)
+    eps: Annotated[float, NoBool] = Field(1e-8, gt=0, allow_inf_nan=False)
 
 
 class MemorySettings(BaseModel):
@@ -100,10 +113,10 @@ class MemorySettingsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    z_dim: int | None = Field(None, ge=1, le=MAX_Z_DIM)
-    capacity: int | None = Field(None, ge=1, le=MAX_CAPACITY)
-    min_size: int | None = Field(None, ge=0)
-    k: int | None = Field(None, ge=1, le=MAX_K)
+    z_dim: Annotated[int | None, NoBool] = Field(None, ge=1, le=MAX_Z_DIM)
+    capacity: Annotated[int | None, NoBool] = Field(None, ge=1, le=MAX_CAPACITY)
+    min_size: Annotated[int | None, NoBool] = Field(None, ge=0)
+    k: Annotated[int | None, NoBool] = Field(None, ge=1, le=MAX_K)
     sigma: Sigma | None = None
     risk: RiskWeights | None = None
 

@@ -47,7 +47,7 @@ from .errors import (
 )
 from .memory import Neighbors
 from .ring import FLOAT_FIELDS
-from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA, ServiceSettings
+from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA, NoBool, ServiceSettings
 
 SAFETENSORS = "application/x-safetensors"
 JSON = "application/json"
@@ -92,7 +92,7 @@ class QueryOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int | None = Field(None, ge=1, le=MAX_K)
+    k: Annotated[int | None, NoBool] = Field(None, ge=1, le=MAX_K)
     sigma: Annotated[float, Field(ge=MIN_SIGMA, le=MAX_SIGMA, strict=True)] | Literal["auto"] | None = None
     record: bool = False
 
