@@ -108,3 +108,74 @@ def test_polls_of_unknown_and_invalid_names_do_not_grow_the_server(tmp_path: Pat
         assert httpx.get(srv.url + "/healthz").status_code == 200
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "says"),
+    [
+        (["--workers", "0"], "--workers", "between 1 and 64, got 0"),
+        (["--workers", "many"], "--workers", "not a whole number"),
+        (["--seeds", "0"], "--seeds", "at least 1, got 0"),
+        (["--episodes", "-5"], "--episodes", "at least 1, got -5"),
+        (["--w-mem", "1e100"], "--w-mem", "finite number between 0 and 10000, got 1e100"),
+        (["--w-mem", "inf"], "--w-mem", "got inf"),
+        (["--w-mem", "nan"], "--w-mem", "got nan"),
+        (["--w-mem", "0.2", "-1"], "--w-mem", "got -1"),
+        (["--w-mem", "0.1", "0.10"], "--w-mem", "0.1 is given twice"),
+        (["--w-mem", "0", "-0"], "--w-mem", "0.0 is given twice"),
+        (["--w-mem", "0.1234567", "0.1234568"], "--w-mem", "name the same memory (demo-w0.123457-s0)"),
+    ],
+)
+def test_the_demo_refuses_odd_arguments_in_one_line(capsys, args: list[str], flag: str, says: str) -> None:
+    """Odd demo arguments end in argparse's usage and one error line naming the flag (exit 2),
+    before any service starts: no traceback, no two runs sharing one memory."""
+    from zmem_service.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", "never-written", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"argument {flag}:" in errors[0] and says in errors[0], err
+    assert "Traceback" not in err
+    assert not Path("never-written").exists()
+
+
+def test_the_demo_takes_sane_arguments() -> None:
+    import argparse
+
+    from zmem_service.demo.run import add_arguments, memory_name
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--workers", "1", "--seeds", "1", "--w-mem", "0", "1e-5", "0.25", "10000"])
+    assert args.workers == 1 and args.seeds == 1 and args.w_mem == [0.0, 1e-5, 0.25, 10000.0]
+    names = {memory_name(w, 0) for w in args.w_mem}
+    assert len(names) == 4 and all("+" not in n for n in names)  # valid, distinct memory names
+    assert parser.parse_args([]).w_mem == [0.0, 0.02, 0.2, 2.0, 20.0]
+
+
+def test_record_stays_a_boolean_in_safetensors_metadata(make_client) -> None:
+    """`record: true` in the metadata records the query; a boolean for k is refused (422
+    naming k), as in JSON bodies, rather than taken as k = 1."""
+    import json
+
+    import numpy as np
+    import safetensors.numpy
+
+    client = make_client(capacity=100, min_size=1)
+    assert client.post("/memories/m/episodes", json={"episodes": [EPISODE] * 5}).status_code == 200
+    z = {"z": np.zeros((2, 3), np.float32)}
+    st = {"content-type": "application/x-safetensors"}
+
+    def query(**meta: object) -> int:
+        body = safetensors.numpy.save(z, metadata={k: json.dumps(v) for k, v in meta.items()})
+        return client.post("/memories/m/neighbors", content=body, headers=st).status_code
+
+    assert query(record=True, k=2) == 200
+    assert client.get("/memories/m/stats").json()["recorded_queries"] == 2
+    assert query(k=True) == 422 and query(k=False) == 422 and query(sigma=True) == 422
+    body = safetensors.numpy.save(z, metadata={"k": "true"})
+    problem = client.post("/memories/m/neighbors", content=body, headers=st).json()
+    assert problem["errors"] == [{"loc": ["k"], "msg": "must be a number, not a boolean"}]
+    assert client.get("/memories/m/stats").json()["recorded_queries"] == 2

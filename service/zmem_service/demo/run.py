@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import multiprocessing
 import os
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,57 @@ W_MEM = (0.0, 0.02, 0.2, 2.0, 20.0)
 FULL = {"seeds": 3, "episodes": 4800, "min_size": 500}
 QUICK = {"seeds": 2, "episodes": 1200, "min_size": 250}
 KERNEL_D = 64
+
+
+MAX_WORKERS = 64
+MAX_W_MEM = 1e4
+"""The largest strength the demo runs: 500 times its largest default. Far above it the risk
+term's SGD steps throw the policy thousands of units out of the toy's 8-d space, which shows
+nothing, and near 1e18 z stops fitting float32."""
+
+
+def count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper end when `high` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            within = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {within}, got {value}")
+        return value
+
+    return parse
+
+
+def strength(text: str) -> float:
+    """An argparse type: a w_mem, finite and in [0, MAX_W_MEM] (-0 is 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_W_MEM:
+        raise argparse.ArgumentTypeError(f"must be a finite number between 0 and {MAX_W_MEM:g}, got {text}")
+    return value + 0.0
+
+
+class Strengths(argparse.Action):
+    """Stores the --w-mem values, refusing two that are equal or that would name the same
+    memory (`memory_name` keeps 6 significant digits): two runs must not share a memory."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        seen: dict[str, float] = {}
+        for w in values:
+            name = memory_name(w, 0)
+            if name in seen:
+                same = "is given twice" if seen[name] == w else f"and {seen[name]!r} name the same memory"
+                raise argparse.ArgumentError(self, f"{w!r} {same} ({name}); give each strength once")
+            seen[name] = w
+        setattr(namespace, self.dest, list(values))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +91,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="fewer episodes and seeds (about a minute or two)"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="how many seeds per w_mem")
-    parser.add_argument("--episodes", type=int, default=None, help="episodes per run (all workers together)")
-    parser.add_argument("--workers", type=int, default=3, help="worker processes recording into each memory")
+    parser.add_argument("--seeds", type=count(1), default=None, help="how many seeds per w_mem (≥ 1)")
     parser.add_argument(
-        "--w-mem", type=float, nargs="+", default=list(W_MEM), help="strengths to compare (0 is the baseline)"
+        "--episodes", type=count(1), default=None, help="episodes per run (all workers together; ≥ 1)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=count(1, MAX_WORKERS),
+        default=3,
+        help=f"worker processes recording into each memory (1 to {MAX_WORKERS})",
+    )
+    parser.add_argument(
+        "--w-mem",
+        type=strength,
+        nargs="+",
+        action=Strengths,
+        default=list(W_MEM),
+        help=f"strengths to compare, each once, in [0, {MAX_W_MEM:g}] (0, the baseline, is always run)",
     )
 
 

@@ -43,7 +43,8 @@ def side_axes() -> np.ndarray:
 def outcome(s: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The episode's reliability metrics at side coordinate s [n]: high soft_bind, small cone
     and little lambda_bind on the reliable side (s > 0)."""
-    soft = np.clip(1 / (1 + np.exp(-3 * s)) + 0.05 * rng.normal(size=s.size), 0.0, 1.0)
+    with np.errstate(over="ignore"):  # far on the unreliable side exp overflows: soft_bind → 0
+        soft = np.clip(1 / (1 + np.exp(-3 * s)) + 0.05 * rng.normal(size=s.size), 0.0, 1.0)
     cone = np.exp(-1.0 + 1.5 * (1 - soft) + 0.1 * rng.normal(size=s.size))
     lam = np.clip(2.0 * (1 - soft) + 0.1 * rng.normal(size=s.size), 0.0, None)
     return {"soft_bind": soft, "cone_vol": cone, "lambda_bind": lam}
