@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ._client import ZMemClient
     from ._exceptions import (
         ClientClosed,
+        EpisodesDropped,
         FlushTimeout,
         HTTPError,
         NoSuchMemory,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClientClosed",
+    "EpisodesDropped",
     "FlushTimeout",
     "HTTPError",
     "Lag",

@@ -3,21 +3,29 @@
 ZMemError
 ├── TransportError          the service could not be reached, or did not answer in time
 │   └── Timeout             the call's timeout ran out
-├── HTTPError               the service answered with an error; `.problem` holds its body
+├── HTTPError               the service answered with an error; `.problem` holds its body,
+│   │                       `.retry_after` its Retry-After in seconds (or None)
 │   ├── RequestRejected     4xx: this request is wrong and won't succeed on a retry
 │   │   └── NoSuchMemory    404 "not found": nobody has written to (or configured) the memory yet
 │   └── ServerError         5xx: overloaded (503), out of budget (507), or a bug
 ├── QueueFull               `record` while the send queue is full (the service is down)
-├── SendFailed              a recorded batch was rejected for good (or sending broke); `.cause` says why
+├── SendFailed              recorded episodes were lost; `.cause` says why
+│   └── EpisodesDropped     the service refused recorded episodes for good (or sending broke):
+│                           how many since the last report, in all, and the first reasons
 ├── FlushTimeout            `flush(timeout)` ran out; nothing was dropped
 └── ClientClosed            a call on a client after `close()` or its `with` block
 
 ZMemWarning (a UserWarning): leaving a `with` block before every recorded episode was
 delivered; the background sender keeps them and keeps trying until the process exits.
+
+Every error pickles with its message and attributes (a worker pool passes a worker's
+error to the parent process): those whose constructor takes more than the message
+say, in `__reduce__`, how to build them again.
 """
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 
@@ -34,12 +42,18 @@ class Timeout(TransportError):
 
 
 class HTTPError(ZMemError):
-    def __init__(self, status: int, problem: dict[str, Any], url: str) -> None:
+    def __init__(
+        self, status: int, problem: dict[str, Any], url: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.problem = problem
         self.url = url
+        self.retry_after = retry_after
         detail = problem.get("detail") or problem.get("title") or ""
         super().__init__(f"{status} from {url}: {detail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.status, self.problem, self.url, self.retry_after), self.__dict__
 
 
 class RequestRejected(HTTPError):
@@ -65,6 +79,9 @@ class NoSuchMemory(RequestRejected):
             f"(it appears with its first recorded episode or configure()); {status} from {url}",
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.status, self.problem, self.url, self.memory), self.__dict__
+
 
 class ServerError(HTTPError):
     pass
@@ -75,9 +92,38 @@ class QueueFull(ZMemError):
 
 
 class SendFailed(ZMemError):
-    def __init__(self, message: str, cause: BaseException) -> None:
+    def __init__(self, message: str, cause: BaseException | None) -> None:
         super().__init__(message)
         self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), _picklable(self.cause)), _state(self)
+
+
+class EpisodesDropped(SendFailed):
+    """Recorded episodes that were dropped: the service refused them for good (a 422 naming
+    them, a single episode still too large, a 401/403/404...), or a bug broke the sending.
+
+    `count`: dropped since the last report; `total`: since the client started;
+    `reasons`: (episode id, why) for the first few; `cause`: the first error among them.
+    """
+
+    def __init__(
+        self, count: int, total: int, reasons: list[tuple[str, str]], cause: BaseException | None
+    ) -> None:
+        self.count = count
+        self.total = total
+        self.reasons = reasons
+        listed = "; ".join(f"{id_}: {why}" for id_, why in reasons)
+        more = f" (and {count - len(reasons)} more)" if count > len(reasons) else ""
+        super().__init__(
+            f"{count} recorded episodes were dropped ({total} since this client started): {listed}{more}",
+            cause,
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.count, self.total, self.reasons, _picklable(self.cause))
+        return type(self), args, _state(self)
 
 
 class FlushTimeout(ZMemError):
@@ -90,3 +136,18 @@ class ClientClosed(ZMemError):
 
 class ZMemWarning(UserWarning):
     pass
+
+
+def _state(error: SendFailed) -> dict[str, Any]:
+    """What pickles besides the constructor's arguments (notes, say); `cause` goes through them."""
+    return {key: value for key, value in error.__dict__.items() if key != "cause"}
+
+
+def _picklable(error: BaseException | None) -> BaseException | None:
+    """`error`, or a ZMemError with its text when it doesn't survive pickling (a bug's exception,
+    or one whose constructor takes more than a message, may not)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return ZMemError(f"{type(error).__name__}: {error}")
+    return error
