@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
+import math
 import os
 import re
 import socket
@@ -57,9 +59,9 @@ class ZMemClient:
     2 s when the block raised; that exception propagates unchanged), then warns
     (`ZMemWarning`) with the number of episodes not yet delivered: they stay with
     the background sender, which keeps trying until the process exits; at exit it
-    waits up to `exit_timeout` once more and says how many were lost. `close(timeout)`
-    instead raises `FlushTimeout` and leaves the client open. Any call on a closed
-    client raises `ClientClosed`.
+    waits up to `exit_timeout` once more and says how many were lost, and how many the
+    service refused for good (`dropped`). `close(timeout)` instead raises `FlushTimeout`
+    and leaves the client open. Any call on a closed client raises `ClientClosed`.
     """
 
     def __init__(
@@ -167,6 +169,10 @@ class ZMemClient:
     def __repr__(self) -> str:
         return f"ZMemClient({self.url!r}, memory={self.memory!r})"
 
+    @property
+    def _where(self) -> str:
+        return f"{self.url} (memory {self.memory!r})"
+
     # -- recording --------------------------------------------------------------------
 
     def record(
@@ -186,8 +192,8 @@ class ZMemClient:
 
         Raises ValueError for invalid values (here, not later in the background; `cone_vol`
         must be > 0, `soft_bind` in [0, 1], z of the dimension the service accepted before),
-        QueueFull when the queue is full, SendFailed for an earlier permanent rejection,
-        ClientClosed after close.
+        QueueFull when the queue is full, ClientClosed after close, and EpisodesDropped (a
+        SendFailed) once after earlier episodes were dropped: this one is queued all the same.
         """
         if self._closed:
             raise ClientClosed(f"record() on a closed client: {self!r} is closed")
@@ -239,10 +245,11 @@ class ZMemClient:
         return id
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return once every recorded episode is acknowledged (stored durably).
+        """Return once every recorded episode is acknowledged (stored durably) or dropped.
 
-        Raises FlushTimeout when `timeout` runs out (the queue is kept) and
-        SendFailed when a batch was rejected for good.
+        Raises FlushTimeout when `timeout` runs out (the queue is kept), and EpisodesDropped
+        (a SendFailed) once when episodes were dropped since the last report: the service
+        refused them for good (see `dropped`).
         """
         if self._closed:
             raise ClientClosed(f"flush() on a closed client: {self!r} is closed")
@@ -252,6 +259,12 @@ class ZMemClient:
     def pending(self) -> int:
         """Episodes recorded but not yet acknowledged."""
         return self._sender.pending
+
+    @property
+    def dropped(self) -> int:
+        """Recorded episodes dropped since this client started: the service refused them for
+        good (a 422 naming them, say). Each drop is also raised once (EpisodesDropped)."""
+        return self._sender.dropped
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (waiting at most `timeout` seconds), then close the connections.
@@ -274,6 +287,8 @@ class ZMemClient:
         if not self._sender.pending:
             self._send_http.close()
             _open_clients.discard(self)
+            if self._sender.dropped:  # said again at exit: an EpisodesDropped may have been caught
+                _dropped[self._where] += self._sender.dropped
         # else the sender keeps its connection and goes on; the exit flush (below) waits for it
 
     def __enter__(self) -> ZMemClient:
@@ -497,12 +512,23 @@ class ZMemClient:
             try:
                 problem = r.json()
             except ValueError:
+                problem = None
+            if not isinstance(problem, dict):  # not a problem+json: a proxy's page, say
                 problem = {"title": r.reason_phrase, "detail": r.text[:500]}
-            if r.status_code == 404 and isinstance(problem, dict) and problem.get("type") == NOT_FOUND:
+            if r.status_code == 404 and problem.get("type") == NOT_FOUND:
                 raise NoSuchMemory(r.status_code, problem, f"{method} {self.url}{url}", self.memory)
             cls = RequestRejected if r.status_code < 500 else ServerError
-            raise cls(r.status_code, problem, f"{method} {self.url}{url}")
+            raise cls(r.status_code, problem, f"{method} {self.url}{url}", _retry_after(r))
         return r
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds; None when absent or not a number of seconds."""
+    try:
+        seconds = float(r.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _valid_text(text: str, limit: int) -> bool:
@@ -530,6 +556,8 @@ def _rebuild(args: dict[str, Any]) -> ZMemClient:
 
 
 _open_clients: weakref.WeakSet[ZMemClient] = weakref.WeakSet()
+# Episodes dropped by clients closed before exit, by service and memory: the exit says so.
+_dropped: collections.Counter[str] = collections.Counter()
 
 
 @atexit.register
@@ -537,6 +565,7 @@ def _flush_at_exit() -> None:
     # Episodes recorded just before the interpreter exits still reach the service; what
     # cannot be delivered in time is lost with the process, and we say so.
     start = time.monotonic()
+    dropped = collections.Counter(_dropped)
     for client in list(_open_clients):
         left = max(0.0, client.exit_timeout - (time.monotonic() - start))
         try:
@@ -548,5 +577,15 @@ def _flush_at_exit() -> None:
                 f"{client.exit_timeout:g}s and the process is ending",
                 file=sys.stderr,
             )
+        except SendFailed as e:
+            print(f"zmem: {client._where}: {e}", file=sys.stderr)
         except Exception as e:  # at exit there is no one left to raise to
             print(f"zmem: {client!r} could not flush at exit: {e}", file=sys.stderr)
+        dropped[client._where] += client._sender.dropped
+    for where, n in dropped.items():
+        if n:
+            print(
+                f"zmem: {n} episodes recorded for {where} were dropped in all: the service refused "
+                "them for good",
+                file=sys.stderr,
+            )

@@ -1,12 +1,28 @@
-"""The background sender behind `record`: batches, retries, never drops, never blocks a step.
+"""The background sender behind `record`: batches, retries, never blocks a step, and drops
+only what the service refuses for good, counting each.
 
 Episodes wait in a bounded queue. One daemon thread takes up to `batch_size` at a
 time (consecutive ones of one z dimension: until the service has accepted one, a
-client may hold several) and posts them; a transient failure (no connection, timeout, 502/503/504) is
-retried with exponential backoff and jitter for as long as the client lives — the
-episodes carry idempotency ids, so a retry of a batch the service did store stores
-nothing twice. A 4xx (or 507) rejects the batch for good: it is dropped and the
-error surfaces on the next `record`/`flush`.
+client may hold several) and posts them. The answer decides what happens next:
+
+- stored: done;
+- no answer (no connection, a timeout), 408, 429, any 5xx (507 included: room comes
+  back as the FIFO evicts or the budget is raised): the same episodes are posted again
+  after an exponential backoff with jitter, or the answer's `Retry-After` when that is
+  longer (cut to MAX_RETRY_AFTER s), for as long as the client lives. Episodes carry idempotency ids,
+  so a retry of a batch the service did store stores nothing twice;
+- 413, or a 422 that names no episode (a batch over the service's `max_batch`): the
+  batch is split in halves, sent one after the other, down to single episodes;
+- a 422 that names episodes (`errors[].loc` = `["episodes", i, field]`): those are
+  dropped and the rest posted again (the service names at most 20 in one answer);
+- anything else (400, 401, 403, 404, ...), and a single episode still refused with 413
+  or an unnamed 422: the episodes are dropped.
+
+Episodes are stored in the order they were recorded, less those dropped. Every
+dropped episode is counted (`dropped`, since the start), and the next `put` or
+`flush` raises `EpisodesDropped` once with how many were dropped since the last
+report and the first reasons. A bug in the sending path drops its batch the same way
+rather than leave `flush` waiting forever.
 """
 
 from __future__ import annotations
@@ -22,16 +38,16 @@ import numpy as np
 
 from ._exceptions import (
     ClientClosed,
+    EpisodesDropped,
     FlushTimeout,
     HTTPError,
     QueueFull,
-    SendFailed,
-    ServerError,
     TransportError,
 )
 
-TRANSIENT_STATUS = {502, 503, 504}
 FIELDS = ("soft_bind", "cone_vol", "lambda_bind", "E_T", "lambda_T", "Hr")
+MAX_RETRY_AFTER = 60.0  # a longer Retry-After (or a proxy's nonsense) is cut to this
+MAX_REASONS = 5  # reasons an EpisodesDropped lists; the count covers the rest
 
 
 class Sender:
@@ -41,24 +57,31 @@ class Sender:
         *,
         queue_size: int,
         batch_size: int,
+        first_backoff: float = 0.1,
         max_backoff: float = 5.0,
     ) -> None:
         self._post = post
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._queue_size = queue_size
         self._batch_size = batch_size
+        self._first_backoff = first_backoff
         self._max_backoff = max_backoff
         self._cond = threading.Condition()
         self._in_flight = 0
-        self._error: SendFailed | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Drops since the last report: how many, the first reasons, the first error.
+        self._unreported = 0
+        self._reasons: list[tuple[str, str]] = []
+        self._cause: BaseException | None = None
         self.sent = 0
         self.retries = 0
+        self.dropped = 0
 
     def put(self, episode: dict[str, Any]) -> None:
+        """Queue `episode`; then raise EpisodesDropped if earlier ones were dropped since the
+        last report (this one stays queued: the report is about others)."""
         with self._cond:
-            self._raise_error()
             if self._closed:
                 raise ClientClosed("record() after close(): this client is closed")
             if len(self._queue) + self._in_flight >= self._queue_size:
@@ -72,6 +95,7 @@ class Sender:
                 self._thread = threading.Thread(target=self._run, name="zmem-sender", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+            self._report()
 
     @property
     def pending(self) -> int:
@@ -79,6 +103,8 @@ class Sender:
             return len(self._queue) + self._in_flight
 
     def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued episode is stored or dropped; then raise EpisodesDropped
+        if any were dropped since the last report. FlushTimeout keeps the queue."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._in_flight:
@@ -89,7 +115,7 @@ class Sender:
                         f"unacknowledged after {timeout}s; they stay queued"
                     )
                 self._cond.wait(left)
-            self._raise_error()
+            self._report()
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the thread; a flush that times out or fails leaves it running."""
@@ -102,10 +128,25 @@ class Sender:
             self._closed = True
             self._cond.notify_all()
 
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
+    def _report(self) -> None:
+        """Raise the drops since the last report, once (lock held)."""
+        if self._unreported:
+            error = EpisodesDropped(self._unreported, self.dropped, self._reasons, self._cause)
+            self._unreported, self._reasons, self._cause = 0, [], None
             raise error
+
+    def _drop(self, episodes: list[dict[str, Any]], reasons: list[str], cause: BaseException) -> None:
+        """Count `episodes` as dropped, `reasons[i]` saying why of the i-th (lock not held)."""
+        with self._cond:
+            self.dropped += len(episodes)
+            self._unreported += len(episodes)
+            for episode, why in zip(episodes, reasons, strict=True):
+                if len(self._reasons) == MAX_REASONS:
+                    break
+                self._reasons.append((episode["id"], why))
+            if self._cause is None:
+                self._cause = cause
+            self._in_flight -= len(episodes)
 
     def _run(self) -> None:
         while True:
@@ -118,40 +159,86 @@ class Sender:
                 batch: list[dict[str, Any]] = []
                 while self._queue and len(batch) < self._batch_size and len(self._queue[0]["z"]) == d:
                     batch.append(self._queue.popleft())
-                n = len(batch)
-                self._in_flight = n
+                batch = first_of_each_id(batch)
+                self._in_flight = len(batch)
             try:
-                self._send(first_of_each_id(batch))
-            except Exception as e:  # a bug here must surface, not leave flush() waiting forever
-                with self._cond:
-                    self._error = SendFailed(f"sending {n} recorded episodes failed: {e!r}", e)
+                self._send(batch)
             finally:
                 with self._cond:
                     self._in_flight = 0
                     self._cond.notify_all()
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
+        """Deliver `batch`, first episodes first: store, split or drop each part (module docstring)."""
+        todo = [batch]  # a stack: the first half of a split goes first
+        while todo:
+            part = todo.pop()
+            try:
+                todo.extend(reversed(self._send_part(part)))
+            except Exception as e:  # a bug here must surface, not leave flush() waiting forever
+                left = [episode for p in (part, *reversed(todo)) for episode in p]
+                self._drop(left, [f"sending broke: {e!r}"] * len(left), e)
+                return
+
+    def _send_part(self, part: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Post `part` until it is stored (→ []), or split or partly dropped (→ the parts left)."""
         attempt = 0
         while True:
             try:
-                self._post(batch)
-                self.sent += len(batch)
-                return
-            except ServerError as e:
-                if e.status not in TRANSIENT_STATUS:
-                    return self._reject(batch, e)
+                self._post(part)
             except TransportError:
-                pass
+                wait = None
             except HTTPError as e:
-                return self._reject(batch, e)
+                if e.status in (408, 429) or e.status >= 500:
+                    wait = e.retry_after
+                else:
+                    return self._refused(part, e)
+            else:
+                with self._cond:
+                    self.sent += len(part)
+                    self._in_flight -= len(part)
+                return []
             attempt += 1
             self.retries += 1
-            delay = min(self._max_backoff, 0.05 * 2 ** min(attempt, 10))
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            backoff = min(self._max_backoff, self._first_backoff * 2 ** min(attempt - 1, 20))
+            backoff *= random.uniform(0.5, 1.5)
+            # Never sooner than the service asked, nor than the backoff: a "Retry-After: 0"
+            # answered forever must not become a busy loop.
+            time.sleep(backoff if wait is None else max(backoff, min(wait, MAX_RETRY_AFTER)))
 
-    def _reject(self, batch: list[dict[str, Any]], e: HTTPError) -> None:
-        with self._cond:
-            self._error = SendFailed(f"the service rejected {len(batch)} recorded episodes for good: {e}", e)
+    def _refused(self, part: list[dict[str, Any]], e: HTTPError) -> list[list[dict[str, Any]]]:
+        """What is left to send of `part` after a 4xx other than 408/429."""
+        named = named_episodes(e.problem, len(part)) if e.status == 422 else {}
+        if named:
+            bad = sorted(named)
+            self._drop([part[i] for i in bad], [f"{named[i]} ({e.status})" for i in bad], e)
+            rest = [episode for i, episode in enumerate(part) if i not in named]
+            return [rest] if rest else []
+        if e.status in (413, 422) and len(part) > 1:
+            half = len(part) // 2
+            return [part[:half], part[half:]]
+        self._drop(part, [str(e)] * len(part), e)
+        return []
+
+
+def named_episodes(problem: Any, n: int) -> dict[int, str]:
+    """The episodes of an n-episode request that a 422 problem names: index → why.
+
+    The service names an episode as `{"loc": ["episodes", i, field], "msg": ...}` in
+    `errors`; other entries (`["episodes"]`: too many in one request) name none.
+    """
+    errors = problem.get("errors") if isinstance(problem, dict) else None
+    named: dict[int, list[str]] = {}
+    for error in errors if isinstance(errors, list) else []:
+        loc = error.get("loc") if isinstance(error, dict) else None
+        if not isinstance(loc, list) or len(loc) < 2 or loc[0] != "episodes":
+            continue
+        i = loc[1]
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n:
+            field = ".".join(str(part) for part in loc[2:])
+            msg = str(error.get("msg", ""))
+            named.setdefault(i, []).append(f"{field}: {msg}" if field else msg)
+    return {i: "; ".join(whys) for i, whys in named.items()}
 
 
 def first_of_each_id(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
