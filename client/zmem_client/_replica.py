@@ -44,8 +44,20 @@ from ._risk import kernel_dtype, kernel_risk
 
 SAFETENSORS = "application/x-safetensors"
 MAX_K = 1024  # the service's limit on k
+MAX_Z_DIM = 4096  # the service's limit on z_dim
+MAX_CAPACITY = 10_000_000  # the service's limit on capacity
 MAX_QUERY_ROWS = 10_000  # rows per POST …/queries (the service's per-request limit)
-PAGE_ROWS = 10_000  # rows per feed page
+PAGE_ROWS = 10_000  # rows per feed page, at most
+PAGE_BYTES = 16 * 2**20
+"""Bytes of rows per feed page the replica asks for, at most: wide rows come in fewer per page
+(the service refuses answers over its `max_response_bytes`, 64 MiB by default)."""
+HEADER_BYTES = 2**20  # a page's safetensors header (metadata and tensor table): far more than it needs
+ERROR_BYTES = 64 * 2**10  # of an error answer's body, the most that is read
+AUTO_RETRY = 1.0
+"""Seconds during which, after asking the service for the value of sigma "auto" failed, the
+risk path raises again without asking (the feed thread keeps asking): an outage costs each
+call one failed request per second at most, not a timeout each."""
+FEED_HEADERS = {"accept": SAFETENSORS, "accept-encoding": "identity"}  # compressed bodies have no byte cap
 POLL_WAIT = 10.0  # seconds a caught-up replica long-polls for news (the service allows 30)
 POLL_SLACK = 1.0  # seconds past its wait by which a long poll's answer is late
 MIN_INTERVAL = 0.05
@@ -55,7 +67,16 @@ many rows rather than one page per write (it bounds the lag this adds)."""
 
 
 class ReplicaError(ZMemError):
-    """The replica cannot answer: too stale (`strict=True`), over its memory cap, or refused."""
+    """The replica cannot answer: too stale (`strict=True`), over its memory cap, refused by
+    the service, without a complete state in time while the service sends pages it refuses,
+    or asked for `sigma: "auto"` before the service could tell it the value."""
+
+
+class _RefusedPage(ReplicaError):
+    """A feed answer the replica refuses: malformed, inconsistent with its own settings or
+    with the mirror, or past its byte cap. Nothing of it is applied; the feed thread counts
+    it (`feed_errors`, `last_feed_error`) and asks again after a backoff, so the replica keeps
+    its last good state and the lag (`max_lag`, `strict`) says it is falling behind."""
 
 
 class ReplicaLagWarning(UserWarning):
@@ -189,6 +210,7 @@ class Replica:
         self._warned = False
         self._building: _State | None = None  # a fresh mirror being filled (feed thread only)
         self._want_auto = False  # a caller asked for sigma "auto": the feed must send its value
+        self._auto_failure: tuple[float, ZMemError] | None = None  # when asking for it last failed, and why
         # On CPU, FAISS (when installed) finds the candidates faster than torch; same answer.
         self._use_faiss = self.device.type == "cpu" and importlib.util.find_spec("faiss") is not None
         self._caught_up = False  # the last page reached the newest row (feed thread only)
@@ -197,6 +219,7 @@ class Replica:
         self.mismatches = 0
         self.feed_errors = 0
         self.last_feed_error: BaseException | None = None
+        self._failures = 0  # feed requests failed in a row (feed thread only)
         self._records = _QueryPoster(records_http, prefix, max_pending_records)
         self._thread = threading.Thread(target=self._follow, name="zmem-replica", daemon=True)
         self._thread.start()
@@ -216,8 +239,7 @@ class Replica:
         rows = z if z.dim() == 2 else z.unsqueeze(0)
         if not rows.is_floating_point():
             rows = rows.to(torch.get_default_dtype())
-        st = self._snapshot()
-        kk, resolved = self._query_params(st, rows.shape[-1], k, sigma)
+        st, kk, resolved = self._query_params(self._snapshot(), rows.shape[-1], k, sigma)
         if kk == 0:
             risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
             return (risk if z.dim() == 2 else risk[0]), st.size
@@ -238,8 +260,7 @@ class Replica:
         rows = q if q.ndim == 2 else q.reshape(1, -1)
         if rows.ndim != 2:
             raise ValueError(f"z must have shape [d] or [B, d], got {list(q.shape)}")
-        st = self._snapshot()
-        kk, resolved = self._query_params(st, rows.shape[1], k, sigma)
+        st, kk, resolved = self._query_params(self._snapshot(), rows.shape[1], k, sigma)
         b, d = rows.shape
         if kk == 0:
             out: dict[str, Any] = {
@@ -261,10 +282,14 @@ class Replica:
         if not self._synced.is_set() and not self._synced.wait(self.timeout):
             if self._error is not None:
                 raise self._error
-            raise Timeout(
+            message = (
                 f"the replica found no complete state of the memory within {self.timeout}s "
-                f"({self.feed_errors} failed feed requests): is the service reachable?"
+                f"({self.feed_errors} failed feed requests)"
             )
+            last = self.last_feed_error
+            if isinstance(last, _RefusedPage):  # the service answers, but not with usable pages
+                raise ReplicaError(f"{message}; the last one was refused: {last}")
+            raise Timeout(f"{message}: is the service reachable?")
         if self._error is not None:
             raise self._error
         seconds = self._lag_seconds(time.monotonic())
@@ -273,6 +298,10 @@ class Replica:
                 f"the replica has not been caught up with the service for {seconds:.1f}s "
                 f"(max_lag={self.max_lag}s, {self.lag().seqs} seqs behind as last seen)"
             )
+            if self._failures:
+                message += (
+                    f"; the last {self._failures} feed requests failed, the last with: {self.last_feed_error}"
+                )
             if self.strict:
                 raise ReplicaError(message)
             if not self._warned:
@@ -282,30 +311,77 @@ class Replica:
 
     def _query_params(
         self, st: _State, d: int, k: int | None, sigma: float | str | None
-    ) -> tuple[int, float]:
-        """k clipped to the size (0 while inactive) and the numeric sigma, as the service resolves them."""
-        if st.z_dim is not None and d != st.z_dim:
-            raise ValueError(f"z has {d} dimensions; the memory has z_dim {st.z_dim}")
+    ) -> tuple[_State, int, float]:
+        """The state to answer from, k clipped to its size (0 while inactive) and the numeric
+        sigma, as the service resolves them.
+
+        Invalid queries raise RequestRejected (422), as the service would answer them.
+        `sigma: "auto"` on an active memory needs the service's value for the state answered
+        from: when the replica does not know it yet, it asks the service (and may answer from
+        a newer state), and raises ReplicaError when it cannot get it; it never computes
+        with another sigma. While the memory is inactive "auto" is 1.0, as on the service.
+        """
+        s = (st.settings or {}).get("sigma", 1.0) if sigma is None else sigma
+        auto = 1.0  # "auto" on an inactive memory, as on the service
+        if s == "auto" and st.active:
+            st, auto = (st, st.sigma_auto) if st.sigma_auto is not None else self._with_sigma_auto()
         settings = st.settings or {}
+        if st.z_dim is not None and d != st.z_dim:
+            raise _rejected("z", f"z has {d} dimensions; the memory has z_dim {st.z_dim}")
         want = int(settings.get("k", 64)) if k is None else k
         if not 1 <= want <= MAX_K:
-            raise ValueError(f"k must be in 1..{MAX_K}, got {want}")
-        s = settings.get("sigma", 1.0) if sigma is None else sigma
-        if s == "auto" and st.active and st.sigma_auto is None and not self._want_auto:
-            # The feed sends "auto"'s value only to followers that ask (it costs the service a
-            # search per capacity/10 writes): ask from now on, once over the network.
-            self._want_auto = True
-            self.sync()
-            st = replace(st, sigma_auto=self._state.sigma_auto)
+            raise _rejected("k", f"k must be in 1..{MAX_K}, got {want}")
         if s == "auto":
-            resolved = st.sigma_auto if st.active and st.sigma_auto is not None else 1.0
+            resolved = auto
         elif isinstance(s, str):
-            raise ValueError(f"sigma must be a number or 'auto', got {s!r}")
+            raise _rejected("sigma", f"sigma must be a number or 'auto', got {s!r}")
         else:
             resolved = float(s)
             if not 1e-12 <= resolved <= 1e12:
-                raise ValueError(f"sigma must be in [1e-12, 1e12] or 'auto', got {s!r}")
-        return (min(want, st.size) if st.active else 0), resolved
+                raise _rejected("sigma", f"sigma must be in [1e-12, 1e12] or 'auto', got {s!r}")
+        return st, (min(want, st.size) if st.active else 0), resolved
+
+    def _with_sigma_auto(self) -> tuple[_State, float]:
+        """A state and its value of sigma "auto" (1.0 if it is inactive), asked of the service.
+
+        The feed carries the value only to followers that ask for it (resolving it costs the
+        service a search per capacity/10 writes), so from the first "auto" on, the feed
+        thread asks on every page. Raises ReplicaError when the service cannot be asked (at
+        most one attempt per AUTO_RETRY seconds) or sends no value within the timeout.
+        """
+        self._want_auto = True
+        failed = self._auto_failure
+        if failed is not None and time.monotonic() - failed[0] < AUTO_RETRY:
+            cause = failed[1]
+        else:
+            try:
+                st = self._fetch_sigma_auto()
+                self._auto_failure = None
+                return st
+            except ZMemError as e:
+                self._auto_failure = (time.monotonic(), e)
+                cause = e
+        raise ReplicaError(
+            'sigma "auto" has no known value for this memory yet: the replica learns it from the '
+            f"service, which could not be asked ({cause}); it answers with no other sigma, so this "
+            "call fails until the service can be reached"
+        ) from cause
+
+    def _fetch_sigma_auto(self) -> tuple[_State, float]:
+        """Syncs until the state held is inactive or knows "auto"; Timeout after the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f'the service sent no value of sigma "auto" within {self.timeout}s')
+            # A sync's page at the newest row carries the value for exactly the state it waits for.
+            self.sync(left)
+            st = self._state
+            if not st.active:
+                return st, 1.0
+            if st.sigma_auto is not None:
+                return st, st.sigma_auto
+            time.sleep(0.01)  # writes moved the head meanwhile: the feed thread asks for it too
 
     def _search(self, st: _State, rows: torch.Tensor, kk: int, with_seq: bool = False) -> Any:
         if st.ready is not None:
@@ -339,7 +415,9 @@ class Replica:
 
         Asks the service for its newest seq (one small request), then waits for the
         feed thread to get there. Raises Timeout after `timeout` (default: the
-        client's) seconds, TransportError when the service cannot be reached.
+        client's) seconds, TransportError when the service cannot be reached,
+        HTTPError when it answers with an error, ReplicaError when its answer is
+        refused (`_read_page`) or the replica has failed.
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -349,25 +427,19 @@ class Replica:
             params["generation"] = st.generation
         if self._want_auto:
             params["auto"] = "true"
-        url = self._prefix + "changes"
         meta: dict[str, Any] = {}
-        try:
-            with httpx.Client(
-                base_url=self._http.base_url,
-                headers=self._http.headers,
-                timeout=timeout,
-                transport=self._transport,
-            ) as http:
-                r = http.get(url, params=params, headers={"accept": SAFETENSORS})
-        except httpx.HTTPError as e:
-            raise TransportError(f"GET {url}: cannot reach the service: {e}") from e
-        if r.status_code == 404 and _problem_type(r).endswith("/not-found"):
+        with httpx.Client(
+            base_url=self._http.base_url,
+            headers=self._http.headers,
+            timeout=timeout,
+            transport=self._transport,
+        ) as http:
+            page = self._get_page(http, params, timeout)
+        if page is None:
             target: tuple[str | None, int] = (None, 1)
-        elif r.status_code >= 400:
-            raise _http_error(r)
         else:
-            meta = _decode_page(r)[1]
-            target = (meta["generation"], int(meta["next_seq"]))
+            meta = page[1]
+            target = (meta["generation"], meta["next_seq"])
         while True:
             if self._error is not None:
                 raise self._error
@@ -427,11 +499,14 @@ class Replica:
             self._http.close()
 
     def _follow_feed(self) -> None:
-        failures = 0
         while not self._stop.is_set():
             base = self._building or self._state  # the state the next page builds on
             wait = self._poll_wait if self._caught_up and base.settings is not None else 0.0
-            params: dict[str, Any] = {"after": base.next_seq - 1, "limit": PAGE_ROWS, "wait": wait}
+            params: dict[str, Any] = {
+                "after": base.next_seq - 1,
+                "limit": _page_limit(base.z_dim),
+                "wait": wait,
+            }
             if base.generation is not None:
                 params["generation"] = base.generation
             if self._want_auto:
@@ -440,40 +515,59 @@ class Replica:
             if wait:
                 self._polling_since = sent
             try:
-                r = self._http.get(
-                    self._prefix + "changes",
-                    params=params,
-                    headers={"accept": SAFETENSORS},
-                    timeout=self.timeout + wait,
-                )
-                if r.status_code == 404 and _problem_type(r).endswith("/not-found"):
+                page = self._get_page(self._http, params, self.timeout + wait)
+                if page is None:
                     self._apply_missing(sent)
-                    failures = 0
+                    self._failures = 0
                     self._stop.wait(min(1.0, self._poll_wait))  # nothing to long-poll on yet
                     continue
-                if r.status_code >= 400:
-                    raise _http_error(r)
-                arrays, meta = _decode_page(r)
-                self._apply_page(arrays, meta)
-                failures = 0
-                if len(arrays["seq"]) and meta.get("complete"):
+                self._apply_page(*page)
+                self._failures = 0
+                if len(page[0]["seq"]) and page[1]["complete"]:
                     self._stop.wait(self._min_interval - (time.monotonic() - sent))
+            except _RefusedPage as e:  # the service may mend (a proxy's glitch): keep the last state
+                self._feed_failed(e)
             except ReplicaError as e:
                 self._fail(e)
                 return
             except RequestRejected as e:  # 401, 403, 404 (no feed route), 422: a retry won't help
                 self._fail(ReplicaError(f"the service refused the replica's feed request: {e}"))
                 return
-            except Exception as e:  # unreachable, 5xx, a broken page: back off and try again
-                if self._stop.is_set():
-                    return
-                self.feed_errors += 1
-                self.last_feed_error = e
-                failures += 1
-                self._caught_up = False
-                self._stop.wait(min(2.0, 0.05 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.5))
+            except Exception as e:  # unreachable, 5xx: back off and try again
+                self._feed_failed(e)
             finally:
                 self._polling_since = None
+
+    def _get_page(
+        self, http: httpx.Client, params: dict[str, Any], timeout: float
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """One checked feed page (`_read_page`), None when the memory does not exist.
+
+        Raises TransportError (unreachable, or not answered within `timeout`), HTTPError
+        (an error answer) or _RefusedPage.
+        """
+        url = self._prefix + "changes"
+        deadline = time.monotonic() + timeout
+        try:
+            with http.stream("GET", url, params=params, headers=FEED_HEADERS, timeout=timeout) as r:
+                if r.status_code >= 400:
+                    error = _read_error(r, deadline)
+                    if r.status_code == 404 and str(error.problem.get("type", "")).endswith("/not-found"):
+                        return None
+                    raise error
+                return _read_page(r, params["limit"], self.max_bytes, deadline)
+        except httpx.HTTPError as e:
+            raise TransportError(f"GET {url}: cannot reach the service: {e}") from e
+
+    def _feed_failed(self, error: Exception) -> None:
+        """Count a failed feed request and back off."""
+        if self._stop.is_set():  # closing cut the request short: not the service's failure
+            return
+        self.feed_errors += 1
+        self.last_feed_error = error
+        self._failures += 1
+        self._caught_up = False
+        self._stop.wait(min(2.0, 0.05 * 2 ** min(self._failures, 6)) * random.uniform(0.5, 1.5))
 
     def _fail(self, error: ZMemError) -> None:
         self._error = error
@@ -492,37 +586,43 @@ class Replica:
         self._synced.set()
 
     def _apply_page(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Apply one feed page. A page that starts the mirror over (reset, new generation)
-        builds a private state that is published only once it reaches the newest row,
-        so risk() never answers from a half-copied memory."""
+        """Apply one feed page, checked by `_read_page`. A page that starts the mirror over
+        (reset, new generation, other capacity or z_dim) builds a private state that is
+        published only once it reaches the newest row, so risk() never answers from a
+        half-copied memory. A page that does not follow the mirror raises _RefusedPage
+        before anything changes."""
         self.pages += 1
         st = self._building or self._state
         settings = meta["settings"]
         generation = meta["generation"]
-        if (
-            meta.get("reset")
+        starts_over = (
+            meta["reset"]
             or generation != st.generation
             or st.settings is None
             or settings["capacity"] != st.settings["capacity"]
-            or (st.z_dim is not None and settings.get("z_dim") not in (None, st.z_dim))
-        ):
+            or (st.z_dim is not None and settings.get("z_dim") != st.z_dim)
+        )
+        seq = arrays["seq"]
+        if len(seq) and not starts_over and seq[0] < st.next_seq:
+            raise _RefusedPage(
+                f"a feed page of generation {generation} starts at seq {seq[0]}; the replica holds "
+                f"up to {st.next_seq - 1} and the page is no reset"
+            )
+        if starts_over:
             if self._state.settings is not None:
                 self.resets += 1
             st = _empty_state(self.device, settings, generation)
             self._building = st
-        seq = np.asarray(arrays["seq"], np.int64)
         if len(seq):
-            if (np.diff(seq) <= 0).any() or seq[0] < st.next_seq:
-                raise ValueError(f"feed page out of order after seq {st.next_seq - 1}")
             st = self._append(st, arrays["z"], arrays["risk_target"], seq, settings)
         st = replace(st, settings=settings, generation=generation)
         if meta.get("sigma_auto") is not None:
             st = replace(st, sigma_auto=float(meta["sigma_auto"]))
-        complete = bool(meta.get("complete"))
+        complete = meta["complete"]
         if complete:
-            st = replace(st, next_seq=max(st.next_seq, int(meta["next_seq"])))
+            st = replace(st, next_seq=max(st.next_seq, meta["next_seq"]))
             oldest = int(st.host_seq[st.start]) if st.size else None
-            if st.size != int(meta["size"]) or (st.size and oldest != meta["oldest_seq"]):
+            if st.size != meta["size"] or (st.size and oldest != meta["oldest_seq"]):
                 # The mirror disagrees with the service (it should not): start over, keep answering.
                 self._building = _empty_state(self.device, None, None)
                 self._caught_up = False
@@ -537,7 +637,7 @@ class Replica:
         with self._lock:
             self._state = st
             self._building = None
-            self._feed_next_seq = int(meta["next_seq"])
+            self._feed_next_seq = meta["next_seq"]
             if complete:
                 self._synced_at = time.monotonic()
                 if self._warned and self._lag_seconds(self._synced_at) <= self.max_lag:
@@ -560,8 +660,6 @@ class Replica:
         new_size = min(cap, st.size + n)
         kept = new_size - n  # old rows that survive
         end = st.start + st.size
-        if st.size and st.z.shape[1] != d:
-            raise ValueError(f"feed rows have {d} dimensions; the mirror has {st.z.shape[1]}")
         if end + n <= st.z.shape[0]:
             buf_z, buf_rt, buf_seq, buf_sq, host_seq = st.z, st.risk_target, st.seq, st.sqnorm, st.host_seq
             at, start = end, end + n - new_size
@@ -624,36 +722,261 @@ def _record_event(device: torch.device) -> Any:
     return event
 
 
-def _decode_page(r: httpx.Response) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if r.headers.get("content-type", "").startswith(SAFETENSORS):
-        body = r.content
-        (n,) = struct.unpack("<Q", body[:8])
-        meta = json.loads(body[8 : 8 + n]).get("__metadata__") or {}
-        return safetensors.numpy.load(body), {k: json.loads(v) for k, v in meta.items()}
-    data = r.json()
-    d = (data.get("settings") or {}).get("z_dim") or 0
-    arrays: dict[str, np.ndarray] = {
-        "z": np.asarray(data.pop("z"), np.float32).reshape(-1, d) if d else np.zeros((0, 0), np.float32),
-        "risk_target": np.asarray(data.pop("risk_target"), np.float32),
-        "seq": np.asarray(data.pop("seq"), np.int64),
-    }
-    return arrays, data
+def _row_bytes(z_dim: int) -> int:
+    """Bytes of one row in a page: z (float32 [z_dim]), risk_target (float32), seq (int64)."""
+    return 4 * z_dim + 4 + 8
 
 
-def _problem_type(r: httpx.Response) -> str:
+def _page_limit(z_dim: int | None) -> int:
+    """Rows to ask for in one page of a memory of `z_dim` (unknown: the widest possible)."""
+    return max(1, min(PAGE_ROWS, PAGE_BYTES // _row_bytes(z_dim or MAX_Z_DIM)))
+
+
+class _Body:
+    """A streamed answer's body, read in exact amounts: past `cap` bytes in all, or past
+    `deadline`, it stops reading and raises, so a body's size is bounded by what its
+    request can legitimately bring back, not by what the other side sends."""
+
+    def __init__(self, r: httpx.Response, cap: int, deadline: float) -> None:
+        self._chunks = r.iter_bytes()
+        self._pending = memoryview(b"")
+        self._cap = cap
+        self._deadline = deadline
+        self._url = r.request.url
+        self.received = 0
+
+    def _next(self) -> bool:
+        for chunk in self._chunks:
+            self.received += len(chunk)
+            if self.received > self._cap:
+                raise _RefusedPage(f"GET {self._url}: the answer runs past {self._cap} bytes, its cap")
+            if time.monotonic() > self._deadline:
+                raise Timeout(f"GET {self._url}: the answer was not complete in time")
+            if chunk:
+                self._pending = memoryview(chunk)
+                return True
+        return False
+
+    def read(self, n: int) -> bytearray:
+        """Exactly the next `n` bytes; _RefusedPage if the body ends first."""
+        out = bytearray(n)
+        view, at = memoryview(out), 0
+        while at < n:
+            if not self._pending and not self._next():
+                raise _RefusedPage(f"GET {self._url}: the answer ends after {self.received} bytes")
+            take = min(n - at, len(self._pending))
+            view[at : at + take] = self._pending[:take]
+            self._pending = self._pending[take:]
+            at += take
+        return out
+
+    def at_end(self) -> bool:
+        return not self._pending and not self._next()
+
+
+_COLUMNS: dict[str, tuple[str, np.dtype[Any], int]] = {  # name: (safetensors dtype, numpy dtype, rank)
+    "z": ("F32", np.dtype("<f4"), 2),
+    "risk_target": ("F32", np.dtype("<f4"), 1),
+    "seq": ("I64", np.dtype("<i8"), 1),
+}
+
+
+def _read_page(
+    r: httpx.Response, limit: int, max_bytes: int, deadline: float
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays (`z` float32 [n, z_dim], `risk_target` float32 [n], `seq` int64 [n]) and the
+    metadata of a feed page asked for with `limit`, checked (`_check_meta`, `_check_rows`).
+
+    Reads at most what such a page can hold: `limit` rows of the widest z, no more than
+    `max_bytes` (a page the mirror could not hold is no use), plus its header; the header's
+    tensor table is checked before the rows are read, and nothing past its declared end is
+    read. Raises _RefusedPage for anything else, before reading it where the headers tell,
+    and ReplicaError for rows past `max_bytes`.
+    """
+    where = f"GET {r.request.url}"
+    kind = r.headers.get("content-type", "")
+    if not kind.startswith(SAFETENSORS):
+        raise _RefusedPage(f"{where}: the page came as {kind[:80]!r}, not {SAFETENSORS}")
+    encoding = r.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _RefusedPage(f"{where}: the page came {encoding[:40]!r}-encoded; the replica asks for identity")
+    data_cap = min(limit * _row_bytes(MAX_Z_DIM), max_bytes)
+    cap = 8 + HEADER_BYTES + data_cap
+    declared = r.headers.get("content-length", "").strip()
+    if declared and (not declared.isdigit() or int(declared) > cap):
+        raise _RefusedPage(f"{where}: the page declares {declared[:40]} bytes; at most {cap} can be one")
+    body = _Body(r, cap, deadline)
+    (n,) = struct.unpack("<Q", body.read(8))
+    if n > HEADER_BYTES:
+        raise _RefusedPage(
+            f"{where}: the page's header declares {n} bytes; at most {HEADER_BYTES} can be one"
+        )
     try:
-        return str(r.json().get("type", ""))
-    except ValueError:
-        return ""
-
-
-def _http_error(r: httpx.Response) -> HTTPError:
+        header = json.loads(bytes(body.read(n)))
+        raw = header.pop("__metadata__", None) or {}
+        meta = {key: json.loads(value) for key, value in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise _RefusedPage(f"{where}: the page's header is not safetensors: {e}") from None
     try:
-        problem = r.json()
+        _check_meta(meta)
+        layout, total = _check_layout(header, meta, limit, max_bytes)
+    except _RefusedPage as e:
+        raise _RefusedPage(f"{where}: {e}") from None
+    data = body.read(total)
+    if not body.at_end():
+        raise _RefusedPage(f"{where}: the page goes on past the {8 + n + total} bytes its header declares")
+    arrays: dict[str, np.ndarray] = {}
+    for name, (dtype, shape, begin) in layout.items():
+        a = np.frombuffer(data, dtype, int(np.prod(shape)), begin).reshape(shape)
+        arrays[name] = a if a.flags.aligned else a.copy()
+    try:
+        _check_rows(arrays, meta)
+    except _RefusedPage as e:
+        raise _RefusedPage(f"{where}: {e}") from None
+    return arrays, meta
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_sigma(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 1e-12 <= v <= 1e12
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """A page's metadata as the service sends it (SPEC §2), or _RefusedPage naming what is not:
+    anything the replica mirrors or answers with must be of its type and range."""
+    settings = meta.get("settings")
+    wrong: list[str] = []
+    if not isinstance(meta.get("generation"), str) or not 0 < len(meta["generation"]) <= 128:
+        wrong.append("generation")
+    wrong += [key for key in ("reset", "complete") if not isinstance(meta.get(key), bool)]
+    if not _is_int(meta.get("next_seq"), 1, 2**62):
+        wrong.append("next_seq")
+    if meta.get("oldest_seq") is not None and not _is_int(meta["oldest_seq"], 1, 2**62):
+        wrong.append("oldest_seq")
+    if meta.get("sigma_auto") is not None and not _is_sigma(meta["sigma_auto"]):
+        wrong.append("sigma_auto")
+    if not isinstance(settings, dict):
+        wrong.append("settings")
+    else:
+        if settings.get("z_dim") is not None and not _is_int(settings["z_dim"], 1, MAX_Z_DIM):
+            wrong.append("settings.z_dim")
+        if not _is_int(settings.get("capacity"), 1, MAX_CAPACITY):
+            wrong.append("settings.capacity")
+        if not _is_int(settings.get("min_size"), 0, MAX_CAPACITY):
+            wrong.append("settings.min_size")
+        if not _is_int(settings.get("k"), 1, MAX_K):
+            wrong.append("settings.k")
+        if settings.get("sigma") != "auto" and not _is_sigma(settings.get("sigma")):
+            wrong.append("settings.sigma")
+        capacity = settings["capacity"] if "settings.capacity" not in wrong else 0
+        if not _is_int(meta.get("size"), 0, capacity):
+            wrong.append("size")
+    if wrong:
+        shown = {key: meta.get(key) for key in wrong if "." not in key}
+        raise _RefusedPage(f"the page's metadata is invalid ({', '.join(wrong)}): {str(shown)[:300]}")
+
+
+def _check_layout(
+    header: Any, meta: dict[str, Any], limit: int, max_bytes: int
+) -> tuple[dict[str, tuple[np.dtype[Any], tuple[int, ...], int]], int]:
+    """The page's tensor table checked against its settings: exactly `z` F32 [n, z_dim],
+    `risk_target` F32 [n] and `seq` I64 [n] with n ≤ limit and n ≤ capacity, tiling the data
+    without gaps → ({name: (dtype, shape, offset)}, data bytes). Rows past `max_bytes` raise
+    ReplicaError: the mirror could never hold them."""
+    if not isinstance(header, dict) or set(header) != set(_COLUMNS):
+        names = sorted(map(str, header)) if isinstance(header, dict) else type(header).__name__
+        raise _RefusedPage(f"the page holds tensors {names}; a page is exactly {sorted(_COLUMNS)}")
+    layout: dict[str, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
+    spans = []
+    for name, (dtype, numpy_dtype, rank) in _COLUMNS.items():
+        info = header[name] if isinstance(header[name], dict) else {}
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (
+            info.get("dtype") != dtype
+            or not isinstance(shape, list)
+            or len(shape) != rank
+            or not all(_is_int(x, 0, 2**40) for x in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(x, 0, 2**62) for x in offsets)
+        ):
+            shown = str(header[name])[:200]
+            raise _RefusedPage(f"the page's {name} is {shown}; it must be {dtype} of rank {rank}")
+        size = int(np.prod(shape)) * numpy_dtype.itemsize
+        if offsets[1] - offsets[0] != size:
+            raise _RefusedPage(f"the page's {name} {shape} {dtype} spans bytes {offsets}")
+        layout[name] = (numpy_dtype, tuple(shape), offsets[0])
+        spans.append(offsets)
+    total = 0
+    for begin, end in sorted(spans):
+        if begin != total:
+            raise _RefusedPage(f"the page's tensors do not tile its data: {sorted(spans)}")
+        total = end
+    n, d = layout["z"][1]
+    z_dim, capacity = meta["settings"].get("z_dim"), meta["settings"]["capacity"]
+    if n and d != z_dim:
+        raise _RefusedPage(f"the page's z has {d} columns; its settings say z_dim {z_dim}")
+    if layout["risk_target"][1] != (n,) or layout["seq"][1] != (n,):
+        lengths = {name: layout[name][1][0] for name in _COLUMNS}
+        raise _RefusedPage(f"the page's columns disagree in length: {lengths}")
+    if n > min(limit, capacity):
+        raise _RefusedPage(f"the page holds {n} rows; {limit} were asked for, capacity {capacity}")
+    if total > max_bytes:  # the mirror needs more than the page: following this memory is hopeless
+        raise ReplicaError(
+            f"the replica needs more than {total} bytes for {n} rows of z_dim {d} (a page of the "
+            f"memory, capacity {capacity}), over replica_max_bytes={max_bytes}: raise the limit "
+            "or use replica=False"
+        )
+    return layout, total
+
+
+def _check_rows(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Rows the mirror can hold: seqs ascending within the page's seq range, finite numbers, z
+    whose squared norm fits float32 (as the service admits them), or _RefusedPage."""
+    z, rt, seq = arrays["z"], arrays["risk_target"], arrays["seq"]
+    if not len(seq):
+        return
+    oldest = meta["oldest_seq"] if meta["oldest_seq"] is not None else 1
+    if seq[0] < oldest or seq[-1] >= meta["next_seq"] or (len(seq) > 1 and (np.diff(seq) <= 0).any()):
+        raise _RefusedPage(
+            f"the page's seqs {seq[0]}..{seq[-1]} are not ascending within [{oldest}, {meta['next_seq']})"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        sqnorm = np.einsum("ij,ij->i", z, z)
+    if not np.isfinite(sqnorm).all() or not np.isfinite(rt).all():
+        raise _RefusedPage("the page holds a non-finite number, or a z whose squared norm overflows float32")
+
+
+def _read_error(r: httpx.Response, deadline: float) -> HTTPError:
+    """The client's error for an error answer, from at most ERROR_BYTES of its body."""
+    body, chunks = bytearray(), r.iter_bytes()
+    for chunk in chunks:
+        body += chunk[: ERROR_BYTES - len(body)]
+        if len(body) >= ERROR_BYTES or time.monotonic() > deadline:
+            break
+    try:
+        problem = json.loads(bytes(body))
+        if not isinstance(problem, dict):
+            raise ValueError("not an object")
     except ValueError:
-        problem = {"title": r.reason_phrase, "detail": r.text[:500]}
+        problem = {"title": r.reason_phrase, "detail": body[:500].decode("utf-8", "replace")}
     cls = RequestRejected if r.status_code < 500 else ServerError
-    return cls(r.status_code, problem, f"GET {r.request.url}")
+    return cls(r.status_code, problem, f"{r.request.method} {r.request.url}")
+
+
+def _rejected(field: str, message: str) -> RequestRejected:
+    """The 422 the service answers a query it refuses (`ValidationFailed.at`), raised by the replica."""
+    problem = {
+        "type": "https://zmem.dev/problems/validation",
+        "title": "Validation failed",
+        "status": 422,
+        "detail": f"{field}: {message}",
+        "errors": [{"loc": [field], "msg": message}],
+    }
+    return RequestRejected(422, problem, "the replica")
 
 
 class _QueryPoster:
@@ -762,13 +1085,15 @@ class _QueryPoster:
                     self._cond.notify_all()
 
     def _post(self, stats: dict[str, np.ndarray]) -> None:
-        r = self._http.post(
+        deadline = time.monotonic() + (self._http.timeout.read or 60.0)
+        with self._http.stream(
+            "POST",
             self._prefix + "queries",
             content=safetensors.numpy.save(stats),
-            headers={"content-type": SAFETENSORS},
-        )
-        if r.status_code >= 400:
-            raise _http_error(r)
+            headers={"content-type": SAFETENSORS, "accept-encoding": "identity"},
+        ) as r:
+            if r.status_code >= 400:
+                raise _read_error(r, deadline)
 
 
 def query_stats(batch: list[tuple[torch.Tensor, torch.Tensor, float, Any]]) -> dict[str, np.ndarray]:
