@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from zmem_client import ReplicaLagWarning, ZMemClient
+from zmem_client import ReplicaError, ReplicaLagWarning, RequestRejected, ZMemClient
 
 from .server import Server
 
@@ -228,3 +228,63 @@ def test_four_workers_replicas_equal_the_export(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(results[rank][key], export[key], err_msg=f"{rank} {key}")
     finally:
         srv.stop()
+
+
+def test_sigma_auto_never_known_raises_through_an_outage(srv: Server, clients: Callable[..., Any]) -> None:
+    """Issue 16, item 6: a replica that had never asked for "auto" raised once when asked during
+    an outage, then answered with σ = 1.0; it raises until the service can tell it the value."""
+    rng = np.random.default_rng(3)
+    service, replica = clients()
+    q = torch.from_numpy(rng.standard_normal((3, D)))
+    record(service, rng, 250)
+    sync(service, replica)
+    assert_agree(service, replica, q)  # the memory's sigma is a number: "auto" was never sent
+
+    srv.kill()
+    for attempt in range(4):
+        with pytest.raises(ReplicaError, match='sigma "auto" has no known value'):
+            answer(replica, q, sigma="auto")
+        with pytest.raises(ReplicaError, match='sigma "auto" has no known value'):
+            replica.neighbors(q.numpy(), sigma="auto")
+        if attempt == 1:
+            time.sleep(1.1)  # the next call asks the service again
+    answer(replica, q)  # a numeric sigma answers from the last state
+
+    srv.restart()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            answer(replica, q, sigma="auto")
+            break
+        except ReplicaError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert_agree(service, replica, q, sigma="auto")
+
+
+def test_new_generation_with_another_z_dim(srv: Server, clients: Callable[..., Any]) -> None:
+    """Issue 16, item 7: after a re-create with another z_dim the replica follows the new memory,
+    and a query of the old width is the 422 the service answers, not a ValueError."""
+    rng = np.random.default_rng(4)
+    service, replica = clients("m")
+    record(service, rng, 100)
+    sync(service, replica)
+    q8 = torch.from_numpy(rng.standard_normal((2, D)))
+    assert_agree(service, replica, q8)
+
+    assert httpx.delete(srv.url + "/memories/m").status_code == 204
+    with ZMemClient(srv.url, memory="m") as writer:  # `service` keeps the z_dim it wrote with
+        writer.configure(z_dim=4, capacity=120, min_size=5, k=8)
+        for row in rng.standard_normal((60, 4)).astype(np.float32):
+            writer.record(row, soft_bind=0.5, cone_vol=0.3, lambda_bind=0.1)
+        sync(writer, replica)
+    assert replica.replica is not None and replica.replica.state.z_dim == 4
+    q4 = torch.from_numpy(rng.standard_normal((2, 4)))
+    assert_agree(service, replica, q4)
+    assert_mirror(replica, service.export())
+    for mem in (service, replica):
+        with pytest.raises(RequestRejected, match="z has 8 dimensions") as caught:
+            answer(mem, q8)
+        assert caught.value.status == 422
+        with pytest.raises(RequestRejected, match="z has 8 dimensions"):
+            mem.neighbors(q8.numpy())
