@@ -127,8 +127,12 @@ class ZMemClient:
             {**self._http.headers, "content-type": _wire.SAFETENSORS, "accept": _wire.SAFETENSORS}
         )
         self._timeouts = httpx.Timeout(timeout).as_dict()
+        # Its own lean connection too: the timeout is then a deadline for each whole post.
         self._send_http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport or lean_transport(self.url, timeout),
         )
         self._sender = Sender(self._post_episodes, queue_size=queue_size, batch_size=batch_size)
         self._ids = f"{uuid.uuid4().hex[:16]}-"
