@@ -41,7 +41,7 @@ SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("sigma", str, "default sigma of new memories: a number or 'auto' (1.0)"),
     ("device", str, "kNN device: auto (a GPU when usable, else CPU), cpu, cuda or cuda:N"),
     ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
-    ("max-memory-bytes", byte_size, "budget for all rings together (4 GiB)"),
+    ("max-memory-bytes", byte_size, "budget for all memories: rings, ids, recorded queries (4 GiB)"),
     ("max-body-bytes", byte_size, "largest request body (32 MiB)"),
     ("max-import-bytes", byte_size, "largest import file, streamed to a temporary file (16 GiB)"),
     ("max-concurrent-exports", int, "exports built at once; a few more wait, the rest get 503 (2)"),
