@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 
 from tests.server import Server
-from zmem_client import _wire
+from zmem_core import wire
 
-SAFETENSORS = {"content-type": _wire.SAFETENSORS}
+SAFETENSORS = {"content-type": wire.SAFETENSORS}
 
 
 def writer(
@@ -36,7 +36,7 @@ def writer(
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             ids = [f"{rank}-{sent + i}" for i in range(per_request)]
-            body = _wire.encode(
+            body = wire.encode(
                 {"z": z, "soft_bind": ones * 0.5, "cone_vol": ones, "lambda_bind": ones}, {"id": ids}
             )
             r = http.post("/episodes", content=body, headers=SAFETENSORS)

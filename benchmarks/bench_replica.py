@@ -26,9 +26,10 @@ import httpx
 import numpy as np
 
 from tests.server import Server
-from zmem_client import ZMemClient, _wire
+from zmem_client import ZMemClient
+from zmem_core import wire
 
-SAFETENSORS = {"content-type": _wire.SAFETENSORS}
+SAFETENSORS = {"content-type": wire.SAFETENSORS}
 
 
 def writer(url: str, rank: int, rate: float, batch: int, d: int, seconds: float, go: Any, out: Any) -> None:
@@ -47,7 +48,7 @@ def writer(url: str, rank: int, rate: float, batch: int, d: int, seconds: float,
             time.sleep(max(0.0, due - time.monotonic()))
             z = rng.standard_normal((batch, d)).astype(np.float32)
             ones = np.ones(batch, np.float32)
-            body = _wire.encode({"z": z, "soft_bind": ones * 0.5, "cone_vol": ones, "lambda_bind": ones}, {})
+            body = wire.encode({"z": z, "soft_bind": ones * 0.5, "cone_vol": ones, "lambda_bind": ones}, {})
             r = http.post("/episodes", content=body, headers=SAFETENSORS)
             r.raise_for_status()
             acks.append((int(r.json()["last_seq"]), time.monotonic()))

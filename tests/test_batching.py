@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from zmem_client._wire import decode
+from zmem_core.wire import decode
 from zmem_service.index import CpuEngine, FaissCpuIndex
 from zmem_service.memory import Memory, Neighbors
 from zmem_service.registry import Memories

@@ -17,7 +17,8 @@ from .server import Server
 ROOT = Path(__file__).resolve().parents[1]
 # What docker/Dockerfile copies before `pip install ".[service]"`: a wheel built from
 # these alone must hold the whole project.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "constraints.txt", "service", "client")
+BUILD_INPUTS = ("pyproject.toml", "README.md", "constraints.txt", "core", "service", "client")
+PACKAGE_DIRS = ("core", "service", "client")
 
 
 def modules_after(code: str) -> set[str]:
@@ -108,9 +109,9 @@ def test_backup_of_a_live_store(tmp_path) -> None:
 
 
 def package_files(root: Path) -> set[str]:
-    """Every file of the two packages as a wheel names it, bytecode caches aside."""
+    """Every file of the packages as a wheel names it, bytecode caches aside."""
     files = set()
-    for top in ("service", "client"):
+    for top in PACKAGE_DIRS:
         for path in (root / top).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:
                 files.add(path.relative_to(root / top).as_posix())
@@ -142,6 +143,6 @@ def test_the_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
         assert "zmem = zmem_service.cli:main" in zf.read(entry_points).decode()
     expected = package_files(ROOT)
     assert {"zmem_service/routes/__init__.py", "zmem_service/static/dashboard.html"} <= expected
-    assert {"zmem_service/py.typed", "zmem_client/py.typed"} <= expected
+    assert {"zmem_core/py.typed", "zmem_service/py.typed", "zmem_client/py.typed"} <= expected
     assert shipped - expected == set(), "the wheel holds files the tree does not"
     assert expected - shipped == set(), "files of the tree missing from the wheel"

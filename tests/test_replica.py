@@ -22,7 +22,7 @@ import torch
 
 from zmem_client import Timeout, ZMemClient, kernel_risk
 from zmem_client._replica import Replica, ReplicaError, ReplicaLagWarning, query_stats
-from zmem_service.kernel import kernel_stats
+from zmem_core.kernel import kernel_stats
 
 D = 4
 
@@ -426,7 +426,7 @@ def test_query_records_are_posted_in_batches_and_dropped_when_down(
     assert len(got["risk"]) == 15 and rep.records_sent == 15
     np.testing.assert_allclose(got["risk"], torch.cat(risks).double().numpy(), rtol=1e-5)
     nb = rep.neighbors(q.numpy())
-    # the numbers the service records for the same neighbours (`kernel.kernel_stats`)
+    # the numbers the service records for the same neighbours (`zmem_core.kernel`)
     _, wsum, n_eff = kernel_stats(nb["d2"], nb["risk_target"], 1.0)
     np.testing.assert_allclose(got["wsum"][:3], wsum, rtol=1e-12)
     np.testing.assert_allclose(got["n_eff"][:3], n_eff, rtol=1e-12)

@@ -7,7 +7,6 @@ import collections
 import contextlib
 import math
 import os
-import re
 import socket
 import sys
 import threading
@@ -22,7 +21,16 @@ import httpx
 import numpy as np
 import torch
 
-from . import _wire
+from zmem_core import names, wire
+from zmem_core.limits import (
+    MAX_BATCH,
+    MAX_ID_CHARS,
+    MAX_SQNORM,
+    MAX_WORKER_CHARS,
+    rows_too_large,
+    text_problem,
+)
+
 from ._exceptions import (
     NOT_FOUND,
     ClientClosed,
@@ -43,7 +51,6 @@ if TYPE_CHECKING:
     from ._replica import Lag, Replica
 
 ArrayLike = torch.Tensor | np.ndarray | list[float]
-MAX_BATCH = 10_000  # the service's per-request limit
 EXIT_TIMEOUT_ON_ERROR = 2.0  # leaving a `with` block on an exception waits at most this long
 
 
@@ -84,8 +91,7 @@ class ZMemClient:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", memory) or memory in {".", ".."}:
-            raise ValueError(f"memory must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}, got {memory!r}")
+        names.check_name(memory)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if not exit_timeout >= 0:
@@ -124,7 +130,7 @@ class ZMemClient:
         self._query_transport = query_transport
         self._neighbors_url = httpx.URL(f"{self.url}{self._prefix}neighbors")
         self._neighbors_headers = httpx.Headers(
-            {**self._http.headers, "content-type": _wire.SAFETENSORS, "accept": _wire.SAFETENSORS}
+            {**self._http.headers, "content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
         )
         self._timeouts = httpx.Timeout(timeout).as_dict()
         # Its own lean connection too: the timeout is then a deadline for each whole post.
@@ -207,11 +213,10 @@ class ZMemClient:
         vec = arr.astype(np.float32).reshape(-1)
         if not np.isfinite(vec).all():
             raise ValueError("z must be finite (no NaN or inf)")
-        if (
-            float(np.dot(vec.astype(np.float64), vec.astype(np.float64)))
-            > float(np.finfo(np.float32).max) / 4
-        ):
-            raise ValueError("z is too large: its squared norm must be at most float32 max / 4 (8.51e37)")
+        if rows_too_large(vec[None]).size:
+            raise ValueError(
+                f"z is too large: its squared norm must be at most float32 max / 4 ({MAX_SQNORM:.3g})"
+            )
         values = {
             "soft_bind": soft_bind,
             "cone_vol": cone_vol,
@@ -231,11 +236,12 @@ class ZMemClient:
             raise ValueError(f"cone_vol must be > 0, got {values['cone_vol']}")
         if not values["lambda_bind"] >= 0:
             raise ValueError(f"lambda_bind must be >= 0, got {values['lambda_bind']}")
-        for name, text, limit in (("id", id, 128), ("worker", worker, 64)):
-            if text is not None and not _valid_text(text, limit):
-                raise ValueError(
-                    f"{name} must be 1..{limit} characters of valid text without NUL, got {text!r}"
-                )
+        # Empty is refused for both: the service takes an empty worker, but here it would
+        # silently become this client's default worker.
+        for name, text, limit in (("id", id, MAX_ID_CHARS), ("worker", worker, MAX_WORKER_CHARS)):
+            problem = text_problem(text, limit, allow_empty=False)
+            if problem:
+                raise ValueError(f"{name} {problem}, got {text!r}")
         with self._record_lock:
             if self._z_dim is not None and vec.shape[0] != self._z_dim:
                 raise ValueError(
@@ -330,8 +336,8 @@ class ZMemClient:
             self._send_http,
             "POST",
             "episodes",
-            content=_wire.encode(arrays, meta),
-            headers={"content-type": _wire.SAFETENSORS},
+            content=wire.encode(arrays, meta),
+            headers={"content-type": wire.SAFETENSORS},
         )
         self._z_dim = int(arrays["z"].shape[1])
 
@@ -416,7 +422,8 @@ class ZMemClient:
             "POST",
             self._neighbors_url,
             headers=self._neighbors_headers,
-            content=_wire.encode({"z": z}, meta),
+            # allow_nan: a NaN sigma is the service's to refuse (a 422, as the replica answers it).
+            content=wire.encode({"z": z}, meta, allow_nan=True),
             extensions={"timeout": self._timeouts},
         )
         with self._errors_mapped(self._http, "POST", f"{self._prefix}neighbors"):
@@ -426,7 +433,7 @@ class ZMemClient:
                 r.read()
             finally:
                 r.close()
-        arrays, info = _wire.decode(self._checked(r, "POST", f"{self._prefix}neighbors").content)
+        arrays, info = wire.decode(self._checked(r, "POST", f"{self._prefix}neighbors").content)
         return {**info, **arrays}
 
     @property
@@ -533,16 +540,6 @@ def _retry_after(r: httpx.Response) -> float | None:
     except ValueError:
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _valid_text(text: str, limit: int) -> bool:
-    if not 0 < len(text) <= limit or "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _as_numpy(z: ArrayLike) -> np.ndarray:

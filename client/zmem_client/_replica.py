@@ -35,18 +35,17 @@ from typing import Any
 
 import httpx
 import numpy as np
-import safetensors.numpy
 import torch
+
+from zmem_core import wire
+from zmem_core.kernel import kernel_stats
+from zmem_core.limits import MAX_BATCH, MAX_CAPACITY, MAX_K, MAX_SIGMA, MAX_Z_DIM, MIN_SIGMA
+from zmem_core.wire import SAFETENSORS
 
 from ._exceptions import HTTPError, RequestRejected, ServerError, Timeout, TransportError, ZMemError
 from ._knn import exact_knn
 from ._risk import kernel_dtype, kernel_risk
 
-SAFETENSORS = "application/x-safetensors"
-MAX_K = 1024  # the service's limit on k
-MAX_Z_DIM = 4096  # the service's limit on z_dim
-MAX_CAPACITY = 10_000_000  # the service's limit on capacity
-MAX_QUERY_ROWS = 10_000  # rows per POST …/queries (the service's per-request limit)
 PAGE_ROWS = 10_000  # rows per feed page, at most
 PAGE_BYTES = 16 * 2**20
 """Bytes of rows per feed page the replica asks for, at most: wide rows come in fewer per page
@@ -337,8 +336,10 @@ class Replica:
             raise _rejected("sigma", f"sigma must be a number or 'auto', got {s!r}")
         else:
             resolved = float(s)
-            if not 1e-12 <= resolved <= 1e12:
-                raise _rejected("sigma", f"sigma must be in [1e-12, 1e12] or 'auto', got {s!r}")
+            if not MIN_SIGMA <= resolved <= MAX_SIGMA:
+                raise _rejected(
+                    "sigma", f"sigma must be in [{MIN_SIGMA:g}, {MAX_SIGMA:g}] or 'auto', got {s!r}"
+                )
         return st, (min(want, st.size) if st.active else 0), resolved
 
     def _with_sigma_auto(self) -> tuple[_State, float]:
@@ -841,7 +842,7 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
 
 
 def _is_sigma(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and 1e-12 <= v <= 1e12
+    return isinstance(v, int | float) and not isinstance(v, bool) and MIN_SIGMA <= v <= MAX_SIGMA
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -1052,7 +1053,7 @@ class _QueryPoster:
                     self._cond.wait()
                 # Gather for a while: one request per interval, not one per training step.
                 deadline = time.monotonic() + self._interval
-                while not self._closed and not self._flushing and self._rows < MAX_QUERY_ROWS:
+                while not self._closed and not self._flushing and self._rows < MAX_BATCH:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -1060,15 +1061,15 @@ class _QueryPoster:
                 if self._closed:
                     return
                 batch, rows = [], 0
-                while self._queue and rows + int(self._queue[0][0].shape[0]) <= MAX_QUERY_ROWS:
+                while self._queue and rows + int(self._queue[0][0].shape[0]) <= MAX_BATCH:
                     item = self._queue.popleft()
                     batch.append(item)
                     rows += int(item[0].shape[0])
                 if not batch:  # one query larger than a request: split it
                     d2, rt, sigma, event = self._queue.popleft()
-                    batch = [(d2[:MAX_QUERY_ROWS], rt[:MAX_QUERY_ROWS], sigma, event)]
-                    self._queue.appendleft((d2[MAX_QUERY_ROWS:], rt[MAX_QUERY_ROWS:], sigma, event))
-                    rows = MAX_QUERY_ROWS
+                    batch = [(d2[:MAX_BATCH], rt[:MAX_BATCH], sigma, event)]
+                    self._queue.appendleft((d2[MAX_BATCH:], rt[MAX_BATCH:], sigma, event))
+                    rows = MAX_BATCH
                 self._rows -= rows
                 self._busy = True
             try:
@@ -1089,7 +1090,7 @@ class _QueryPoster:
         with self._http.stream(
             "POST",
             self._prefix + "queries",
-            content=safetensors.numpy.save(stats),
+            content=wire.encode(stats, {}),
             headers={"content-type": SAFETENSORS, "accept-encoding": "identity"},
         ) as r:
             if r.status_code >= 400:
@@ -1097,7 +1098,8 @@ class _QueryPoster:
 
 
 def query_stats(batch: list[tuple[torch.Tensor, torch.Tensor, float, Any]]) -> dict[str, np.ndarray]:
-    """(risk, wsum = Σw unnormalised, n_eff = 1/Σw_norm²) float64 per query row, as the service records."""
+    """(risk, wsum = Σw unnormalised, n_eff = 1/Σw_norm²) float64 per query row: the service's
+    numbers for the same neighbours (`zmem_core.kernel.kernel_stats`, on the host copies)."""
     out: dict[str, list[np.ndarray]] = {"risk": [], "wsum": [], "n_eff": []}
     for *_, event in batch:
         if event is not None:
@@ -1111,16 +1113,10 @@ def query_stats(batch: list[tuple[torch.Tensor, torch.Tensor, float, Any]]) -> d
             runs.append([item])
     for run in runs:
         sigma = run[0][2]
-        d2h = _to_host(torch.cat([item[0] for item in run])).astype(np.float64)
-        rth = _to_host(torch.cat([item[1] for item in run])).astype(np.float64)
-        w = np.exp(-d2h / (2.0 * sigma**2))
-        wsum = w.sum(axis=-1)
-        out["risk"].append((w * rth).sum(axis=-1) / (wsum + 1e-8))
-        out["wsum"].append(wsum)
-        # n_eff = (Σw)² / Σw² (≤ k), 0 where every weight underflowed: the service's definition
-        # (`kernel.kernel_stats`); the guard must not enter it, or underflow reads as 1e140.
-        w2 = (w * w).sum(axis=-1)
-        out["n_eff"].append(np.divide(wsum * wsum, w2, out=np.zeros_like(wsum), where=w2 > 0))
+        d2h = _to_host(torch.cat([item[0] for item in run]))
+        rth = _to_host(torch.cat([item[1] for item in run]))
+        for key, part in zip(("risk", "wsum", "n_eff"), kernel_stats(d2h, rth, sigma), strict=True):
+            out[key].append(part)
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 

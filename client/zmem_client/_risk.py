@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from zmem_core.kernel import GUARD
+
 if TYPE_CHECKING:
     from ._client import ZMemClient
 
@@ -23,12 +25,12 @@ def kernel_risk(
 
     z [..., d]; neighbor_z [..., k, d]; risk_target [..., k]; returns [...]. With
     d2_i = ‖neighbor_z_i − z‖², w_i = exp(−d2_i / 2σ²), w = w / (Σw + 1e-8):
-    risk = Σ w_i · risk_target_i. Gradients flow to `z` (and to whatever else
-    requires them); k = 0 gives 0.
+    risk = Σ w_i · risk_target_i (the risk of `zmem_core.kernel.kernel_stats`, with its
+    GUARD). Gradients flow to `z` (and to whatever else requires them); k = 0 gives 0.
     """
     d2 = ((neighbor_z - z.unsqueeze(-2)) ** 2).sum(dim=-1)
     w = torch.exp(-d2 / (2.0 * float(sigma) ** 2))
-    w = w / (w.sum(dim=-1, keepdim=True) + 1e-8)
+    w = w / (w.sum(dim=-1, keepdim=True) + GUARD)
     return (w * risk_target).sum(dim=-1)
 
 

@@ -34,12 +34,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from zmem_core.kernel import GUARD
+
 from .islands import find_islands
 
 MIN_RECORDED_QUERIES = 100
 """Below this many recorded queries the query-based parts (level, spikes, kernel) are null."""
-WSUM_GUARD = 1e-8
-"""The kernel's normalisation guard: below this Σw the risk is ≈ 0 and carries no gradient."""
 
 READING_1_WITHOUT_2 = "(1) without (2): memory isn't aligned with your reliability measure"
 READING_2_WITHOUT_1 = "(2) without (1): z isn't being reused (KL too high, or actor too stochastic)"
@@ -666,7 +666,7 @@ def _kernel_criterion(
         "k": k,
         "suggested_sigma": suggested,
         "threshold": float(t.kernel_underflow),
-        "guard": WSUM_GUARD,
+        "guard": GUARD,
         "recorded_queries": recorded,
         "required_size": int(need),
     }
@@ -678,7 +678,7 @@ def _kernel_criterion(
         return {"name": "kernel", "passed": None, "values": values, "reading": reading}
     recent = slice(max(0, recorded - t.kernel_recent), recorded)
     w, ne = wsum[recent], n_eff[recent]
-    dead = w < WSUM_GUARD
+    dead = w < GUARD
     frac = float(dead.mean())
     median_n_eff = _float(np.median(ne[~dead])) if (~dead).any() else None
     values.update(recent_queries=int(w.size), underflow_fraction=frac, median_n_eff=median_n_eff)
@@ -702,7 +702,7 @@ def _kernel_criterion(
             )
     else:
         reading = (
-            f"the kernel has switched off: {frac:.1%} of the last {w.size} queries had Σw < {WSUM_GUARD:g} "
+            f"the kernel has switched off: {frac:.1%} of the last {w.size} queries had Σw < {GUARD:g} "
             f"(risk ≈ 0, no gradient; fails above {t.kernel_underflow:.0%}) with {sig}; {spread}; "
             f"{fix or 'raise sigma'}, or rescale z"
         )

@@ -10,24 +10,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zmem_core.limits import (
+    MAX_ID_CHARS,
+    MAX_SQNORM,
+    MAX_WORKER_CHARS,
+    MAX_Z_DIM,
+    rows_too_large,
+    text_problem,
+)
+
 from .errors import ValidationFailed
 from .ring import FLOAT_FIELDS
-from .settings import MAX_Z_DIM, RiskWeights
+from .settings import RiskWeights
 
-MAX_ID_CHARS = 128
-MAX_WORKER_CHARS = 64
 MAX_ERRORS = 20
-# A z whose squared norm is at most float32's max / 4: then |a − b|² ≤ (|a| + |b|)² stays
-# finite in float32 for any two admissible z's, and so do sigma and the kernel.
-MAX_SQNORM = float(np.finfo(np.float32).max) / 4
 Z_TOO_LARGE = f"squared norm must be at most {MAX_SQNORM:.3g} (float32 max / 4), so distances stay finite"
-
-
-def rows_too_large(z: np.ndarray) -> np.ndarray:
-    """Indices of the finite rows of z [B, d] whose squared norm (in float64) exceeds MAX_SQNORM."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.einsum("ij,ij->i", z, z, dtype=np.float64)
-    return np.flatnonzero(np.isfinite(sq) & (sq > MAX_SQNORM))
 
 
 @dataclass
@@ -49,21 +46,6 @@ class EpisodeBatch:
         r = w.a * (1.0 - soft) + w.b * np.log(cone + w.eps) + w.c * lam
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 → inf, refused by the caller
             return r.astype(np.float32)
-
-
-def string_problem(text: str | None, limit: int, *, allow_empty: bool) -> str | None:
-    """Why `text` can't be an id or worker name (None when it can)."""
-    if text is None:
-        return None
-    if len(text) > limit or (not text and not allow_empty):
-        return f"must be {0 if allow_empty else 1}..{limit} characters"
-    if "\x00" in text:
-        return "must not contain NUL"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid Unicode text (no lone surrogates)"
-    return None
 
 
 def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
@@ -97,13 +79,13 @@ def validate(batch: EpisodeBatch, *, max_batch: int) -> None:
     seen: dict[str, int] = {}
     for i, (id_, worker) in enumerate(zip(batch.ids, batch.workers, strict=True)):
         if id_ is not None:
-            problem = string_problem(id_, MAX_ID_CHARS, allow_empty=False)
+            problem = text_problem(id_, MAX_ID_CHARS, allow_empty=False)
             if problem:
                 bad(np.array([i]), "id", problem)
             elif id_ in seen:
                 bad(np.array([i]), "id", f"repeats the id of episode {seen[id_]} in this request")
             seen.setdefault(id_, i)
-        problem = string_problem(worker, MAX_WORKER_CHARS, allow_empty=True)
+        problem = text_problem(worker, MAX_WORKER_CHARS, allow_empty=True)
         if worker is not None and problem:
             bad(np.array([i]), "worker", problem)
     if errors:

@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from zmem_core.kernel import kernel_stats
+
 from .episodes import EpisodeBatch
 from .errors import InsufficientStorage, ValidationFailed, ZMemError
 from .index import Engine, Index
-from .kernel import kernel_stats
 from .querylog import QueryLog
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
@@ -118,14 +119,22 @@ class Neighbors:
     risk_target: np.ndarray  # float32 [B, k]
     d2: np.ndarray  # float32 [B, k]
     seq: np.ndarray  # int64 [B, k]
+    _stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def k(self) -> int:
         return int(self.d2.shape[1])
 
     def kernel_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: the seed's kernel risk, Σw and n_eff, float64 [B] (`kernel.kernel_stats`)."""
-        return kernel_stats(self.d2, self.risk_target, self.sigma)
+        """Per row: the seed's kernel risk, Σw and n_eff, float64 [B] (`zmem_core.kernel`).
+
+        Computed once per answer: a recorded query keeps them (searcher thread) and
+        `POST …/risk` answers with the same risk afterwards, without computing it again."""
+        if self._stats is None:
+            self._stats = kernel_stats(self.d2, self.risk_target, self.sigma)
+        return self._stats
 
 
 def new_generation() -> str:

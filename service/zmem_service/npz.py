@@ -21,15 +21,15 @@ from typing import IO, Any
 
 import numpy as np
 
-from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, EpisodeBatch, string_problem
+from zmem_core.limits import MAX_CAPACITY, MAX_ID_CHARS, MAX_SQNORM, MAX_WORKER_CHARS, MAX_Z_DIM, text_problem
+
+from .episodes import EpisodeBatch
 from .errors import InsufficientStorage, ValidationFailed
 from .memory import MAX_SEQ
 from .ring import FLOAT_FIELDS, Columns
-from .settings import MAX_CAPACITY, MAX_Z_DIM, MemorySettings
+from .settings import MemorySettings
 
 MAX_TS = 2.0**35  # epoch seconds (the year 3058): beyond it a timestamp is garbage
-MAX_Z_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
-"""‖z‖² of an admissible z: any squared distance between two of them stays finite in float32."""
 EXPORT_FIELDS = (
     "z",
     "soft_bind",
@@ -204,7 +204,7 @@ def _rows(settings: MemorySettings, c: dict[str, np.ndarray]) -> Columns:
         values = {f: c[f].astype(np.float64) for f in (*FLOAT_FIELDS, "risk_target", "ts")}
         norm2 = np.einsum("nd,nd->n", z, z, dtype=np.float64)
     for name, bad, rule in (
-        ("z", ~np.isfinite(z).all(axis=1) | ~(norm2 <= MAX_Z_SQUARED_NORM), "finite, with ‖z‖² <= 8.5e37"),
+        ("z", ~np.isfinite(z).all(axis=1) | ~(norm2 <= MAX_SQNORM), "finite, with ‖z‖² <= 8.5e37"),
         ("soft_bind", ~((values["soft_bind"] >= 0) & (values["soft_bind"] <= 1)), "in [0, 1]"),
         ("cone_vol", ~(values["cone_vol"] >= 0) | ~np.isfinite(values["cone_vol"]), "finite and >= 0"),
         ("lambda_bind", ~(values["lambda_bind"] >= 0) | ~np.isfinite(values["lambda_bind"]), "finite, >= 0"),
@@ -228,7 +228,7 @@ def _rows(settings: MemorySettings, c: dict[str, np.ndarray]) -> Columns:
     seen: dict[str, int] = {}
     for key, texts, limit in (("id", ids, MAX_ID_CHARS), ("worker", workers, MAX_WORKER_CHARS)):
         for i, text in enumerate(texts):
-            problem = string_problem(text, limit, allow_empty=True)
+            problem = text_problem(text, limit, allow_empty=True)
             if problem:
                 raise ValidationFailed.at([key, i], problem)
             if key == "id" and text is not None:

@@ -17,11 +17,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from zmem_core.names import NAME_PATTERN
+from zmem_core.wire import SAFETENSORS
+
 from .routes.queries import QueriesIn
-from .wire import JSON, SAFETENSORS, EpisodesIn, QueryIn
+from .wire import JSON, EpisodesIn, QueryIn
 
 PROBLEM = "application/problem+json"
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
 BINARY = {"type": "string", "format": "binary"}
 
 # Request bodies read by the routes themselves, by the last segment of the path.
@@ -124,7 +126,7 @@ def _name_parameter(op: dict[str, Any]) -> None:
             "in": "path",
             "required": True,
             "description": "the memory's name",
-            "schema": {"type": "string", "pattern": NAME_PATTERN},
+            "schema": {"type": "string", "pattern": f"^{NAME_PATTERN}$"},
         },
     )
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from pydantic import ValidationError
+
+from zmem_core import names
 
 from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
 from .index import CpuEngine, Engine
@@ -17,16 +18,15 @@ from .store import StoredMemory
 
 log = logging.getLogger("zmem")
 
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DEFAULT = "default"
 
 
 def check_name(name: str) -> str:
-    if not NAME.fullmatch(name) or name in {".", ".."}:
-        raise ValidationFailed.at(
-            ["path", "name"], f"memory name {name!r} must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,63}}"
-        )
-    return name
+    """`name` when it is a memory name (`zmem_core.names`), else a 422 on the path's name."""
+    try:
+        return names.check_name(name)
+    except ValueError as e:
+        raise ValidationFailed.at(["path", "name"], str(e)) from None
 
 
 class Memories:

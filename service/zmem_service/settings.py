@@ -25,6 +25,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from zmem_core.limits import MAX_BATCH, MAX_CAPACITY, MAX_K, MAX_SIGMA, MAX_Z_DIM, MIN_SIGMA
+
 
 def _no_bool(value: Any) -> Any:
     # JSON's true and false are not numbers, though pydantic's lax mode takes them as 1 and 0.
@@ -49,12 +51,6 @@ def _sigma_either(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 
 
 Sigma = Annotated[float | Literal["auto"], WrapValidator(_sigma_either)]
-
-MAX_CAPACITY = 10_000_000
-MAX_Z_DIM = 4096
-MAX_K = 1024
-# sigma² must stay a normal positive float64: outside this range the kernel is 0/0.
-MIN_SIGMA, MAX_SIGMA = 1e-12, 1e12
 
 
 class RiskWeights(BaseModel):
@@ -153,7 +149,7 @@ class ServiceSettings(BaseSettings):
         16 * 2**30, ge=1024, description="largest import file (streamed to a temporary file, not memory)"
     )
     max_concurrent_exports: int = Field(2, ge=1, description="exports built at once; more wait, then 503")
-    max_batch: int = Field(10_000, ge=1)
+    max_batch: int = Field(MAX_BATCH, ge=1)
     max_response_floats: int = Field(2**24, ge=1)
     max_memory_bytes: int = Field(4 * 2**30, ge=1)
     max_pending_writes: int = Field(10_000, ge=1, description="queued write requests before 503")

@@ -1,8 +1,8 @@
 """Request and response bodies: JSON everywhere, safetensors on the fast path.
 
-safetensors bodies carry arrays as tensors named like the JSON fields and every
-other value in `__metadata__` as a JSON literal (`64`, `"auto"`, `["a", "b"]`).
-Decoding ends in the same domain objects whatever the format, so validation has
+safetensors bodies are the format both sides share (`zmem_core.wire`: arrays as
+tensors named like the JSON fields, every other value in `__metadata__` as a JSON
+literal); this module adds the HTTP around it (content types, size limits, pools). Decoding ends in the same domain objects whatever the format, so validation has
 one shape: a 400 for a body that can't be parsed, a 422 naming the field otherwise.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import struct
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -20,8 +19,6 @@ from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 from fastapi import Request, Response
 from pydantic import (
     BaseModel,
@@ -35,8 +32,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.requests import ClientDisconnect
 
+from zmem_core import wire as core_wire
+from zmem_core.limits import MAX_ID_CHARS, MAX_K, MAX_SIGMA, MAX_WORKER_CHARS, MIN_SIGMA, rows_too_large
+from zmem_core.wire import SAFETENSORS
+
 from . import jsonchunks
-from .episodes import MAX_ID_CHARS, MAX_WORKER_CHARS, Z_TOO_LARGE, EpisodeBatch, rows_too_large
+from .episodes import Z_TOO_LARGE, EpisodeBatch
 from .errors import (
     BadRequest,
     PayloadTooLarge,
@@ -47,9 +48,8 @@ from .errors import (
 )
 from .memory import Neighbors
 from .ring import FLOAT_FIELDS
-from .settings import MAX_K, MAX_SIGMA, MIN_SIGMA, NoBool, ServiceSettings
+from .settings import NoBool, ServiceSettings
 
-SAFETENSORS = "application/x-safetensors"
 JSON = "application/json"
 NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")
 T = TypeVar("T")
@@ -222,26 +222,18 @@ def parse_json(body: bytes) -> Any:
 def parse_safetensors(
     body: bytes, dtypes: tuple[str, ...] = ("F32",)
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Tensors (of `dtypes` only: F32 unless said) and the decoded `__metadata__` values."""
+    """Tensors (of `dtypes` only: F32 unless said) and the decoded `__metadata__` values
+    (`zmem_core.wire.decode`): a 400 for a body that is not safetensors, else a 422 naming
+    the tensor or metadata key."""
     try:
-        (n,) = struct.unpack("<Q", body[:8])
-        header = json.loads(body[8 : 8 + n])
-        tensors = safetensors.numpy.load(body)
-    except Exception as e:
+        return core_wire.decode(body, dtypes)
+    except core_wire.NotSafetensors as e:
         raise BadRequest(f"body is not a valid safetensors file: {e}") from None
-    for name, spec in header.items():
-        if name != "__metadata__" and spec.get("dtype") not in dtypes:
-            allowed = " or ".join(dtypes)
-            raise ValidationFailed.at([name], f"tensor is {spec.get('dtype')}; only {allowed} is accepted")
-    meta = {}
-    for key, text in (header.get("__metadata__") or {}).items():
-        try:
-            meta[key] = json.loads(text)
-        except ValueError:
-            raise ValidationFailed.at([key], "metadata value is not a JSON literal") from None
-        except RecursionError:
-            raise ValidationFailed.at([key], "metadata value is nested too deeply") from None
-    return tensors, meta
+    except core_wire.WrongDtype as e:
+        allowed = " or ".join(dtypes)
+        raise ValidationFailed.at([e.name], f"tensor is {e.dtype}; only {allowed} is accepted") from None
+    except core_wire.BadMetadata as e:
+        raise ValidationFailed.at([e.key], e.reason) from None
 
 
 def decode_episodes(body: bytes, content_type: str | None, max_batch: int | None = None) -> EpisodeBatch:
@@ -406,13 +398,6 @@ def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int
     return 8 + header + sum(a.nbytes for a in arrays.values())
 
 
-def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
-    return safetensors.numpy.save(
-        {k: v if v.flags.c_contiguous else v.copy() for k, v in arrays.items()},
-        metadata={k: json.dumps(v, allow_nan=False) for k, v in meta.items()},
-    )
-
-
 # -- off the event loop -------------------------------------------------------------------
 
 
@@ -549,9 +534,9 @@ async def _encode(
         if st_size > limit:
             raise ValidationFailed.at(["k"], f"the answer would be {st_size} bytes; {_over(limit)}")
         if st_size <= INLINE_SAFETENSORS_BYTES:
-            return encode_safetensors(arrays, meta), SAFETENSORS
+            return core_wire.encode(arrays, meta), SAFETENSORS
         async with pool.admitted():
-            return await pool.run(encode_safetensors, arrays, meta), SAFETENSORS
+            return await pool.run(core_wire.encode, arrays, meta), SAFETENSORS
     try:
         if sum(a.size for a in arrays.values()) <= INLINE_JSON_FLOATS:
             body = jsonchunks.encode_arrays(meta, arrays, limit)

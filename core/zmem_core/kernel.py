@@ -1,7 +1,9 @@
 """The seed's Gaussian-kernel risk in numpy, with the numbers that say whether it is healthy.
 
-The differentiable version lives in the client (`zmem_client.kernel_risk`); this one
-serves `POST …/risk` and the recorded queries behind the diagnostics.
+One definition for both sides: the service answers `POST …/risk` and records queries with
+it, the client's replica computes the records it posts to `POST …/queries` with it, and
+the diagnostics read the guard from here. The differentiable version is the client's
+`kernel_risk` (torch, the same formula and the same GUARD).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def kernel_stats(
     w = np.exp(-d2.astype(np.float64) / (2.0 * float(sigma) ** 2))
     wsum = w.sum(axis=-1)
     risk = (w * risk_target).sum(axis=-1) / (wsum + GUARD)
-    # n_eff = (Σw)² / Σw², and 0 where every weight underflowed.
+    # n_eff = (Σw)² / Σw², and 0 where every weight underflowed: the guard must not enter
+    # it, or an underflow would read as n_eff ≈ 1e140.
     w2 = (w * w).sum(axis=-1)
     n_eff = np.divide(wsum * wsum, w2, out=np.zeros_like(wsum), where=w2 > 0)
     return risk, wsum, n_eff

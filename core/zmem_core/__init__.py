@@ -1,0 +1,14 @@
+"""zmem_core: the contract the service and the client share, written once.
+
+- `names`: the memory-name rule.
+- `limits`: the limits both sides enforce (batch rows, k, z_dim, capacity, σ range,
+  squared norm of z, id and worker lengths).
+- `kernel`: the seed's Gaussian-kernel statistics per query row (risk, Σw, n_eff).
+- `wire`: the safetensors body format (arrays as tensors, other values as JSON literals).
+- `knn`, `knn_torch`: the exact kNN (squared L2, ties by the lower seq) and its certificate.
+
+`zmem_service` and `zmem_client` import this package; it imports neither (an
+import-linter contract in pyproject.toml says so). Importing `zmem_core` loads numpy
+only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`: torch)
+are imported by name where they are used, never from here.
+"""
