@@ -2,8 +2,9 @@
 
 safetensors bodies are the format both sides share (`zmem_core.wire`: arrays as
 tensors named like the JSON fields, every other value in `__metadata__` as a JSON
-literal); this module adds the HTTP around it (content types, size limits, pools). Decoding ends in the same domain objects whatever the format, so validation has
-one shape: a 400 for a body that can't be parsed, a 422 naming the field otherwise.
+literal); this module adds the HTTP around it (content types, size limits, pools).
+Decoding ends in the same domain objects whatever the format, so validation has one
+shape: a 400 for a body that can't be parsed, a 422 naming the field otherwise.
 """
 
 from __future__ import annotations
