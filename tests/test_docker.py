@@ -16,7 +16,7 @@ def test_dockerfile_installs_the_service_and_serves_on_all_interfaces() -> None:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0].startswith("FROM python:3.11")
     assert any(line.startswith("RUN pip install") and '".[service]"' in line for line in lines)
-    for path in ("pyproject.toml", "constraints.txt", "core", "service", "client"):
+    for path in ("pyproject.toml", "constraints.txt", "core", "service", "client", "demo"):
         assert any(line.startswith("COPY") and path in line for line in lines), path
         assert (ROOT / path).exists(), path
     assert "ZMEM_HOST=0.0.0.0" in text and "ZMEM_DATA_DIR=/data" in text
@@ -39,7 +39,7 @@ def test_gpu_dockerfile_installs_the_gpu_extra_and_serves_on_cuda() -> None:
     assert lines[0].startswith("FROM nvidia/cuda:") and "-runtime-" in lines[0]
     assert any(line.startswith("RUN pip install") and '".[service-gpu]"' in line for line in lines)
     assert any("-c constraints.txt" in line for line in lines if line.startswith("RUN pip install"))
-    for path in ("pyproject.toml", "constraints.txt", "core", "service", "client"):
+    for path in ("pyproject.toml", "constraints.txt", "core", "service", "client", "demo"):
         assert any(line.startswith("COPY") and path in line for line in lines), path
     assert "useradd" in text and "USER zmem" in text
     assert lines.index("USER zmem") > max(i for i, line in enumerate(lines) if line.startswith("RUN "))

@@ -144,7 +144,7 @@ def test_the_demo_refuses_odd_arguments_in_one_line(capsys, args: list[str], fla
 def test_the_demo_takes_sane_arguments() -> None:
     import argparse
 
-    from zmem_service.demo.run import add_arguments, memory_name
+    from zmem_demo.run import add_arguments, memory_name
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

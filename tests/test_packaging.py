@@ -17,8 +17,8 @@ from .server import Server
 ROOT = Path(__file__).resolve().parents[1]
 # What docker/Dockerfile copies before `pip install ".[service]"`: a wheel built from
 # these alone must hold the whole project.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "constraints.txt", "core", "service", "client")
-PACKAGE_DIRS = ("core", "service", "client")
+BUILD_INPUTS = ("pyproject.toml", "README.md", "constraints.txt", "core", "service", "client", "demo")
+PACKAGE_DIRS = ("core", "service", "client", "demo")
 
 
 def modules_after(code: str) -> set[str]:
@@ -143,6 +143,11 @@ def test_the_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
         assert "zmem = zmem_service.cli:main" in zf.read(entry_points).decode()
     expected = package_files(ROOT)
     assert {"zmem_service/routes/__init__.py", "zmem_service/static/dashboard.html"} <= expected
-    assert {"zmem_core/py.typed", "zmem_service/py.typed", "zmem_client/py.typed"} <= expected
+    assert {
+        "zmem_core/py.typed",
+        "zmem_service/py.typed",
+        "zmem_client/py.typed",
+        "zmem_demo/py.typed",
+    } <= expected
     assert shipped - expected == set(), "the wheel holds files the tree does not"
     assert expected - shipped == set(), "files of the tree missing from the wheel"

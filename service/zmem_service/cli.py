@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     backup.add_argument("--data-dir", default=None, help="the service's data dir [ZMEM_DATA_DIR]")
     backup.add_argument("dest", help="file to write (a SQLite database)")
     demo = sub.add_parser("demo", help="show the regularizer at work on a toy; writes a report folder")
-    from .demo import add_arguments
+    # The demo drives the client and the service, so it lives above both (zmem_demo); the
+    # command only dispatches to it (pyproject.toml's import contract names this one import).
+    from zmem_demo import add_arguments
 
     add_arguments(demo)
     args = parser.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "backup":
             return _backup(args)
         if args.command == "demo":
-            from .demo import main as demo_main
+            from zmem_demo import main as demo_main
 
             return demo_main(args)
     except ModuleNotFoundError as e:  # e.g. `zmem serve` where only the client extra is installed
