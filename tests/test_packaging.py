@@ -45,6 +45,14 @@ def test_the_client_does_not_import_server_libraries() -> None:
     assert not loaded & {"fastapi", "faiss", "matplotlib", "uvicorn", "starlette"}
 
 
+def test_the_core_needs_only_numpy() -> None:
+    """zmem_core is in every install: importing it (and its numpy modules) loads neither
+    side, nor torch, safetensors or FAISS."""
+    loaded = modules_after("import zmem_core, zmem_core.names, zmem_core.limits, zmem_core.kernel")
+    assert "numpy" in loaded
+    assert not loaded & {"torch", "safetensors", "faiss", "httpx", "fastapi", "zmem_service", "zmem_client"}
+
+
 def test_cli_help_needs_nothing_heavy() -> None:
     loaded = modules_after("import zmem_service.cli")
     assert not loaded & {"torch", "fastapi", "faiss"}
