@@ -47,7 +47,7 @@ def timed(fn: Callable[[], object], repeats: int, warm: int = 3) -> list[float]:
 
 
 def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> list[Row]:
-    from zmem_client._knn import full_scan
+    from zmem_core.knn_torch import full_scan
     from zmem_service.torch_index import TorchEngine, cuda_engine
 
     engine = cuda_engine(device) if device.startswith("cuda") else TorchEngine(device, "benchmark")

@@ -4,7 +4,7 @@ mem = ZMemClient("http://127.0.0.1:8000")
 mem.record(z, soft_bind=0.9, cone_vol=0.3, lambda_bind=0.1)
 loss = loss + 0.02 * mem.risk(z)
 
-The names below load on first use (PEP 562), so that `zmem_client._knn` (torch only)
+The names below load on first use (PEP 562), so that a private module (`_risk`: torch only)
 can be imported without the HTTP client's dependencies.
 """
 

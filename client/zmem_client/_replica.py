@@ -2,7 +2,7 @@
 
 A daemon thread long-polls `GET …/changes` and mirrors the memory into tensors on
 a chosen device with the service's FIFO semantics; `risk()` and `neighbors()` then
-search those tensors with the same exact kNN (`_knn.exact_knn`, ties by the lower
+search those tensors with the same exact kNN (`zmem_core.knn_torch`, ties by the lower
 seq) and the same kernel (`_risk.kernel_risk`) as the service path, so for the same
 buffer they give the same answer. After the first sync nothing in `risk()` touches
 the network: while the service is away the replica answers from its last state and
@@ -39,11 +39,11 @@ import torch
 
 from zmem_core import wire
 from zmem_core.kernel import kernel_stats
+from zmem_core.knn_torch import exact_knn
 from zmem_core.limits import MAX_BATCH, MAX_CAPACITY, MAX_K, MAX_SIGMA, MAX_Z_DIM, MIN_SIGMA
 from zmem_core.wire import SAFETENSORS
 
 from ._exceptions import HTTPError, RequestRejected, ServerError, Timeout, TransportError, ZMemError
-from ._knn import exact_knn
 from ._risk import kernel_dtype, kernel_risk
 
 PAGE_ROWS = 10_000  # rows per feed page, at most

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from zmem_core.kernel import kernel_stats
+from zmem_core.knn import candidate_count
 
 from .episodes import EpisodeBatch
 from .errors import InsufficientStorage, ValidationFailed, ZMemError
@@ -491,7 +492,7 @@ class Memory:
         kk = min(self.settings.k, len(window) - 1)  # the sample row itself comes first
         kth = np.full(n, np.nan)
         todo = np.arange(n)
-        want = kk + 1 + max(32, (kk + 1) // 2)
+        want = candidate_count(kk + 1, self.size)  # the kNN's margin: rows outside the window take places
         seq_of = self.ring.column("seq")
         while len(todo):
             got = min(want, self.size)

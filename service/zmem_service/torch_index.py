@@ -1,8 +1,8 @@
 """The per-memory index on a torch device (`--device cuda[:N]`, or CPU tensors in tests).
 
 Imported only when `--device` selects a GPU (or `auto` finds one): the CPU service
-never imports torch. The search is `zmem_client._knn`'s exact kNN, the one the
-client's replica runs too: GEMM candidates on centred z's, an exact float64
+never imports torch. The search is the core's exact kNN (`zmem_core.knn_torch`), the
+one the client's replica runs too: GEMM candidates on centred z's, an exact float64
 re-rank with ties by the lower seq, and a full scan for the rare query rows whose
 float32 certificate fails. When the installed faiss has GPU support, its
 `knn_gpu` finds the candidates instead of torch's GEMM (same re-rank).
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from zmem_client._knn import exact_center, exact_knn, margin, rerank_candidates, rescue_uncertified
+from zmem_core.knn import F32_ROUNDOFF, candidate_count
+from zmem_core.knn_torch import exact_center, exact_knn, rerank_candidates, rescue_uncertified
 
 from .errors import InsufficientStorage
 
@@ -143,12 +144,20 @@ class TorchIndex:
         self._apply()
         base, seq, sqnorm = self._z[:size], self._seq[:size], self._sqnorm[:size]
         query = torch.tensor(np.asarray(zq, np.float32), device=self.device)
-        c = min(size, k + margin(k))
+        c = candidate_count(k, size)
         if self._candidates is not None and c < size and c <= FAISS_GPU_MAX_K:
             assert self._center is not None
             cand, last = self._candidates(base, (query - self._center).contiguous(), c)
             d2, rows, certified = rerank_candidates(
-                base, seq, query, cand, last, k, center=self._center, base_sqnorm=sqnorm, roundoff=2.0**-24
+                base,
+                seq,
+                query,
+                cand,
+                last,
+                k,
+                center=self._center,
+                base_sqnorm=sqnorm,
+                roundoff=F32_ROUNDOFF,
             )
             rescue_uncertified(base, seq, query, k, d2, rows, certified, center=self._center)
         else:

@@ -1,30 +1,26 @@
-"""Exact k-nearest-neighbour search in torch, ties broken by the lower seq.
+"""Exact k nearest neighbours in torch (CPU or CUDA tensors), ties by the lower seq.
 
-One implementation serves the service's torch index (CPU or CUDA) and the client's
-local replica. It imports only torch.
+The contract, the margin rule and the certificate are `zmem_core.knn`'s (see its
+docstring); this module runs them on tensors. It serves the service's torch index and
+the client's replica, and imports only torch (and FAISS, lazily, for CPU candidates).
 
-How a search runs, for query rows q (centred like the base rows):
+How a search runs, for query rows q:
 
 The base rows are stored minus a centre c (`center`), and the query is centred in
 float64, so when every stored row equals z − c exactly (`exact_center` picks such a
 c) the distances are those of the raw z's: the answer then does not depend on the
-centre, and equals a float64 brute force over the raw z's.
+centre, and equals a float64 brute force over the raw z's. Centring keeps the
+certificate's error bound small where z's sit far from the origin.
 
 1. Candidates. Approximate squared distances ‖x‖² − 2⟨x, q⟩ (+ ‖q‖²) by one float32
    matrix product over the base, in blocks of rows to bound memory; the
-   `k + margin` smallest of each query row are kept. Equal approximate distances are
-   ordered by the lower seq (the selection key packs both), so bit-identical rows
-   (duplicated z's) resolve as the exact search would.
-2. Exact re-rank. The candidates' distances are recomputed from float64 differences
-   and ordered by (d2, seq); the first k are the answer.
-3. Certificate. The float32 product has a rounding error of at most
-   E = 2 (d + 3) u (max‖x‖ + ‖q‖)² (u the unit roundoff of the matmul precision in
-   force; factor 2 for safety). A row outside the candidates has an approximate
-   distance ≥ A, the largest kept, so its exact distance is ≥ A − E. When the k-th
-   exact distance is below A − E, no row outside can come before or tie with the
-   answer: the query row is *certified*. Centring keeps E small (GEMM distances lose
-   precision far from the origin); near-ties within E (points on a sphere, data far
-   from the centre) and ties spanning more rows than the margin are not certified.
+   `candidate_count(k, N)` smallest of each query row are kept. Equal approximate
+   distances are ordered by the lower seq (the selection key packs both), so
+   bit-identical rows (duplicated z's) resolve as the exact search would.
+2. Exact re-rank. The candidates' distances are recomputed from float64 differences and
+   ordered by (d2, seq); the first k are the answer.
+3. Certificate: `zmem_core.knn.certify` on the float64 k-th distance, with the unit
+   roundoff of the matmul precision in force (`unit_roundoff`: TF32 or bf16 widen it).
 4. Rescue. Uncertified rows are answered by a full exact scan: float64 differences to
    every base row, then the k smallest by (d2, seq) with fixed shapes.
 
@@ -42,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from .knn import F32_ROUNDOFF, candidate_count, certify, faiss_threads
+
 BLOCK_ELEMENTS = 1 << 24
 """Bound on the elements of one temporary block ([query rows, base rows] scores, or
 [query rows, candidates, d] differences): about 128 MiB of int64/float64."""
@@ -49,17 +47,12 @@ BLOCK_ELEMENTS = 1 << 24
 _SEQ_SPAN = (1 << 32) - 1
 
 
-def margin(k: int) -> int:
-    """Extra candidates kept beyond k for the exact re-rank."""
-    return max(32, k // 2)
-
-
 def unit_roundoff(device: torch.device) -> float:
     """Unit roundoff of a float32 matrix product on `device` under torch's current settings."""
     precision = torch.get_float32_matmul_precision()
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         precision = "high" if precision == "highest" else precision
-    return {"highest": 2.0**-24, "high": 2.0**-11}.get(precision, 2.0**-8)
+    return {"highest": F32_ROUNDOFF, "high": 2.0**-11}.get(precision, 2.0**-8)
 
 
 def exact_knn(
@@ -94,7 +87,7 @@ def exact_knn(
     if found is not None:
         cand, last = found
         d2, idx, certified = rerank_candidates(
-            base, seq, query, cand, last, k, center=center, base_sqnorm=base_sqnorm
+            base, seq, query, cand, last, k, center=center, base_sqnorm=base_sqnorm, roundoff=F32_ROUNDOFF
         )
     else:
         d2, idx, certified = knn_certified(base, seq, query, k, center=center, base_sqnorm=base_sqnorm)
@@ -125,11 +118,11 @@ def knn_certified(
         return empty.to(torch.float32), empty, torch.ones(0, dtype=torch.bool, device=device)
     if base_sqnorm is None:
         base_sqnorm = (base * base).sum(dim=1)
-    c = min(n, k + margin(k))
+    c = candidate_count(k, n)
     if c == n:  # every row is a candidate: nothing to certify
         cand = torch.arange(n, device=device).expand(b, n)
         d2, idx = _rerank(base, seq, _centred(query, center), cand, k)
-        return d2, idx, torch.ones(b, dtype=torch.bool, device=device)
+        return d2.to(torch.float32), idx, torch.ones(b, dtype=torch.bool, device=device)
     q = _centred(query, center).to(torch.float32)
     seq_key = (seq - seq.min()).clamp_(max=_SEQ_SPAN)
     cand, last = _candidates(base, base_sqnorm, seq_key, q, c)
@@ -156,17 +149,20 @@ def rerank_candidates(
     other row's being at least as large. `roundoff`: the GEMM's unit roundoff (default:
     torch's matmul setting on this device). Other arguments as for `exact_knn`.
     """
-    dim = base.shape[1]
     q64 = _centred(query, center)
     d2, idx = _rerank(base, seq, q64, cand, k)
     if base_sqnorm is None:
         base_sqnorm = (base * base).sum(dim=1)
     u = unit_roundoff(base.device) if roundoff is None else roundoff
-    q_norm = (q64 * q64).sum(dim=1).sqrt()
-    error = 2.0 * (dim + 3) * u * (base_sqnorm.max().to(torch.float64).sqrt() + q_norm) ** 2
-    kth = d2[:, k - 1].to(torch.float64) * (1.0 + 4.0 * (dim + 2) * 2.0**-53)
-    # Every row outside the candidates is at exact distance ≥ last − error.
-    return d2, idx, kth < last.to(torch.float64) - error
+    certified = certify(
+        d2[:, k - 1],  # float64: a cast to float32 first would read 0 for tiny z's
+        last.to(torch.float64),
+        base_sqnorm.max().to(torch.float64),
+        (q64 * q64).sum(dim=1),
+        base.shape[1],
+        u,
+    )
+    return d2.to(torch.float32), idx, certified
 
 
 def faiss_knn_candidates(
@@ -175,7 +171,7 @@ def faiss_knn_candidates(
     """Step 1 by `faiss.knn` on CPU tensors: (cand [B, c], last [B] float64), or None where it
     doesn't apply (not CPU, faiss not installed, every row a candidate)."""
     n = len(base)
-    c = min(n, k + margin(k))
+    c = candidate_count(k, n)
     if base.device.type != "cpu" or c == n or len(query) == 0:
         return None
     try:
@@ -184,7 +180,7 @@ def faiss_knn_candidates(
         return None
     _check(base, seq, query, k, center, None)
     xq = _centred(query, center).to(torch.float32).contiguous().numpy()
-    faiss.omp_set_num_threads(1 if len(xq) <= 16 else max(1, min(len(xq), torch.get_num_threads())))
+    faiss.omp_set_num_threads(faiss_threads(len(xq), torch.get_num_threads()))
     approx, rows = faiss.knn(xq, base.contiguous().numpy(), c)
     if (rows < 0).any():  # FAISS's "no result": let the torch path answer
         return None
@@ -286,7 +282,8 @@ def _unpack(key: torch.Tensor) -> torch.Tensor:
 def _rerank(
     base: torch.Tensor, seq: torch.Tensor, q64: torch.Tensor, cand: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 distances of the candidates, the k first by (d2, seq)."""
+    """Exact float64 distances of the candidates, the k first by (d2, seq): (d2 float64 [B, k],
+    idx int64 [B, k])."""
     c, dim = cand.shape[1], base.shape[1]
     rows = max(1, BLOCK_ELEMENTS // (c * dim))
     out_d2, out_idx = [], []
@@ -295,7 +292,7 @@ def _rerank(
         diff = base[cb].to(torch.float64) - q64[start : start + rows, None]
         d2 = (diff * diff).sum(dim=-1)
         order = _order_by(d2, seq[cb])[:, :k]
-        out_d2.append(d2.gather(1, order).to(torch.float32))
+        out_d2.append(d2.gather(1, order))
         out_idx.append(cb.gather(1, order))
     return torch.cat(out_d2), torch.cat(out_idx)
 

@@ -1,0 +1,247 @@
+"""Exact k nearest neighbours: the contract, its one margin rule and its one certificate (numpy).
+
+The contract: for query rows q and base rows x (float32), the k rows of smallest squared
+L2 distance, nearest first, equal distances by the lower seq, equal to a float64 brute
+force (`brute_force`). So an answer depends only on the rows and their seqs, never on
+slot order. The CPU search here (`exact_knn`: FAISS or numpy candidates) and the torch
+search (`zmem_core.knn_torch`: GEMM or faiss-gpu candidates) both run it the same way:
+
+1. Candidates. A float32 search keeps, per query row, the c = k + `margin(k)` rows of
+   smallest *approximate* distance; every other row's approximate distance is ≥ the
+   largest kept, `last`.
+2. Exact re-rank. The candidates' distances are recomputed from float64 differences and
+   ordered by (d2, seq); the first k are the answer.
+3. Certificate (`certify`). If every approximate distance is within E of the exact one,
+   a row outside the candidates is at exact distance ≥ last − E. When the k-th exact
+   distance (rounded up for the float64 re-rank's own error) is below last − E, no row
+   outside can come before or tie with the answer: the row is *certified*.
+4. Rescue. Uncertified rows get a full float64 scan (`brute_force` here, `full_scan` in
+   torch): huge tie groups, near-ties within E, data far from the origin, tiny or huge z's.
+
+The bound E. Every float32 candidate search computes the distance either directly,
+Σ(xᵢ − qᵢ)², or as ‖x‖² − 2⟨x, q⟩ + ‖q‖² (a GEMM: FAISS's BLAS path, torch's addmm,
+faiss-gpu). With u the unit roundoff of the product's precision (2⁻²⁴ for float32, more
+for TF32 or bf16) and γₙ = nu/(1 − nu), each of ‖x‖², ⟨x, q⟩ and ‖q‖² is off by at most
+γ_d times ‖x‖², ‖x‖‖q‖ (Cauchy–Schwarz on Σ|xᵢqᵢ|) and ‖q‖², and combining them costs
+two more roundings of terms bounded by the same sum, so the relative part is at most
+γ_{d+2}·(‖x‖ + ‖q‖)²; the direct form is within γ_{d+2}·‖x − q‖², which is smaller since
+‖x − q‖ ≤ ‖x‖ + ‖q‖. That model of rounding holds only for normal numbers: a product
+that underflows (coordinates near 1e-23 have squares near 1e-46, below float32's smallest
+normal 2⁻¹²⁶) is off by an absolute amount instead, up to 2⁻¹²⁶ each when the hardware
+flushes subnormals to zero (FTZ/DAZ), and there are at most 4d products and 3
+combinations. So, with a factor of two for safety (which also covers the float32
+‖x‖² a caller may pass as the norm, and a centred query rounded to float32):
+
+    E = 2 (d + 3) u (‖x‖max + ‖q‖)²  +  8 (d + 3) · 2⁻¹²⁶
+
+The bound assumes no intermediate overflows; every intermediate is at most
+(‖x‖max + ‖q‖)² (times 1 + γ), so the certificate also requires that to be below half
+of float32's max. The service accepts z's of squared norm up to float32's max / 4, where
+that can fail: such rows are rescued, never trusted. Without the absolute term, a
+relative-only bound certified wrong neighbours for 1e-23-sized z's, whose approximate
+distances all round to 0.
+
+The margin. For continuous data in d dimensions the squared distance to the j-th
+neighbour grows like j^(2/d), so the relative gap between the k-th and the (k + m)-th is
+about (2/d)·m/k: a margin proportional to k keeps the certified fraction independent of
+k, and a floor keeps small k (whose k-th distance fluctuates most) and small duplicate
+groups certified. `margin(k) = max(16, k // 4)` leaves a relative gap of about 1/(2d),
+far above E/d2 ≈ 4(d + 3)u for data near the origin (d ≲ 1000); correctness never
+depends on it, only how often the rescue runs, and a wider margin costs every search
+(FAISS's selection and the re-rank grow with it). The same rule sizes the auto-σ
+search window's first pass.
+
+FAISS is imported inside the functions that use it: it is not in the base install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+F32_ROUNDOFF = 2.0**-24
+"""Unit roundoff of a float32 product (round to nearest)."""
+F32_TINY = float(np.finfo(np.float32).tiny)  # 2⁻¹²⁶, the smallest normal float32
+F32_MAX = float(np.finfo(np.float32).max)
+F64_ROUNDOFF = 2.0**-53
+SMALL_QUERY_ROWS = 16
+"""Up to this many query rows, FAISS runs single-threaded (a pool costs more than it saves)."""
+BLOCK_ELEMENTS = 1 << 22
+"""Bound on the elements of one float64 [query rows, base rows] block in a full scan (~32 MiB)."""
+
+
+def margin(k: int) -> int:
+    """Candidates kept beyond k for the exact re-rank (see the module docstring)."""
+    return max(16, k // 4)
+
+
+def candidate_count(k: int, n: int) -> int:
+    """How many of n base rows the candidate search keeps for k neighbours."""
+    return min(n, k + margin(k))
+
+
+def faiss_threads(rows: int, threads: int) -> int:
+    """FAISS threads for `rows` query rows with `threads` available.
+
+    Never more threads than query rows: FAISS was seen to return wrong neighbours on large
+    data when it splits fewer queries over more threads."""
+    return 1 if rows <= SMALL_QUERY_ROWS else max(1, min(threads, rows))
+
+
+def certify(kth: Any, last: Any, base_sqnorm_max: Any, query_sqnorm: Any, dim: int, roundoff: float) -> Any:
+    """Which query rows' candidate lists provably hold the exact top k: bool [B].
+
+    kth [B]: the k-th smallest exact (float64 re-rank) squared distance among the
+    candidates; last [B]: the largest approximate squared distance kept, every row left
+    out having one at least as large; base_sqnorm_max: ≥ every base row's ‖x‖² (the rows
+    as the candidate search saw them, e.g. centred); query_sqnorm [B]: ‖q‖² likewise;
+    roundoff: the unit roundoff of the candidate search's products. All float64; numpy
+    arrays or torch tensors alike (operators only, so no host synchronisation on CUDA).
+    NaN or infinite inputs certify nothing.
+    """
+    scale = (base_sqnorm_max**0.5 + query_sqnorm**0.5) ** 2
+    error = 2.0 * (dim + 3) * roundoff * scale + 8.0 * (dim + 3) * F32_TINY
+    kth_up = kth * (1.0 + 4.0 * (dim + 2) * F64_ROUNDOFF)  # the re-rank's own float64 rounding
+    return (kth_up < last - error) & (scale < F32_MAX / 2)
+
+
+def rerank(
+    xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, cand: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 distances of candidate rows cand int64 [B, c ≥ k] of xb float32 [N, d] to
+    xq float32 [B, d] → (d2 float64 [B, k], rows int64 [B, k]), nearest first, ties by seq [N]."""
+    diff = xb[cand].astype(np.float64) - xq[:, None, :].astype(np.float64)
+    d2 = (diff * diff).sum(-1)  # the brute force's own expression: bit-equal distances
+    if len(cand) == 1:  # the common single query: no broadcasting, one take
+        order = np.lexsort((seq[cand[0]], d2[0]))[:k]
+        return d2[:, order], cand[:, order]
+    order = np.lexsort((seq[cand], d2), axis=-1)[:, :k]
+    return np.take_along_axis(d2, order, -1), np.take_along_axis(cand, order, -1)
+
+
+def brute_force(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 scan of every row of xb float32 [N, d] for xq float32 [B, d], 1 ≤ k ≤ N
+    → (d2 float64 [B, k], rows int64 [B, k]), nearest first, ties by the lower seq [N].
+
+    The reference answer, and the rescue for rows whose certificate fails."""
+    n = len(xb)
+    xb64 = xb.astype(np.float64)
+    block = max(1, BLOCK_ELEMENTS // max(1, xb.size))
+    out_d2 = np.empty((len(xq), k), np.float64)
+    out_rows = np.empty((len(xq), k), np.int64)
+    for start in range(0, len(xq), block):
+        q = xq[start : start + block].astype(np.float64)
+        d2 = ((q[:, None, :] - xb64[None]) ** 2).sum(-1)
+        for i, row in enumerate(d2, start):
+            # Only rows at most the k-th distance can be in the answer: sort those by (d2, seq).
+            near = np.flatnonzero(row <= np.partition(row, k - 1)[k - 1]) if k < n else np.arange(n)
+            best = near[np.lexsort((seq[near], row[near]))[:k]]
+            out_d2[i], out_rows[i] = row[best], best
+    return out_d2, out_rows
+
+
+def exact_knn(
+    xb: np.ndarray,
+    seq: np.ndarray,
+    xq: np.ndarray,
+    k: int,
+    *,
+    base_sqnorm_max: float | None = None,
+    threads: int = 1,
+    use_faiss: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest rows of xb float32 [N, d] (seq int64 [N], distinct) to each row of
+    xq float32 [B, d], 1 ≤ k ≤ N, exactly: (d2 float32 [B, k], rows int64 [B, k]), nearest
+    first, equal float64 distances by the lower seq; d2 is the float64 distance, cast.
+
+    Steps 1–3 by `knn_certified`, then uncertified rows by `brute_force` (step 4).
+    """
+    d2, rows, certified = knn_certified(
+        xb, seq, xq, k, base_sqnorm_max=base_sqnorm_max, threads=threads, use_faiss=use_faiss
+    )
+    bad = np.flatnonzero(~certified)
+    if len(bad):
+        d2[bad], rows[bad] = brute_force(xb, seq, xq[bad], k)
+    return d2.astype(np.float32), rows
+
+
+def knn_certified(
+    xb: np.ndarray,
+    seq: np.ndarray,
+    xq: np.ndarray,
+    k: int,
+    *,
+    base_sqnorm_max: float | None = None,
+    threads: int = 1,
+    use_faiss: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1–3 of the module docstring: (d2 float64 [B, k], rows int64 [B, k], certified
+    bool [B]); the rows where `certified` is true are exact. Arguments as for `exact_knn`.
+
+    Candidates by FAISS (`use_faiss` None: when installed; `threads` for it, see
+    `faiss_threads`) or by a numpy float32 product. `base_sqnorm_max`: a bound ≥ every
+    row's ‖x‖² when the caller keeps one (else computed here, O(N·d)).
+    """
+    n, dim = xb.shape
+    c = candidate_count(k, n)
+    if c == n or len(xq) == 0:  # every row is a candidate: nothing to certify
+        d2, rows = rerank(xb, seq, xq, np.broadcast_to(np.arange(n), (len(xq), n)), k)
+        return d2, rows, np.ones(len(xq), bool)
+    if use_faiss is None:
+        use_faiss = _faiss() is not None
+    if use_faiss:
+        approx, cand = _faiss_candidates(xb, xq, c, threads)
+    else:
+        approx, cand = _numpy_candidates(xb, xq, c)
+    missing = (cand < 0).any(axis=1)  # FAISS's "no result" (-1) never becomes a row
+    if missing.any():
+        cand = np.where(cand < 0, 0, cand)
+    d2, rows = rerank(xb, seq, xq, cand, k)
+    if base_sqnorm_max is None:
+        base_sqnorm_max = float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max())
+    q2 = np.einsum("bd,bd->b", xq, xq, dtype=np.float64)
+    if len(xq) == 1:  # the common single query: the certificate on Python floats is cheaper
+        ok = certify(float(d2[0, -1]), float(approx[0, -1]), base_sqnorm_max, float(q2[0]), dim, F32_ROUNDOFF)
+        return d2, rows, np.array([ok and not missing[0]])
+    last = approx[:, -1].astype(np.float64)
+    return d2, rows, certify(d2[:, -1], last, base_sqnorm_max, q2, dim, F32_ROUNDOFF) & ~missing
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_candidates(xb: np.ndarray, xq: np.ndarray, c: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(approximate d2 float32 [B, c], rows int64 [B, c]) by `faiss.knn`, ascending."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(faiss_threads(len(xq), threads))
+    xq, xb = np.ascontiguousarray(xq, np.float32), np.ascontiguousarray(xb, np.float32)
+    approx = np.empty((len(xq), c), np.float32)
+    cand = np.empty((len(xq), c), np.int64)
+    # `faiss.knn` without its wrapper: a tenth of a single query's time goes to it otherwise.
+    ptr = faiss.swig_ptr
+    faiss.knn_L2sqr(ptr(xq), ptr(xb), xb.shape[1], len(xq), len(xb), c, ptr(approx), ptr(cand))
+    return approx, cand
+
+
+def _numpy_candidates(xb: np.ndarray, xq: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(approximate d2 float32 [B, c], rows int64 [B, c]) by a float32 product, the largest kept
+    last; every row left out has an approximate distance at least as large."""
+    with np.errstate(over="ignore"):
+        xb2 = np.einsum("nd,nd->n", xb, xb)
+        xq2 = np.einsum("bd,bd->b", xq, xq)
+    block = max(1, BLOCK_ELEMENTS // max(1, len(xb)))
+    approx, cand = [], []
+    for start in range(0, len(xq), block):
+        q = xq[start : start + block]
+        with np.errstate(over="ignore", invalid="ignore"):  # near float32's max: the certificate refuses
+            score = xb2[None] - 2.0 * (q @ xb.T) + xq2[start : start + block, None]
+        rows = np.argpartition(score, c - 1, axis=1)[:, :c]  # the c-th smallest at column c − 1
+        approx.append(np.take_along_axis(score, rows, 1))
+        cand.append(rows.astype(np.int64))
+    return np.concatenate(approx), np.concatenate(cand)
