@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 import torch
 
-from zmem_core import wire
+from zmem_core import params, wire
 from zmem_core.kernel import kernel_stats
 from zmem_core.knn_torch import exact_knn
 from zmem_core.limits import MAX_BATCH, MAX_CAPACITY, MAX_K, MAX_SIGMA, MAX_Z_DIM, MIN_SIGMA
@@ -318,32 +318,34 @@ class Replica:
         `sigma: "auto"` on an active memory needs the service's value for the state answered
         from: when the replica does not know it yet, it asks the service (and may answer from
         a newer state), and raises ReplicaError when it cannot get it; it never computes
-        with another sigma. While the memory is inactive "auto" is 1.0, as on the service.
+        with another sigma. While the memory is inactive "auto" is `params.INACTIVE_SIGMA`, as
+        on the service.
         """
-        s = (st.settings or {}).get("sigma", 1.0) if sigma is None else sigma
-        auto = 1.0  # "auto" on an inactive memory, as on the service
-        if s == "auto" and st.active:
+        raw = sigma if sigma is not None else (st.settings or {}).get("sigma", params.INACTIVE_SIGMA)
+        if isinstance(raw, str) and raw != params.AUTO:
+            raise _rejected("sigma", f"sigma must be a number or 'auto', got {raw!r}")
+        s = params.asked_sigma(raw, params.INACTIVE_SIGMA)
+        auto = params.INACTIVE_SIGMA  # "auto" on an inactive memory, as on the service
+        if s == params.AUTO and st.active:
             st, auto = (st, st.sigma_auto) if st.sigma_auto is not None else self._with_sigma_auto()
         settings = st.settings or {}
         if st.z_dim is not None and d != st.z_dim:
             raise _rejected("z", f"z has {d} dimensions; the memory has z_dim {st.z_dim}")
-        want = int(settings.get("k", 64)) if k is None else k
+        want = params.asked_k(k, int(settings.get("k", 64)))
         if not 1 <= want <= MAX_K:
             raise _rejected("k", f"k must be in 1..{MAX_K}, got {want}")
-        if s == "auto":
+        if s == params.AUTO:
             resolved = auto
-        elif isinstance(s, str):
-            raise _rejected("sigma", f"sigma must be a number or 'auto', got {s!r}")
         else:
             resolved = float(s)
             if not MIN_SIGMA <= resolved <= MAX_SIGMA:
                 raise _rejected(
-                    "sigma", f"sigma must be in [{MIN_SIGMA:g}, {MAX_SIGMA:g}] or 'auto', got {s!r}"
+                    "sigma", f"sigma must be in [{MIN_SIGMA:g}, {MAX_SIGMA:g}] or 'auto', got {raw!r}"
                 )
-        return st, (min(want, st.size) if st.active else 0), resolved
+        return st, params.answered_k(want, st.size, st.active), resolved
 
     def _with_sigma_auto(self) -> tuple[_State, float]:
-        """A state and its value of sigma "auto" (1.0 if it is inactive), asked of the service.
+        """A state and its value of sigma "auto" (INACTIVE_SIGMA if inactive), asked of the service.
 
         The feed carries the value only to followers that ask for it (resolving it costs the
         service a search per capacity/10 writes), so from the first "auto" on, the feed
@@ -379,7 +381,7 @@ class Replica:
             self.sync(left)
             st = self._state
             if not st.active:
-                return st, 1.0
+                return st, params.INACTIVE_SIGMA
             if st.sigma_auto is not None:
                 return st, st.sigma_auto
             time.sleep(0.01)  # writes moved the head meanwhile: the feed thread asks for it too

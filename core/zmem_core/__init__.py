@@ -3,6 +3,7 @@
 - `names`: the memory-name rule.
 - `limits`: the limits both sides enforce (batch rows, k, z_dim, capacity, σ range,
   squared norm of z, id and worker lengths).
+- `params`: what a query's `k` and `sigma` resolve to, `sigma: "auto"`'s schedule included.
 - `kernel`: the seed's Gaussian-kernel statistics per query row (risk, Σw, n_eff).
 - `wire`: the safetensors body format (arrays as tensors, other values as JSON literals).
 - `knn`, `knn_torch`: the exact kNN (squared L2, ties by the lower seq) and its certificate.

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from zmem_core import params
 from zmem_core.kernel import kernel_stats
 from zmem_core.knn import candidate_count
 
@@ -32,11 +33,10 @@ from .querylog import QueryLog
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
 from .settings import MemorySettings
 
-AUTO_SIGMA_SAMPLE = 1000
 MAX_SEQ = 2**53
+"""Seqs stay below it: exact as JSON numbers and as SQLite integers."""
 STATS_SAMPLE = 10_000
 """Stats summarise at most this many episodes (evenly spread over arrival order)."""
-"""Seqs stay below it: exact as JSON numbers and as SQLite integers."""
 
 
 @dataclass
@@ -356,8 +356,7 @@ class Memory:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            auto = query.sigma == "auto" or (query.sigma is None and self.settings.sigma == "auto")
-            if auto and not self._auto_sigma_fresh():
+            if params.is_auto(query.sigma, self.settings.sigma) and not self._auto_sigma_fresh():
                 return None
             return self._query_many([query])[0]
         finally:
@@ -383,7 +382,7 @@ class Memory:
         d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
         start = 0
         for (i, want, sigma), z in zip(wanted, stacked, strict=True):
-            kk = min(want, size)
+            kk = params.answered_k(want, size, True)
             stop = start + len(z)
             nb = self._gather(d2[start:stop, :kk], slots[start:stop, :kk], sigma)
             start = stop
@@ -431,7 +430,7 @@ class Memory:
         z_dim = self.settings.z_dim
         if z_dim is not None and d != z_dim:
             raise ValidationFailed.at(["z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {z_dim}")
-        want = self.settings.k if k is None else k
+        want = params.asked_k(k, self.settings.k)
         floats = b * min(want, self.size) * d
         if floats > max_floats:
             raise ValidationFailed.at(
@@ -439,7 +438,7 @@ class Memory:
                 f"the answer would hold {floats} floats (rows × k × z_dim); the limit is "
                 f"{max_floats}: ask for fewer rows or a smaller k",
             )
-        return want, self._sigma(self.settings.sigma if sigma is None else sigma)
+        return want, self._sigma(params.asked_sigma(sigma, self.settings.sigma))
 
     def _gather(self, d2: np.ndarray, slots: np.ndarray, sigma: float) -> Neighbors:
         """The neighbours' z, risk target and seq (lock held)."""
@@ -457,19 +456,13 @@ class Memory:
         )
 
     def _sigma(self, sigma: float | str) -> float:
-        """A numeric sigma; "auto" from the rows of the current window (lock held).
-
-        "auto" is σ with σ² = the mean squared distance from ≤ 1,000 rows (a seeded sample,
-        by seq) to their k-th nearest neighbour, both among the rows of a window fixed by
-        seqs (`_auto_sigma_window`): the value depends only on the buffer's contents (its
-        rows and their seqs) and settings, never on when it was first asked, on slot
-        layout or on a restart. While the memory is inactive "auto" is 1.0.
-        """
-        if sigma != "auto":
+        """A numeric sigma; "auto" from the rows of the current window (lock held), as
+        `zmem_core.params` defines it."""
+        if sigma != params.AUTO:
             return float(sigma)
         self._auto_asked = True
         if not self.active or self.ring is None or self.index is None or self.size < 2:
-            return 1.0
+            return params.INACTIVE_SIGMA
         if self._auto_sigma_fresh():
             assert self._auto_sigma is not None
             return self._auto_sigma[1]
@@ -478,7 +471,7 @@ class Memory:
         seqs = self.ring.column("seq")[order]  # ascending: arrival order is seq order
         first, stop = np.searchsorted(seqs, [low, boundary], side="right")
         window = order[first:stop]
-        value = self._window_sigma(window, low, boundary) if len(window) >= 2 else 1.0
+        value = self._window_sigma(window, low, boundary) if len(window) >= 2 else params.INACTIVE_SIGMA
         self._auto_sigma = (boundary, value)
         return value
 
@@ -486,10 +479,9 @@ class Memory:
         """σ over the rows at slots `window` (seqs in (low, boundary]), searching the whole index
         and keeping only neighbours inside the window (lock held)."""
         assert self.ring is not None and self.index is not None
-        rng = np.random.default_rng(0)
-        n = min(len(window), AUTO_SIGMA_SAMPLE)
-        sample = self.ring.column("z")[window[np.sort(rng.choice(len(window), n, replace=False))]]
-        kk = min(self.settings.k, len(window) - 1)  # the sample row itself comes first
+        sample = self.ring.column("z")[window[params.auto_sigma_sample(len(window))]]
+        n = len(sample)
+        kk = params.auto_sigma_k(self.settings.k, len(window))  # the sample row itself comes first
         kth = np.full(n, np.nan)
         todo = np.arange(n)
         want = candidate_count(kk + 1, self.size)  # the kNN's margin: rows outside the window take places
@@ -505,23 +497,11 @@ class Memory:
             if got >= self.size:  # every row searched: the window holds fewer than kk + 1 near rows
                 break
             todo, want = todo[~found], want * 2
-        mean = float(kth.astype(np.float64).mean())
-        return float(np.sqrt(mean)) if mean > 0 else 1.0
+        return params.sigma_from_kth(kth)
 
     def _auto_sigma_window(self) -> tuple[int, int]:
-        """(boundary, low): "auto" is computed from the rows with low < seq ≤ boundary.
-
-        The boundary is the newest seq rounded down to a multiple of capacity/10 (to a
-        power of two while the memory is younger than that), so the value is recomputed
-        once per capacity/10 writes; low = boundary − capacity + capacity/10. Until the
-        next boundary, FIFO evicts only rows with seq ≤ low and adds only rows above the
-        boundary, so the window's rows stay in the buffer, unchanged, and any moment gives
-        the same value.
-        """
-        newest = max(1, self.next_seq - 1)
-        step = max(1, self.settings.capacity // 10)
-        boundary = newest // step * step if newest >= step else 1 << (newest.bit_length() - 1)
-        return boundary, boundary - self.settings.capacity + step
+        """(boundary, low) of the rows "auto" is computed from (`params.auto_sigma_window`)."""
+        return params.auto_sigma_window(self.next_seq - 1, self.settings.capacity)
 
     def _auto_sigma_fresh(self) -> bool:
         """Whether "auto" resolves without a search: the memory is inactive, or the value of
