@@ -1,7 +1,7 @@
 """Batched queries get exactly what a lone query gets.
 
-The searcher stacks every query waiting for a memory into one index search at the
-largest k and cuts each answer to its own k. These tests hold the searcher thread
+The index thread stacks every query waiting for a memory into one index search at the
+largest k and cuts each answer to its own k. These tests hold the index thread
 busy so that many queries queue up (mixed k, memories, sigma, record, rows, some
 refused), let writes land between batches, release it, and compare every answer
 with the same query run alone against the same buffer state. No test here times
@@ -21,10 +21,10 @@ import pytest
 
 from zmem_core.wire import decode
 from zmem_service.index import CpuEngine, FaissCpuIndex
+from zmem_service.index_thread import IndexThread, Query
 from zmem_service.memory import Memory, Neighbors
 from zmem_service.registry import Memories
 from zmem_service.ring import Columns
-from zmem_service.searcher import Query, Searcher
 from zmem_service.settings import ServiceSettings
 
 from .conftest import ready_client
@@ -136,19 +136,19 @@ def searches(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
-async def run_batched(searcher: Searcher, events: list[list[Query] | Write], memories: dict[str, Memory]):
-    """Queue every event behind a busy searcher (writes as searcher jobs, so each lands between
+async def run_batched(thread: IndexThread, events: list[list[Query] | Write], memories: dict[str, Memory]):
+    """Queue every event behind a busy index thread (writes as index-thread jobs, so each lands between
     two batches), then release it. → the answers, phase by phase."""
     gate = threading.Event()
-    searcher.call(gate.wait)
+    thread.call(gate.wait)
     tasks: list[list[asyncio.Task[Neighbors]]] = []
     for event in events:
         if isinstance(event, Write):
-            searcher.call(functools.partial(apply, memories[event.name], event))
+            thread.call(functools.partial(apply, memories[event.name], event))
             continue
         phase = []
         for q in event:
-            phase.append(asyncio.ensure_future(searcher.search(q)))
+            phase.append(asyncio.ensure_future(thread.search(q)))
             await asyncio.sleep(0)  # the task runs up to its wait: the query is queued, in order
         tasks.append(phase)
     gate.set()
@@ -162,11 +162,11 @@ async def run_batched(searcher: Searcher, events: list[list[Query] | Write], mem
 def test_batched_queries_answer_as_lone_queries(tmp_path, searches, seed: int) -> None:
     batched = make_memories(tmp_path / "batched")
     events = plan(seed, batched)
-    searcher = Searcher()
+    thread = IndexThread()
     try:
-        answers = asyncio.run(run_batched(searcher, events, batched))
+        answers = asyncio.run(run_batched(thread, events, batched))
     finally:
-        searcher.shutdown()
+        thread.shutdown()
     batched_calls = list(searches)
 
     # The same writes into twin memories, each query answered alone, in the same order.
@@ -221,14 +221,14 @@ def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
         Query(a, rng.integers(-2, 3, size=(b, 4)).astype(np.float32) * 0.5, k, 1.0, 2**24)
         for b, k in ((1, 1), (3, 3), (1, 8), (20, 64), (2, 300))
     ]
-    searcher = Searcher()
+    thread = IndexThread()
 
     async def run() -> list[Any]:
         gate = threading.Event()
-        searcher.call(gate.wait)
+        thread.call(gate.wait)
         tasks = []
         for q in queries:
-            tasks.append(asyncio.ensure_future(searcher.search(q)))
+            tasks.append(asyncio.ensure_future(thread.search(q)))
             await asyncio.sleep(0)
         gate.set()
         return await asyncio.gather(*tasks)
@@ -236,7 +236,7 @@ def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
     try:
         answers = asyncio.run(run())
     finally:
-        searcher.shutdown()
+        thread.shutdown()
     for q, nb in zip(queries, answers, strict=True):
         k = min(q.k or 8, len(held))
         d2, idx = brute_force(held.z, held.seq, q.z, k)
@@ -245,7 +245,7 @@ def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
 
 
 def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> None:
-    """Threads post /neighbors and /risk (JSON and safetensors) while the searcher is held and a
+    """Threads post /neighbors and /risk (JSON and safetensors) while the index thread is held and a
     write lands; each answer equals the same request sent alone afterwards."""
     settings = ServiceSettings(data_dir=tmp_path, capacity=200, min_size=5, k=6, durability="none")
     client = ready_client(settings)
@@ -278,17 +278,17 @@ def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> N
             requests.append((f"/memories/{name}/{route}", body))
 
         zmem = client.app.state.zmem  # type: ignore[attr-defined]
-        searcher = zmem.searcher
+        thread = zmem.index_thread
         arrived = threading.Semaphore(0)
-        search = searcher.search
+        search = thread.search
 
         async def counted(query: Query) -> Neighbors:
             arrived.release()
             return await search(query)
 
-        searcher.search = counted
+        thread.search = counted
         gate = threading.Event()
-        searcher.call(gate.wait)
+        thread.call(gate.wait)
         results: list[Any] = [None] * len(requests)
 
         def send(i: int) -> None:
@@ -311,7 +311,7 @@ def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> N
             gate.set()
             for t in threads:
                 t.join(60)
-        searcher.search = search
+        thread.search = search
         calls_batched = len(searches)
         assert calls_batched < len(requests)  # batched: fewer index searches than requests
         for (path, body), r in zip(requests, results, strict=True):

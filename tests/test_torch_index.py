@@ -128,7 +128,7 @@ def test_reserve_grows_and_keeps_rows(device: str) -> None:
 
 
 def test_writes_wait_for_the_next_search() -> None:
-    """`write` only queues (the searcher thread applies); a search sees every write made before it."""
+    """`write` only queues (the index thread applies); a search sees every write made before it."""
     index = make_index("cpu", 2)
     index.reserve(4)
     index.write(np.arange(2), np.array([[0, 0], [5, 5]], np.float32), np.array([1, 2]))

@@ -1,7 +1,7 @@
 """Per-memory kNN indexes: the z's of one memory on its search device, addressed by ring slot.
 
 Every memory owns one `Index`, fed by the memory on writes (`reserve` before the
-commit, `write` after it) and asked `search(zq, k, size)` by the searcher thread.
+commit, `write` after it) and asked `search(zq, k, size)` by the index thread.
 Answers are exact, by the core's kNN (`zmem_core.knn`): candidates from a fast search
 re-ranked with float64 differences, equal distances by the lower *seq* (so an answer
 depends only on the buffer's contents, never on which slot holds what), and a full
@@ -37,7 +37,7 @@ class Index(Protocol):
     def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
         """Set rows `slots` (int64 [n], below the reserved room) to z float32 [n, d], seq int64 [n].
 
-        May only queue the change: the searcher applies queued changes before it searches."""
+        May only queue the change: the index thread applies queued changes before it searches."""
         ...
 
     def search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:

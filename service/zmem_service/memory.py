@@ -5,7 +5,7 @@ a batch against the memory (z_dim, duplicate ids), assigns seqs and computes ris
 targets without changing anything; `reserve` secures the room the batch needs (it
 may fail, and then nothing was stored); `apply` puts a committed plan into the ring
 and the index, and cannot fail for lack of room. Only the writer thread writes;
-queries run on the searcher thread. The memory's lock, which only this module
+queries run on the index thread. The memory's lock, which only this module
 takes, keeps a search from ever reading rows that a write is changing.
 """
 
@@ -70,7 +70,7 @@ class Changes:
 
 
 class QueryLike(Protocol):
-    """What `Memory.query_many` reads of a query (`searcher.Query`)."""
+    """What `Memory.query_many` reads of a query (`index_thread.Query`)."""
 
     z: np.ndarray  # float32 [B, d]
     k: int | None
@@ -131,7 +131,7 @@ class Neighbors:
     def kernel_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: the seed's kernel risk, Σw and n_eff, float64 [B] (`zmem_core.kernel`).
 
-        Computed once per answer: a recorded query keeps them (searcher thread) and
+        Computed once per answer: a recorded query keeps them (index thread) and
         `POST …/risk` answers with the same risk afterwards, without computing it again."""
         if self._stats is None:
             self._stats = kernel_stats(self.d2, self.risk_target, self.sigma)
@@ -148,7 +148,7 @@ class Memory:
     """One named FIFO memory: its settings, ring, index, ids, counters and recorded queries.
 
     Built only by `Memories` (the one factory). The memory is the only owner of its
-    lock and its ring: the writer, the searcher and the pictures ask it.
+    lock and its ring: the writer, the index thread and the pictures ask it.
     """
 
     name: str
@@ -336,10 +336,10 @@ class Memory:
             self.queries = QueryLog(0)
             self._id_bytes = 0
 
-    # -- reads (searcher thread) -------------------------------------------------------------
+    # -- reads (index thread) -------------------------------------------------------------
 
     def query_many(self, queries: Sequence[QueryLike]) -> list[Neighbors | ZMemError]:
-        """Answer several queries with one index search over their stacked rows (searcher thread).
+        """Answer several queries with one index search over their stacked rows (index thread).
 
         Each query gets its own k nearest (of the rows searched at the largest k, its
         first k columns: exact, as ties break by seq), or the ZMemError that refuses it:
@@ -511,7 +511,7 @@ class Memory:
         return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_window()[0]
 
     def changes(self, after: int, generation: str | None, limit: int, auto: bool = False) -> Changes:
-        """The rows with seq > `after` still held, oldest first, at most `limit` (searcher thread:
+        """The rows with seq > `after` still held, oldest first, at most `limit` (index thread:
         resolving `sigma: "auto"` may search the index).
 
         When `generation` names another incarnation, or rows after `after` have been

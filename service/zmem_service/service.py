@@ -1,8 +1,8 @@
-"""The service: memories, the writer and the searcher behind one async facade.
+"""The service: memories, the writer and the index thread behind one async facade.
 
 Routers decode a request, call one method here and encode the answer. Every
 blocking step runs off the event loop: writes on the writer thread, searches on
-the searcher thread, file building on a worker thread.
+the index thread, file building on a worker thread.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import numpy as np
 from .episodes import EpisodeBatch, validate
 from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
 from .index import CpuEngine, make_engine
+from .index_thread import INLINE_WORK, IndexThread, Query
 from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
 from .npz import read_npz, write_npz
 from .registry import Memories, check_name
 from .ring import Columns
-from .searcher import INLINE_WORK, Query, Searcher
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import open_store
 from .wire import Query as WireQuery
@@ -130,7 +130,7 @@ class ZMem:
         self.engine = make_engine(settings.device, settings.knn_threads)
         self.memories = Memories(settings, self.engine)
         # Small searches on a CPU index run inline: a thread hop costs more than they do.
-        self.searcher = Searcher(INLINE_WORK if isinstance(self.engine, CpuEngine) else 0)
+        self.index_thread = IndexThread(INLINE_WORK if isinstance(self.engine, CpuEngine) else 0)
         self.signal = ChangeSignal()
         self._exports = asyncio.Semaphore(settings.max_concurrent_exports)
         self._exports_waiting = 0
@@ -163,7 +163,7 @@ class ZMem:
         )
 
     def _warm_up(self) -> None:
-        """One search through a throwaway memory on the searcher thread, so that loading
+        """One search through a throwaway memory on the index thread, so that loading
         FAISS (or CUDA) happens before /readyz says 200."""
         settings = self.settings.memory_defaults(1).model_copy(update={"min_size": 1})
         memory = self.memories.new("warm-up", settings)
@@ -172,7 +172,7 @@ class ZMem:
         memory.reserve(1, 1)
         memory.apply(row)
         query = Query(memory, np.zeros((1, 1), np.float32), 1, None, 1)
-        answer = self.searcher.call(lambda: memory.query_many([query])).result()[0]
+        answer = self.index_thread.call(lambda: memory.query_many([query])).result()[0]
         memory.clear()
         if isinstance(answer, Exception):
             raise answer
@@ -183,7 +183,7 @@ class ZMem:
         self.signal.closed = True
         if self._writer is not None:
             self._writer.close()
-        self.searcher.shutdown()
+        self.index_thread.shutdown()
 
     @property
     def writer(self) -> Writer:
@@ -274,7 +274,7 @@ class ZMem:
             raise ValidationFailed.at(["z"], f"{b} query rows; the limit is {self.settings.max_batch}")
         o = query.options
         keep = self.settings.recorded_queries if o.record else 0
-        return await self.searcher.search(
+        return await self.index_thread.search(
             Query(memory, query.z, o.k, o.sigma, self.settings.max_response_floats, keep)
         )
 
@@ -296,7 +296,7 @@ class ZMem:
                 z_dim = memory.settings.z_dim or 1
                 rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
                 page = await asyncio.wrap_future(
-                    self.searcher.call(functools.partial(memory.changes, after, generation, rows, auto))
+                    self.index_thread.call(functools.partial(memory.changes, after, generation, rows, auto))
                 )
                 left = deadline - time.monotonic()
                 if len(page.rows) or page.reset or left <= 0 or self.signal.closed:

@@ -15,7 +15,7 @@ not subtract exactly on some coordinate moves that coordinate's centre to 0
 (also exact). Centring only serves the float32 candidate search: z's far from the
 origin make ‖x‖² − 2⟨x, q⟩ cancel.
 
-Threads: `write` only queues the change (host arrays); `search`, on the searcher
+Threads: `write` only queues the change (host arrays); `search`, on the index
 thread, applies what is queued and then searches, so device work and faiss-gpu
 resources stay on that one thread. `reserve` allocates (on the writer thread):
 torch's allocator is thread-safe, and the memory's lock orders every call.
@@ -118,7 +118,7 @@ class TorchIndex:
         self._center_host = self._center = None
         self._queue.clear()
 
-    # -- writes (queued) and searches (searcher thread) --------------------------------
+    # -- writes (queued) and searches (index thread) --------------------------------
 
     def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
         """Queue rows for the device; the next `search` stores them. Copies its arguments."""
@@ -214,7 +214,7 @@ class TorchEngine:
 
     def warm_up(self) -> None:
         """One tiny search, so that the first query doesn't pay for CUDA and cuBLAS start-up;
-        run it on the searcher thread."""
+        run it on the index thread."""
         index = self.new_index(2)
         index.reserve(2)
         index.write(np.arange(2), np.zeros((2, 2), np.float32), np.arange(2))

@@ -1,4 +1,4 @@
-"""The searcher: the one thread that runs every index search, batching concurrent queries.
+"""The index thread: the one thread that runs every index search, batching concurrent queries.
 
 FAISS GPU resources are not thread-safe even for reads, and OpenMP's thread count is
 per calling thread, so every search runs here. The thread takes every query waiting
@@ -6,9 +6,11 @@ when it wakes, groups them by memory and answers each group with one index searc
 over the stacked rows at the largest k; each query then keeps its own first k
 columns. That cut is exact because ties break by seq (a total order), so a query
 gets the same answer alone or in a batch. A lone query waits for nothing. Writes
-reach an index between batches (the memory's lock orders them).
+reach an index between batches (the memory's lock orders them). Other work that
+searches an index runs here too, in turn with the queries (`call`): the changes
+feed's pages (resolving `sigma: "auto"` searches) and the warm-up.
 
-A small query that finds the searcher idle, the service quiet (no query answered in
+A small query that finds the index thread idle, the service quiet (no query answered in
 the last millisecond) and its memory's lock free is answered on the caller's thread
 instead (`inline_work`: at most that many multiply-adds, B·N·d; CPU indexes only):
 handing a lone query to the thread and back costs more than the search, while queries
@@ -52,16 +54,16 @@ INLINE_WORK = 2**21
 """A query of at most this many multiply-adds (B·N·d; 50,000 × 32 at B=1 is 1.6M) may run inline."""
 INLINE_GAP = 0.001
 """...and only when no query was answered in the last INLINE_GAP seconds: under load, queries
-arrive back to back and one batched search on the searcher thread serves them better."""
+arrive back to back and one batched search on the index thread serves them better."""
 
 
-class Searcher:
+class IndexThread:
     def __init__(self, inline_work: int = 0) -> None:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
         self._last_answer = 0.0  # monotonic time the last query was answered
         self._queue: queue.SimpleQueue[Query | Callable[[], Any] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="zmem-searcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
 
     async def search(self, query: Query) -> Neighbors:
@@ -86,7 +88,7 @@ class Searcher:
         self._queue.put(item)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` on the searcher thread (e.g. to warm a device up)."""
+        """Run `fn` on the index thread (e.g. to warm a device up)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def job() -> None:
