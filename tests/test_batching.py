@@ -21,7 +21,7 @@ import pytest
 
 from zmem_core.wire import decode
 from zmem_service.index import CpuEngine, FaissCpuIndex
-from zmem_service.index_thread import IndexThread, Query
+from zmem_service.index_thread import IndexThread, SearchJob
 from zmem_service.memory import Memory, Neighbors
 from zmem_service.registry import Memories
 from zmem_service.ring import Columns
@@ -81,7 +81,7 @@ def random_write(rng: np.random.Generator, name: str) -> Write:
     return Write(name, z, rng.standard_normal(n).astype(np.float32))
 
 
-def random_query(rng: np.random.Generator, memory: Memory) -> Query:
+def random_query(rng: np.random.Generator, memory: Memory) -> SearchJob:
     name = memory.name
     d = MEMORIES[name][0]
     b = int(rng.choice([1, 1, 1, 2, 5, 17, 40]))
@@ -93,11 +93,11 @@ def random_query(rng: np.random.Generator, memory: Memory) -> Query:
     sigma = [None, 0.7, "auto"][int(rng.integers(3))]
     max_floats = 2**24 if rng.random() > 0.05 else 50  # sometimes refused: answer too large
     record = int(rng.choice([0, 50]))
-    return Query(memory, z, k, sigma, max_floats, record)
+    return SearchJob(memory, z, k, sigma, max_floats, record)
 
 
-def same_query(q: Query, memory: Memory) -> Query:
-    return Query(memory, q.z.copy(), q.k, q.sigma, q.max_floats, q.record)
+def same_query(q: SearchJob, memory: Memory) -> SearchJob:
+    return SearchJob(memory, q.z.copy(), q.k, q.sigma, q.max_floats, q.record)
 
 
 def assert_same(got: Neighbors | BaseException, want: Neighbors | BaseException) -> None:
@@ -110,10 +110,10 @@ def assert_same(got: Neighbors | BaseException, want: Neighbors | BaseException)
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
 
 
-def plan(seed: int, memories: dict[str, Memory]) -> list[list[Query] | Write]:
+def plan(seed: int, memories: dict[str, Memory]) -> list[list[SearchJob] | Write]:
     """Phases of queries with writes between them; the first writes fill every memory a bit."""
     rng = np.random.default_rng(seed)
-    events: list[list[Query] | Write] = [random_write(rng, name) for name in ("a", "c")]
+    events: list[list[SearchJob] | Write] = [random_write(rng, name) for name in ("a", "c")]
     for _ in range(6):
         names = list(memories)
         events.append([random_query(rng, memories[str(rng.choice(names))]) for _ in range(12)])
@@ -136,7 +136,9 @@ def searches(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
-async def run_batched(thread: IndexThread, events: list[list[Query] | Write], memories: dict[str, Memory]):
+async def run_batched(
+    thread: IndexThread, events: list[list[SearchJob] | Write], memories: dict[str, Memory]
+):
     """Queue every event behind a busy index thread (writes as index-thread jobs, so each lands between
     two batches), then release it. → the answers, phase by phase."""
     gate = threading.Event()
@@ -218,7 +220,7 @@ def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
         apply(a, random_write(rng, "a"))
     held = a.snapshot()
     queries = [
-        Query(a, rng.integers(-2, 3, size=(b, 4)).astype(np.float32) * 0.5, k, 1.0, 2**24)
+        SearchJob(a, rng.integers(-2, 3, size=(b, 4)).astype(np.float32) * 0.5, k, 1.0, 2**24)
         for b, k in ((1, 1), (3, 3), (1, 8), (20, 64), (2, 300))
     ]
     thread = IndexThread()
@@ -282,7 +284,7 @@ def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> N
         arrived = threading.Semaphore(0)
         search = thread.search
 
-        async def counted(query: Query) -> Neighbors:
+        async def counted(query: SearchJob) -> Neighbors:
             arrived.release()
             return await search(query)
 

@@ -38,8 +38,8 @@ MAX_BATCH_ROWS = 4096
 
 
 @dataclass
-class Query:
-    """One request's query rows against one memory, and where its answer goes."""
+class SearchJob:
+    """A query queued for the index thread: its rows against one memory, and where its answer goes."""
 
     memory: Memory
     z: np.ndarray  # float32 [B, d]
@@ -62,11 +62,11 @@ class IndexThread:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
         self._last_answer = 0.0  # monotonic time the last query was answered
-        self._queue: queue.SimpleQueue[Query | Callable[[], Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[SearchJob | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
 
-    async def search(self, query: Query) -> Neighbors:
+    async def search(self, query: SearchJob) -> Neighbors:
         now = time.monotonic()
         quiet = now - self._last_answer > INLINE_GAP  # queries arriving back to back batch better
         work = len(query.z) * query.memory.size * query.z.shape[1]
@@ -83,7 +83,7 @@ class IndexThread:
         finally:
             self._last_answer = time.monotonic()
 
-    def _put(self, item: Query | Callable[[], Any] | None) -> None:
+    def _put(self, item: SearchJob | Callable[[], Any] | None) -> None:
         self._queued += 1
         self._queue.put(item)
 
@@ -109,13 +109,13 @@ class IndexThread:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            batch: list[Query] = []
+            batch: list[SearchJob] = []
             rows = 0
             while True:
                 if item is None:
                     self._answer(batch)
                     return
-                if isinstance(item, Query):
+                if isinstance(item, SearchJob):
                     if item.future.set_running_or_notify_cancel():  # skip queries whose caller left
                         batch.append(item)
                         rows += len(item.z)
@@ -134,15 +134,15 @@ class IndexThread:
                     break
             self._answer(batch)
 
-    def _answer(self, batch: list[Query]) -> None:
+    def _answer(self, batch: list[SearchJob]) -> None:
         try:
             self._answer_batch(batch)
         finally:
             self._queued -= len(batch)  # under the GIL; only a hint for `search`
 
     @staticmethod
-    def _answer_batch(batch: list[Query]) -> None:
-        by_memory: dict[Memory, list[Query]] = {}
+    def _answer_batch(batch: list[SearchJob]) -> None:
+        by_memory: dict[Memory, list[SearchJob]] = {}
         for q in batch:
             by_memory.setdefault(q.memory, []).append(q)
         for memory, queries in by_memory.items():

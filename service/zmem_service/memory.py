@@ -69,8 +69,8 @@ class Changes:
         }
 
 
-class QueryLike(Protocol):
-    """What `Memory.query_many` reads of a query (`index_thread.Query`)."""
+class NeighborQuery(Protocol):
+    """What `Memory.query_many` reads of a query (`index_thread.SearchJob`)."""
 
     z: np.ndarray  # float32 [B, d]
     k: int | None
@@ -338,7 +338,7 @@ class Memory:
 
     # -- reads (index thread) -------------------------------------------------------------
 
-    def query_many(self, queries: Sequence[QueryLike]) -> list[Neighbors | ZMemError]:
+    def query_many(self, queries: Sequence[NeighborQuery]) -> list[Neighbors | ZMemError]:
         """Answer several queries with one index search over their stacked rows (index thread).
 
         Each query gets its own k nearest (of the rows searched at the largest k, its
@@ -350,7 +350,7 @@ class Memory:
         with self._lock:
             return self._query_many(queries)
 
-    def query_now(self, query: QueryLike) -> Neighbors | ZMemError | None:
+    def query_now(self, query: NeighborQuery) -> Neighbors | ZMemError | None:
         """Answer one query on the calling thread if that is cheap right now, else None: the
         lock is free and `sigma: "auto"` needs no recomputing (which searches a sample)."""
         if not self._lock.acquire(blocking=False):
@@ -362,7 +362,7 @@ class Memory:
         finally:
             self._lock.release()
 
-    def _query_many(self, queries: Sequence[QueryLike]) -> list[Neighbors | ZMemError]:
+    def _query_many(self, queries: Sequence[NeighborQuery]) -> list[Neighbors | ZMemError]:
         """`query_many` with the lock held."""
         answers: list[Neighbors | ZMemError] = []
         wanted: list[tuple[int, int, float]] = []  # (answer index, k asked for, sigma)

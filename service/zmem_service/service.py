@@ -23,7 +23,7 @@ import numpy as np
 from .episodes import EpisodeBatch, validate
 from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
 from .index import CpuEngine, make_engine
-from .index_thread import INLINE_WORK, IndexThread, Query
+from .index_thread import INLINE_WORK, IndexThread, SearchJob
 from .memory import Changes, Memory, Neighbors
 from .metrics import Metrics
 from .npz import read_npz, write_npz
@@ -31,7 +31,7 @@ from .registry import Memories, check_name
 from .ring import Columns
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import open_store
-from .wire import Query as WireQuery
+from .wire import QueryRequest
 from .writer import Writer
 
 log = logging.getLogger("zmem")
@@ -171,7 +171,7 @@ class ZMem:
         row.seq[:] = 1
         memory.reserve(1, 1)
         memory.apply(row)
-        query = Query(memory, np.zeros((1, 1), np.float32), 1, None, 1)
+        query = SearchJob(memory, np.zeros((1, 1), np.float32), 1, None, 1)
         answer = self.index_thread.call(lambda: memory.query_many([query])).result()[0]
         memory.clear()
         if isinstance(answer, Exception):
@@ -266,7 +266,7 @@ class ZMem:
 
     # -- reads ------------------------------------------------------------------------
 
-    async def neighbors(self, name: str, query: WireQuery) -> Neighbors:
+    async def neighbors(self, name: str, query: QueryRequest) -> Neighbors:
         """The k nearest stored episodes of each query row (recorded when asked)."""
         memory = self.memory(name)
         b = query.z.shape[0]
@@ -275,10 +275,10 @@ class ZMem:
         o = query.options
         keep = self.settings.recorded_queries if o.record else 0
         return await self.index_thread.search(
-            Query(memory, query.z, o.k, o.sigma, self.settings.max_response_floats, keep)
+            SearchJob(memory, query.z, o.k, o.sigma, self.settings.max_response_floats, keep)
         )
 
-    async def risk(self, name: str, query: WireQuery) -> tuple[Neighbors, np.ndarray]:
+    async def risk(self, name: str, query: QueryRequest) -> tuple[Neighbors, np.ndarray]:
         """The kernel risk of each query row, float64 [B], with the neighbours it came from."""
         nb = await self.neighbors(name, query)
         risk, _, _ = nb.kernel_stats()

@@ -121,7 +121,9 @@ _ROW = TypeAdapter(list[Finite])
 
 
 @dataclass
-class Query:
+class QueryRequest:
+    """A neighbours/risk request as decoded from the wire (before it meets a memory)."""
+
     z: np.ndarray  # float32 [B, d]
     one_row: bool  # the request sent a 1-D z: answer without the batch axis
     options: QueryOptions
@@ -318,7 +320,7 @@ def _episodes_from_safetensors(t: dict[str, np.ndarray], meta: dict[str, Any]) -
     return EpisodeBatch(z=t["z"], values=values, ids=lists["id"], workers=lists["worker"])
 
 
-def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) -> Query:
+def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) -> QueryRequest:
     """A query from the body, with k/sigma/record from query parameters when the body lacks them."""
     if is_safetensors(content_type):
         tensors, fields = parse_safetensors(body)
@@ -354,7 +356,7 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str]) 
     too_large = rows_too_large(z)
     if len(too_large):
         raise ValidationFailed.at(["z", int(too_large[0])], Z_TOO_LARGE)
-    return Query(np.ascontiguousarray(z, np.float32), one_row, options)
+    return QueryRequest(np.ascontiguousarray(z, np.float32), one_row, options)
 
 
 def _json_z(raw: Any) -> np.ndarray:
@@ -491,7 +493,7 @@ async def read_episodes(request: Request, settings: ServiceSettings) -> EpisodeB
     return await decode_body(request, settings, decode, write=True)
 
 
-async def read_query(request: Request, settings: ServiceSettings) -> Query:
+async def read_query(request: Request, settings: ServiceSettings) -> QueryRequest:
     """The request's neighbours/risk query, k/sigma/record from the query string when the body lacks them."""
     params, kind = dict(request.query_params), media_type(request)
     return await decode_body(request, settings, lambda body: decode_query(body, kind, params))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
+from fastapi import Query as QueryParam  # a query-string parameter, not a kNN query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
@@ -55,14 +56,15 @@ async def get_changes(
     request: Request,
     name: NameDep,
     zmem: ZMemDep,
-    after: Annotated[int, Query(ge=0, le=2**53, description="the follower's last seq")] = 0,
+    after: Annotated[int, QueryParam(ge=0, le=2**53, description="the follower's last seq")] = 0,
     generation: Annotated[
-        str | None, Query(max_length=64, description="the follower's generation of the memory")
+        str | None, QueryParam(max_length=64, description="the follower's generation of the memory")
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100_000, description="most rows in the page")] = 10_000,
-    wait: Annotated[float, Query(ge=0, le=30, description="seconds to wait for new rows")] = 0,
+    limit: Annotated[int, QueryParam(ge=1, le=100_000, description="most rows in the page")] = 10_000,
+    wait: Annotated[float, QueryParam(ge=0, le=30, description="seconds to wait for new rows")] = 0,
     auto: Annotated[
-        bool, Query(description='include the value of sigma "auto" even if the memory\'s sigma is a number')
+        bool,
+        QueryParam(description='include the value of sigma "auto" even if the memory\'s sigma is a number'),
     ] = False,
 ) -> Response:
     """The rows after `after` in seq order (z, risk_target, seq) and what a replica needs to mirror

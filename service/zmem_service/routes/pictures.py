@@ -20,7 +20,8 @@ from collections.abc import Awaitable
 from importlib import resources
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Query as QueryParam  # a query-string parameter, not a kNN query
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..errors import ValidationFailed
@@ -43,20 +44,20 @@ async def get_pictures(request: Request) -> PictureCache:
 
 
 PicturesDep = Annotated[PictureCache, Depends(get_pictures)]
-MaxPoints = Annotated[int, Query(ge=1, le=50_000, description="most points drawn")]
-Seed = Annotated[int, Query(ge=0, description="seeds the subsample of drawn points")]
-Dpi = Annotated[int, Query(ge=10, le=300, description="dots per inch")]
-Last = Annotated[int, Query(ge=1, le=100_000, description="how many recent z's")]
+MaxPoints = Annotated[int, QueryParam(ge=1, le=50_000, description="most points drawn")]
+Seed = Annotated[int, QueryParam(ge=0, description="seeds the subsample of drawn points")]
+Dpi = Annotated[int, QueryParam(ge=10, le=300, description="dots per inch")]
+Last = Annotated[int, QueryParam(ge=1, le=100_000, description="how many recent z's")]
 Basis = Annotated[
     str | None,
-    Query(
+    QueryParam(
         max_length=64,
         description="draw in the PCA basis of this memory's map (same z_dim), so two pictures share axes",
     ),
 ]
 MapClim = Annotated[
     list[str] | None,
-    Query(
+    QueryParam(
         description="fixed colour limits FIELD:LO:HI, repeatable; FIELD is one of "
         + ", ".join(MAP_FIELDS)
         + " (e.g. clim=soft_bind:0:1); others keep their 1st–99th percentile",
@@ -64,9 +65,9 @@ MapClim = Annotated[
 ]
 TrailClim = Annotated[
     list[str] | None,
-    Query(description="fixed colour limits density:LO:HI of the background (points per cell, LO > 0)"),
+    QueryParam(description="fixed colour limits density:LO:HI of the background (points per cell, LO > 0)"),
 ]
-Worker = Annotated[str | None, Query(max_length=64, description="draw only this worker's path")]
+Worker = Annotated[str | None, QueryParam(max_length=64, description="draw only this worker's path")]
 
 
 @router.get("/map.png", response_class=Response)
