@@ -7,6 +7,11 @@ may fail, and then nothing was stored); `apply` puts a committed plan into the r
 and the index, and cannot fail for lack of room. Only the writer thread writes;
 queries run on the index thread. The memory's lock, which only this module
 takes, keeps a search from ever reading rows that a write is changing.
+
+`sigma: "auto"` (`autosigma`), the stats' summaries (`stats`) and the changes feed's
+pages (`feed`) are modules of their own; the memory calls them with its lock held and
+hands them what they read (ring, index, settings, counters), so no other module takes
+the lock or keeps the ring.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import numpy as np
 
 from zmem_core import params
 from zmem_core.kernel import kernel_stats
-from zmem_core.knn import candidate_count
 
+from . import feed, stats
+from .autosigma import AutoSigma
 from .episodes import EpisodeBatch
 from .errors import InsufficientStorage, ValidationFailed, ZMemError
+from .feed import Changes
 from .index import Engine, Index
 from .querylog import QueryLog
 from .ring import FLOAT_FIELDS, Columns, Ring, row_bytes
@@ -35,38 +42,6 @@ from .settings import MemorySettings
 
 MAX_SEQ = 2**53
 """Seqs stay below it: exact as JSON numbers and as SQLite integers."""
-STATS_SAMPLE = 10_000
-"""Stats summarise at most this many episodes (evenly spread over arrival order)."""
-
-
-@dataclass
-class Changes:
-    """A page of a memory's changes feed (see `Memory.changes`)."""
-
-    generation: str
-    reset: bool
-    next_seq: int
-    oldest_seq: int | None
-    size: int
-    settings: dict[str, Any]
-    sigma_auto: float | None
-    rows: Columns
-    complete: bool  # the page reaches the newest row
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        n = len(self.rows)
-        return {
-            "generation": self.generation,
-            "reset": self.reset,
-            "next_seq": self.next_seq,
-            "oldest_seq": self.oldest_seq,
-            "size": self.size,
-            "last_seq": int(self.rows.seq[-1]) if n else None,
-            "settings": self.settings,
-            "sigma_auto": self.sigma_auto,
-            "complete": self.complete,
-        }
 
 
 class NeighborQuery(Protocol):
@@ -165,9 +140,8 @@ class Memory:
     queries: QueryLog = field(default_factory=lambda: QueryLog(100_000))
     room: Callable[[], int] = lambda: 2**62  # bytes the memory budget has left (`Memories` sets it)
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
-    _auto_sigma: tuple[int, float] | None = None  # (the window's boundary seq, sigma)
+    _auto: AutoSigma = field(default_factory=AutoSigma)  # sigma "auto": kept value, whether asked
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
-    _auto_asked: bool = False  # someone asked for sigma "auto": the feed sends its value from now on
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -356,7 +330,7 @@ class Memory:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            if params.is_auto(query.sigma, self.settings.sigma) and not self._auto_sigma_fresh():
+            if params.is_auto(query.sigma, self.settings.sigma) and not self._auto_fresh():
                 return None
             return self._query_many([query])[0]
         finally:
@@ -456,94 +430,31 @@ class Memory:
         )
 
     def _sigma(self, sigma: float | str) -> float:
-        """A numeric sigma; "auto" from the rows of the current window (lock held), as
-        `zmem_core.params` defines it."""
+        """A numeric sigma; "auto" from the rows of the current window (lock held)."""
         if sigma != params.AUTO:
             return float(sigma)
-        self._auto_asked = True
-        if not self.active or self.ring is None or self.index is None or self.size < 2:
-            return params.INACTIVE_SIGMA
-        if self._auto_sigma_fresh():
-            assert self._auto_sigma is not None
-            return self._auto_sigma[1]
-        boundary, low = self._auto_sigma_window()
-        order = self.ring.order()
-        seqs = self.ring.column("seq")[order]  # ascending: arrival order is seq order
-        first, stop = np.searchsorted(seqs, [low, boundary], side="right")
-        window = order[first:stop]
-        value = self._window_sigma(window, low, boundary) if len(window) >= 2 else params.INACTIVE_SIGMA
-        self._auto_sigma = (boundary, value)
-        return value
+        return self._auto.value(self.ring, self.index, self.active, self.next_seq, self.settings)
 
-    def _window_sigma(self, window: np.ndarray, low: int, boundary: int) -> float:
-        """σ over the rows at slots `window` (seqs in (low, boundary]), searching the whole index
-        and keeping only neighbours inside the window (lock held)."""
-        assert self.ring is not None and self.index is not None
-        sample = self.ring.column("z")[window[params.auto_sigma_sample(len(window))]]
-        n = len(sample)
-        kk = params.auto_sigma_k(self.settings.k, len(window))  # the sample row itself comes first
-        kth = np.full(n, np.nan)
-        todo = np.arange(n)
-        want = candidate_count(kk + 1, self.size)  # the kNN's margin: rows outside the window take places
-        seq_of = self.ring.column("seq")
-        while len(todo):
-            got = min(want, self.size)
-            d2, slots = self.index.search(sample[todo], got, self.size)
-            inside = (seq_of[slots] > low) & (seq_of[slots] <= boundary)
-            rank = np.cumsum(inside, axis=1)
-            found = rank[:, -1] > kk
-            col = np.argmax(rank > kk, axis=1)  # the (kk+1)-th neighbour inside the window
-            kth[todo[found]] = d2[found, col[found]]
-            if got >= self.size:  # every row searched: the window holds fewer than kk + 1 near rows
-                break
-            todo, want = todo[~found], want * 2
-        return params.sigma_from_kth(kth)
-
-    def _auto_sigma_window(self) -> tuple[int, int]:
-        """(boundary, low) of the rows "auto" is computed from (`params.auto_sigma_window`)."""
-        return params.auto_sigma_window(self.next_seq - 1, self.settings.capacity)
-
-    def _auto_sigma_fresh(self) -> bool:
-        """Whether "auto" resolves without a search: the memory is inactive, or the value of
-        the current window is kept (lock held)."""
-        if not self.active or self.size < 2:
-            return True
-        return self._auto_sigma is not None and self._auto_sigma[0] == self._auto_sigma_window()[0]
+    def _auto_fresh(self) -> bool:
+        """Whether "auto" resolves without a search right now (lock held)."""
+        return self._auto.fresh(self.ring, self.active, self.next_seq, self.settings)
 
     def changes(self, after: int, generation: str | None, limit: int, auto: bool = False) -> Changes:
         """The rows with seq > `after` still held, oldest first, at most `limit` (index thread:
-        resolving `sigma: "auto"` may search the index).
+        resolving `sigma: "auto"` may search the index); `feed.page` says when it is a reset.
 
-        When `generation` names another incarnation, or rows after `after` have been
-        evicted, the page is a reset: it starts at the oldest row held. A page that reaches
-        the newest row carries the value of `sigma: "auto"` when the memory's sigma is
-        "auto" or anyone (this follower included, with `auto`) has asked for "auto": resolving
-        it costs a search per capacity/10 writes, which nobody should pay for unasked."""
+        A page that reaches the newest row carries the value of `sigma: "auto"` when the
+        memory's sigma is "auto" or anyone (this follower included, with `auto`) has asked for
+        "auto": resolving it costs a search per capacity/10 writes, which nobody should pay
+        for unasked."""
         with self._lock:
-            settings = self.settings.model_dump()
-            if self.ring is None or self.ring.size == 0:
-                reset = generation not in (None, self.generation) or after >= self.next_seq
-                return Changes(
-                    self.generation,
-                    reset,
-                    self.next_seq,
-                    None,
-                    0,
-                    settings,
-                    None,
-                    Columns.empty(self.settings.z_dim or 0),
-                    complete=True,
-                )
-            oldest = int(self.ring.column("seq")[self.ring.slots(0, 1)[0]])
-            reset = generation not in (None, self.generation) or after < oldest - 1 or after >= self.next_seq
-            start = self.ring.position_after(0 if reset else after)
-            rows = self.ring.rows(self.ring.slots(start, start + limit))
-            complete = start + limit >= self.ring.size
-            wanted = auto or self._auto_asked or self.settings.sigma == "auto"
-            sigma = self._sigma("auto") if complete and wanted and self.active else None
-            return Changes(
-                self.generation, reset, self.next_seq, oldest, self.size, settings, sigma, rows, complete
+            changes = feed.page(
+                self.ring, self.generation, self.next_seq, self.settings, after, generation, limit
             )
+            wanted = auto or self._auto.asked or self.settings.sigma == "auto"
+            if changes.complete and wanted and self.active:
+                changes.sigma_auto = self._sigma(params.AUTO)
+            return changes
 
     def record_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
         """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n]), e.g.
@@ -565,8 +476,8 @@ class Memory:
 
     def stats(self) -> dict[str, Any]:
         """Counters, settings and per-field summaries, cheaply: the summaries are computed over
-        at most STATS_SAMPLE episodes spread evenly over arrival order (all of them when the
-        memory holds fewer), and reused while the memory is unchanged."""
+        at most `stats.STATS_SAMPLE` episodes spread evenly over arrival order (all of them
+        when the memory holds fewer), and reused while the memory is unchanged."""
         with self._lock:
             out: dict[str, Any] = {
                 "name": self.name,
@@ -586,22 +497,8 @@ class Memory:
             if cached is not None and cached[0] == self.version:
                 return {**out, **cached[1]}
             version = self.version
-            sample = None
-            if self.ring is not None and self.ring.size:
-                order = self.ring.order()
-                picked = order[np.unique(np.linspace(0, len(order) - 1, STATS_SAMPLE).astype(np.int64))]
-                sample = {f: self.ring.column(f)[picked] for f in (*FLOAT_FIELDS, "risk_target")}
-                sample["z_norm"] = np.linalg.norm(self.ring.column("z")[picked], axis=1)
-                ends = order[[0, -1]]
-                seq_range = [int(s) for s in self.ring.column("seq")[ends]]
-                ts_range = [float(t) for t in self.ring.column("ts")[ends]]
-        summaries: dict[str, Any] = {
-            "seq_range": seq_range if sample else None,
-            "ts_range": ts_range if sample else None,
-            "summary_sample": len(sample["z_norm"]) if sample else 0,
-            "fields": {f: summary(sample[f]) if sample else None for f in (*FLOAT_FIELDS, "risk_target")},
-            "z_norm": summary(sample["z_norm"]) if sample else None,
-        }
+            picked = stats.sample(self.ring)
+        summaries = stats.summaries(picked)  # outside the lock: the sample is a copy
         with self._lock:
             if self.version == version:
                 self._stats_cache = (version, summaries)
@@ -616,16 +513,3 @@ per dict entry)."""
 
 def id_bytes(ids: Iterable[str | None]) -> int:
     return sum(sys.getsizeof(i) + ID_ENTRY_BYTES for i in ids if i is not None)
-
-
-def summary(x: np.ndarray) -> dict[str, float] | None:
-    if len(x) == 0:
-        return None
-    q = np.percentile(x.astype(np.float64), [0, 50, 100])
-    return {
-        "min": float(q[0]),
-        "median": float(q[1]),
-        "max": float(q[2]),
-        "mean": float(x.mean(dtype=np.float64)),
-        "std": float(x.std(dtype=np.float64)),
-    }

@@ -8,13 +8,12 @@ the index thread, file building on a worker thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ import numpy as np
 
 from .episodes import EpisodeBatch, validate
 from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
+from .feed import GATHER_SECONDS, Changes, ChangeSignal
 from .index import CpuEngine, make_engine
 from .index_thread import INLINE_WORK, IndexThread, SearchJob
-from .memory import Changes, Memory, Neighbors
+from .memory import Memory, Neighbors
 from .metrics import Metrics
 from .npz import read_npz, write_npz
 from .registry import Memories, check_name
@@ -35,88 +35,6 @@ from .wire import QueryRequest
 from .writer import Writer
 
 log = logging.getLogger("zmem")
-
-
-GATHER_SECONDS = 0.005
-"""A long poll woken by a write waits this long for more rows before answering."""
-
-
-class _Watch:
-    """The event the next change of one memory sets, and how many long polls hold it."""
-
-    __slots__ = ("event", "holders")
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.holders = 0
-
-
-class ChangeSignal:
-    """Wakes the long polls of a memory's changes feed when the writer has applied rows.
-
-    `changed` may be called from any thread; waiting happens on the event loop. An event
-    is kept only while a poll holds it (`watch`), so the names kept are those of memories
-    someone is polling right now, never every name ever asked for."""
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, _Watch] = {}
-        self.closed = False
-
-    def __len__(self) -> int:
-        """How many names have an event kept (those polled right now)."""
-        return len(self._events)
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def changed(self, name: str) -> None:
-        if self._loop is not None and name in self._events:
-            self._loop.call_soon_threadsafe(self._wake, name)
-
-    def _wake(self, name: str) -> None:
-        watch = self._events.pop(name, None)
-        if watch is not None:
-            watch.event.set()
-
-    @contextlib.contextmanager
-    def watch(self, name: str) -> Iterator[asyncio.Event]:
-        """The event the next change of `name` sets, held for the block (event loop only).
-
-        Enter it *before* reading the memory, so a change that lands between the read and
-        the wait still wakes the waiter; check the name first, as the event is kept under
-        it until the last holder leaves."""
-        watch = self._events.get(name)
-        if watch is None:
-            watch = self._events[name] = _Watch()
-        watch.holders += 1
-        try:
-            yield watch.event
-        finally:
-            watch.holders -= 1
-            if not watch.holders and self._events.get(name) is watch:
-                del self._events[name]
-
-    async def wait(self, event: asyncio.Event, timeout: float) -> None:
-        """Return when `event` is set (a change, or shutdown) or after `timeout` seconds."""
-        if self.closed or timeout <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
-
-    def close(self) -> None:
-        """Wake every waiter now (shutdown); later waits return at once."""
-        self.closed = True
-        for name in list(self._events):
-            self._wake(name)
-
-    def close_soon(self) -> None:
-        """`close` from any thread or a signal handler: the server is beginning to exit, and
-        long polls must answer before it waits for open requests to finish."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.close)
-        else:
-            self.close()
 
 
 MAX_CONCURRENT_IMPORTS = 1
