@@ -4,7 +4,8 @@ and server, in alternating rounds, with the in-process floor measured between ro
     git worktree add --detach /tmp/zmem-old <commit>
     python -m benchmarks.bench_versions /tmp/zmem-old .
 
-Each tree runs from its source folders (PYTHONPATH=<tree>/service:<tree>/client), so
+Each tree runs from its source folders (PYTHONPATH=<tree>/core:<tree>/service:<tree>/client:
+<tree>/demo; folders an older tree lacks are skipped by Python), so
 an old commit needs no install. Printed per tree: latency p50/p99, the ratio to the
 floor, and the server's and the client's CPU per call.
 """
@@ -53,7 +54,7 @@ print(json.dumps({"lat": lat, "cpu": r1.ru_utime + r1.ru_stime - r0.ru_utime - r
 
 
 def tree_env(tree: str) -> dict[str, str]:
-    return {"PYTHONPATH": f"{tree}/service:{tree}/client"}
+    return {"PYTHONPATH": f"{tree}/core:{tree}/service:{tree}/client:{tree}/demo"}
 
 
 def one_round(tree: str, srv: Server, calls: int, d: int) -> tuple[list[float], float, float]:
