@@ -57,8 +57,9 @@ def rows_for(memory: Memory, w: Write) -> Columns:
 
 def apply(memory: Memory, w: Write) -> None:
     """What the writer does after a commit: reserve, then apply."""
-    memory.reserve(len(w.z), w.z.shape[1])
-    memory.apply(rows_for(memory, w))
+    plan = memory.plan_rows(rows_for(memory, w))
+    memory.reserve(plan)
+    memory.apply(plan)
 
 
 def make_memories(tmp_path) -> dict[str, Memory]:

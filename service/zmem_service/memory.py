@@ -54,24 +54,24 @@ class NeighborQuery(Protocol):
     record: int
 
 
-@dataclass
-class Pending:
-    """What earlier plans of the same commit group will have done to one memory."""
-
-    next_seq: int
-    z_dim: int | None
-    count: int = 0
-    ids: set[str] = field(default_factory=set)
-
-
-@dataclass
+@dataclass(frozen=True)
 class WritePlan:
-    """A checked batch ready to commit: the new rows (possibly fewer than sent) and the reply."""
+    """A checked batch ready to commit: the new rows (possibly fewer than sent), the reply, and
+    what the memory will be once this plan and the earlier plans of its commit group are
+    applied (`Memory.plan` builds the next plan of the group on this one).
+
+    Nothing changes when a plan is made or dropped: `Memory.reserve` and `Memory.apply` take it.
+    """
 
     memory: Memory
     rows: Columns
     duplicates: int
-    new_bytes: int = 0
+    new_bytes: int  # what the budget will count on top of the earlier plans of the group
+    next_seq: int  # the memory's next seq once applied
+    total_written: int  # the memory's total_written once applied
+    rows_planned: int  # rows this plan and the earlier plans of its group append
+    z_dim: int | None  # the memory's z_dim once applied (None: no rows and no z_dim yet)
+    ids_planned: frozenset[str] = frozenset()  # ids this plan and the earlier ones store
 
     @property
     def reply(self) -> dict[str, Any]:
@@ -189,19 +189,22 @@ class Memory:
 
     # -- writes (writer thread) ------------------------------------------------------
 
-    def pending(self) -> Pending:
-        return Pending(self.next_seq, self.settings.z_dim)
+    def plan(self, batch: EpisodeBatch, now: float, after: WritePlan | None = None) -> WritePlan:
+        """Check `batch` against this memory, assign seqs and compute risk targets; changes nothing.
 
-    def plan(self, batch: EpisodeBatch, now: float, pending: Pending) -> WritePlan:
-        """Check `batch` against this memory and assign seqs; changes only `pending`.
-
-        `pending` carries the seqs, ids and z_dim of plans made earlier in the same
-        commit group (they are not applied yet).
+        `after` is the last plan of the same commit group accepted for this memory (not
+        applied yet): the new plan follows its seqs, ids and z_dim. Raises the ZMemError
+        that refuses the batch.
         """
+        assert after is None or after.memory is self
+        next_seq = after.next_seq if after else self.next_seq
+        z_dim = after.z_dim if after else self.settings.z_dim
+        count = after.rows_planned if after else 0
+        planned_ids = after.ids_planned if after else frozenset()
         d = batch.z.shape[1]
-        if pending.z_dim is not None and d != pending.z_dim:
+        if z_dim is not None and d != z_dim:
             raise ValidationFailed.at(
-                ["episodes", 0, "z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {pending.z_dim}"
+                ["episodes", 0, "z"], f"z has {d} dimensions; memory {self.name!r} has z_dim {z_dim}"
             )
         targets = batch.risk_targets(self.settings.risk)
         if not np.isfinite(targets).all():
@@ -212,12 +215,12 @@ class Memory:
                 f"{targets[i]} with this memory's weights; it must be a finite float32",
             )
         keep = np.array(
-            [i is None or (i not in self.ids and i not in pending.ids) for i in batch.ids], dtype=bool
+            [i is None or (i not in self.ids and i not in planned_ids) for i in batch.ids], dtype=bool
         )
         n = int(keep.sum())
-        if pending.next_seq + n >= MAX_SEQ:
+        if next_seq + n >= MAX_SEQ:
             raise InsufficientStorage(f"memory {self.name!r} has used up its seqs (they stay below 2**53)")
-        seq = np.arange(pending.next_seq, pending.next_seq + n, dtype=np.int64)
+        seq = np.arange(next_seq, next_seq + n, dtype=np.int64)
         ids = np.array(batch.ids, dtype=object)[keep]
         rows = Columns(
             z=np.ascontiguousarray(batch.z[keep], dtype=np.float32),
@@ -228,20 +231,45 @@ class Memory:
             worker=np.array([None if w is None else sys.intern(w) for w in batch.workers], object)[keep],
             **{f: batch.values[f][keep].astype(np.float32) for f in FLOAT_FIELDS},
         )
-        grown = self._bytes_after(pending.count + n, d) - self._bytes_after(pending.count, d)
-        pending.ids.update(i for i in ids if i is not None)
-        pending.next_seq += n
-        pending.count += n
-        pending.z_dim = d
+        grown = self._bytes_after(count + n, d) - self._bytes_after(count, d)
         names = {w for w in rows.worker if w is not None and w not in self.workers}
-        return WritePlan(self, rows, duplicates=len(batch) - n, new_bytes=grown + id_bytes([*ids, *names]))
+        return WritePlan(
+            self,
+            rows,
+            duplicates=len(batch) - n,
+            new_bytes=grown + id_bytes([*ids, *names]),
+            next_seq=next_seq + n,
+            total_written=(after.total_written if after else self.total_written) + n,
+            rows_planned=count + n,
+            z_dim=d,
+            ids_planned=planned_ids.union(i for i in ids if i is not None),
+        )
 
-    def reserve(self, count: int, z_dim: int) -> None:
-        """Secure everything appending `count` episodes of `z_dim` needs (ring and index room).
+    def plan_rows(
+        self, rows: Columns, next_seq: int | None = None, total_written: int | None = None
+    ) -> WritePlan:
+        """A plan that appends rows already carrying their seqs (a restore, an import, the
+        warm-up); changes nothing. The counters it leaves default to those rows following
+        what the memory holds: seqs never go back (a file's seqs are kept, and later writes
+        never reuse a seq of an earlier incarnation)."""
+        n = len(rows)
+        if next_seq is None:
+            next_seq = max(int(rows.seq[-1]) + 1 if n else 1, self.next_seq)
+        if total_written is None:
+            total_written = self.total_written + n
+        z_dim = rows.z.shape[1] if n else self.settings.z_dim
+        return WritePlan(self, rows, 0, 0, next_seq, total_written, n, z_dim)
+
+    def reserve(self, plan: WritePlan) -> None:
+        """Secure everything `plan` and the earlier plans of its group need (ring and index room).
 
         Runs before the commit: it may raise (MemoryError, InsufficientStorage), and then
         the write fails with nothing stored. After it, `apply` cannot fail for lack of room.
         """
+        assert plan.memory is self
+        count, z_dim = plan.rows_planned, plan.z_dim
+        if z_dim is None:  # no rows, and no z_dim to build a ring for
+            return
         with self._lock:
             if self.ring is None or (self.ring.z_dim != z_dim and self.ring.size == 0):
                 self._build(z_dim)
@@ -249,14 +277,18 @@ class Memory:
             self.index.reserve(self.ring.allocation_after(count))
             self.ring.reserve(count)
 
-    def apply(self, rows: Columns) -> None:
-        """Append committed rows (already carrying their seqs) to the ring and the index.
+    def apply(self, plan: WritePlan) -> None:
+        """Append a committed plan's rows to the ring and the index, and move the counters to
+        the plan's. Plans of one group are applied in the order they were made.
 
         `reserve` has made room for them."""
+        assert plan.memory is self
+        rows = plan.rows
         n = len(rows)
-        if n == 0:
-            return
         with self._lock:
+            self.next_seq, self.total_written = plan.next_seq, plan.total_written
+            if n == 0:
+                return
             if self.ring is None or self.ring.z_dim != rows.z.shape[1]:
                 self._build(rows.z.shape[1])
             assert self.ring is not None and self.index is not None
@@ -282,8 +314,6 @@ class Memory:
             self._id_bytes += id_bytes({w for w in rows.worker if w and not self.workers[w]})
             self.workers.update(w or "" for w in rows.worker)
             self.workers = +self.workers  # drop zero counts
-            self.next_seq = int(rows.seq[-1]) + 1
-            self.total_written += n
             self.version += 1
 
     def oldest_seq(self) -> int | None:

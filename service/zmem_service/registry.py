@@ -11,7 +11,7 @@ from zmem_core import names
 
 from .errors import Conflict, InsufficientStorage, NotFound, ValidationFailed
 from .index import CpuEngine, Engine
-from .memory import Memory
+from .memory import Memory, new_generation
 from .querylog import QueryLog
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import StoredMemory
@@ -50,10 +50,9 @@ class Memories:
             self.engine,
             queries=QueryLog(self.settings.recorded_queries),
             room=self.room,
+            next_seq=self.retired.get(name, 1),  # seqs are never reused under a name
+            generation=generation or new_generation(),
         )
-        if generation is not None:
-            memory.generation = generation
-        memory.next_seq = self.retired.get(name, 1)  # seqs are never reused under a name
         return memory
 
     def _reset_default(self) -> None:
@@ -65,10 +64,9 @@ class Memories:
         self._reset_default()  # made before `retired` was known
         for s in stored:
             memory = self.new(s.name, s.settings, s.generation)
-            if s.settings.z_dim is not None:
-                memory.reserve(len(s.rows), s.settings.z_dim)
-            memory.apply(s.rows)
-            memory.next_seq, memory.total_written = s.next_seq, s.total_written
+            plan = memory.plan_rows(s.rows, s.next_seq, s.total_written)  # the stored counters win
+            memory.reserve(plan)
+            memory.apply(plan)
             self._items[s.name] = memory
             for diff in defaults.model_copy(update={"z_dim": s.settings.z_dim}).differences(s.settings):
                 log.warning(

@@ -87,8 +87,9 @@ class ZMem:
         memory = self.memories.new("warm-up", settings)
         row = Columns.empty(1, 1)
         row.seq[:] = 1
-        memory.reserve(1, 1)
-        memory.apply(row)
+        plan = memory.plan_rows(row)
+        memory.reserve(plan)
+        memory.apply(plan)
         query = SearchJob(memory, np.zeros((1, 1), np.float32), 1, None, 1)
         answer = self.index_thread.call(lambda: memory.query_many([query])).result()[0]
         memory.clear()

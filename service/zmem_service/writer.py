@@ -26,7 +26,7 @@ from typing import Any
 
 from .episodes import EpisodeBatch
 from .errors import Conflict, Unavailable, ZMemError
-from .memory import Memory, Pending, WritePlan
+from .memory import Memory, WritePlan
 from .registry import Memories, conflict
 from .ring import Columns
 from .settings import MemorySettings, MemorySettingsIn
@@ -101,14 +101,12 @@ class Writer:
             memory = self.memories.new(name, settings)
             assert settings.z_dim is not None
             self.memories.check_budget(memory.bytes_for(kept) - (current.nbytes if current else 0))
-            memory.reserve(len(kept), settings.z_dim)
-            # The file's seqs are kept; later writes never reuse a seq of an earlier incarnation.
-            next_seq = max(int(rows.seq[-1]) + 1 if len(rows) else 1, memory.next_seq)
-            self.store.save_memory(name, settings, next_seq, len(kept), memory.generation)
+            plan = memory.plan_rows(kept)  # the file's seqs are kept
+            memory.reserve(plan)
+            self.store.save_memory(name, settings, plan.next_seq, plan.total_written, memory.generation)
             self.store.insert(name, kept)
             self.store.commit()
-            memory.apply(kept)
-            memory.next_seq, memory.total_written = next_seq, len(kept)
+            memory.apply(plan)
             self.memories.add(memory)
             self._on_change(name)
             return {"imported": len(kept), "size": memory.size}
@@ -184,7 +182,7 @@ class Writer:
 
     def _write_group(self, group: list[Job]) -> None:
         now = time.time()
-        pending: dict[str, Pending] = {}
+        last: dict[str, WritePlan] = {}  # each memory's last accepted plan: the next one follows it
         planned: list[tuple[Job, WritePlan]] = []
         in_group: dict[str, Memory] = {}
         for job in group:
@@ -193,30 +191,21 @@ class Writer:
             try:
                 memory = in_group.get(name) or self.memories.for_write(name)
                 in_group[name] = memory
-                p = pending.setdefault(name, memory.pending())
-                before = (p.next_seq, p.count, set(p.ids), p.z_dim)
-                plan = memory.plan(batch, now, p)
-                try:
-                    unlisted = sum(m.nbytes for m in in_group.values() if self.memories.find(m.name) is not m)
-                    self.memories.check_budget(plan.new_bytes, unlisted)
-                    assert p.z_dim is not None
-                    memory.reserve(p.count, p.z_dim)
-                except BaseException:
-                    p.next_seq, p.count, p.ids, p.z_dim = before
-                    raise
+                plan = memory.plan(batch, now, last.get(name))
+                unlisted = sum(m.nbytes for m in in_group.values() if self.memories.find(m.name) is not m)
+                self.memories.check_budget(plan.new_bytes, unlisted)
+                memory.reserve(plan)
+                last[name] = plan  # accepted: a refused plan is dropped, and nothing changed
                 planned.append((job, plan))
             except BaseException as e:
                 self._fail(job, e)
         try:
             for _, plan in planned:
                 self.store.insert(plan.memory.name, plan.rows)
-            for name, p in pending.items():
-                owner = planned_memory(planned, name)
-                if owner is not None:
-                    settings = owner.settings.model_copy(update={"z_dim": p.z_dim})
-                    self.store.save_memory(
-                        name, settings, p.next_seq, owner.total_written + p.count, owner.generation
-                    )
+            for name, plan in last.items():
+                owner = plan.memory
+                settings = owner.settings.model_copy(update={"z_dim": plan.z_dim})
+                self.store.save_memory(name, settings, plan.next_seq, plan.total_written, owner.generation)
             self.store.commit()
         except Exception as e:
             self.store.rollback()
@@ -233,7 +222,7 @@ class Writer:
             memory = plan.memory
             if self.memories.find(memory.name) is not memory:
                 self.memories.add(memory)
-            memory.apply(plan.rows)
+            memory.apply(plan)
             self._on_change(memory.name)
             job.future.set_result({**plan.reply, "size": memory.size})
         self._trim({plan.memory for _, plan in planned})
@@ -261,7 +250,3 @@ class Writer:
             log.exception("write job failed", exc_info=e)
             e = Unavailable(f"internal error while writing: {type(e).__name__}")
         job.future.set_exception(e)
-
-
-def planned_memory(planned: list[tuple[Job, WritePlan]], name: str) -> Memory | None:
-    return next((plan.memory for _, plan in planned if plan.memory.name == name), None)
