@@ -29,8 +29,8 @@ STACKS = ("uvicorn-httptools", "uvicorn-h11", "guarded")
 def run_server(stack: str, port: int, data_dir: str) -> None:
     import uvicorn
 
-    from zmem_service.app import create_app
-    from zmem_service.server import serve
+    from zmem_service.http.app import create_app
+    from zmem_service.http.server import serve
     from zmem_service.settings import ServiceSettings
 
     settings = ServiceSettings(

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import settings
 
-from zmem_service.app import create_app
+from zmem_service.http.app import create_app
 from zmem_service.settings import ServiceSettings
 
 from . import server as _server

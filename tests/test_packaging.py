@@ -34,7 +34,7 @@ def modules_after(code: str) -> set[str]:
 
 def test_the_service_does_not_import_torch() -> None:
     loaded = modules_after(
-        "from zmem_service.app import create_app; from zmem_service.settings import ServiceSettings;"
+        "from zmem_service.http.app import create_app; from zmem_service.settings import ServiceSettings;"
         "import tempfile; create_app(ServiceSettings(data_dir=tempfile.mkdtemp()))"
     )
     assert "torch" not in loaded and "fastapi" in loaded
@@ -150,7 +150,7 @@ def test_the_wheel_holds_every_module_and_data_file(tmp_path: Path) -> None:
         entry_points = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
         assert "zmem = zmem_service.cli:main" in zf.read(entry_points).decode()
     expected = package_files(ROOT)
-    assert {"zmem_service/routes/__init__.py", "zmem_service/static/dashboard.html"} <= expected
+    assert {"zmem_service/http/routes/__init__.py", "zmem_service/http/static/dashboard.html"} <= expected
     assert {
         "zmem_core/py.typed",
         "zmem_service/py.typed",

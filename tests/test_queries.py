@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zmem_service.auth import Tokens
+from zmem_service.http.auth import Tokens
 from zmem_service.querylog import QueryLog
 
 

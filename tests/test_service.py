@@ -53,7 +53,7 @@ def test_readyz_is_503_until_the_memories_are_loaded(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(ZMem, "load", slow_load)
     from fastapi.testclient import TestClient
 
-    from zmem_service.app import create_app
+    from zmem_service.http.app import create_app
 
     with TestClient(create_app(ServiceSettings(data_dir=tmp_path))) as client:
         assert client.get("/healthz").status_code == 200

@@ -8,7 +8,7 @@ __all__ = ["__version__", "create_app"]
 def __getattr__(name: str) -> object:
     # Lazy, so `import zmem_service` (e.g. for the CLI) doesn't import FastAPI and FAISS.
     if name == "create_app":
-        from .app import create_app
+        from .http.app import create_app
 
         return create_app
     raise AttributeError(name)

@@ -175,8 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:  # said before the store loads, not as a failure to load it
         print(f"zmem serve: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)
         return 2
-    from .app import create_app
-    from .server import serve
+    from .http.app import create_app
+    from .http.server import serve
 
     try:
         app = create_app(settings)

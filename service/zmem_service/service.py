@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,8 +31,10 @@ from .registry import Memories, check_name
 from .ring import Columns
 from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import open_store
-from .wire import QueryRequest
 from .writer import Writer
+
+if TYPE_CHECKING:  # the HTTP edge decodes it; the domain only reads its fields
+    from .http.wire import QueryRequest
 
 log = logging.getLogger("zmem")
 

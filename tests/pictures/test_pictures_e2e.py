@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .server import Server
+from ..server import Server
 
 pytestmark = pytest.mark.e2e
 

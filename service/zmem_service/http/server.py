@@ -32,7 +32,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .settings import ServiceSettings
+from ..settings import ServiceSettings
 
 log = logging.getLogger("zmem")
 # File descriptors kept for the store, the render process, logs and the listening socket.

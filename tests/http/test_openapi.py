@@ -26,10 +26,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from zmem_service.app import create_app
+from zmem_service.http.app import create_app
 from zmem_service.settings import ServiceSettings
 
-from .server import Server
+from ..server import Server
 
 PROBLEM = "application/problem+json"
 EXAMPLES = 12  # per operation and mode (valid, invalid data): 28 operations × 24 ≈ 500 requests

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from zmem_service.pictures import PictureCache
+from zmem_service.pictures.cache import PictureCache
 
 from .test_pictures_api import count_calls, episodes, on_app_loop, png_size, write
 
@@ -111,7 +111,7 @@ def test_trail_paths_never_join_two_workers(monkeypatch: pytest.MonkeyPatch) -> 
     """The plot draws each worker's points as its own line: check the lines' vertices."""
     from matplotlib.axes import Axes
 
-    from zmem_service.plots import render_trail
+    from zmem_service.pictures.plots import render_trail
 
     lines: list[np.ndarray] = []
     real_plot = Axes.plot

@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .diagnostics import find_spikes
+from ..diagnostics.criteria import find_spikes
 
 MAP_FIELDS = ("soft_bind", "log_cone_vol", "lambda_bind", "risk_target")
 """Names of the map's panels, as fixed colour limits name them."""

@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..errors import ZMemError
+from ..registry import DEFAULT
+from ..service import ZMem
 from .auth import authorize
-from .errors import ZMemError
-from .registry import DEFAULT
 from .routes.memory import neighbors_answer, risk_answer
-from .service import ZMem
 from .wire import check_body_type
 
 log = logging.getLogger("zmem")

@@ -82,7 +82,7 @@ def test_only_a_write_token_opens_the_dashboard_read_only(make_client) -> None:
 
 
 def test_a_read_token_alone_is_refused_at_start(tmp_path) -> None:
-    from zmem_service.app import create_app
+    from zmem_service.http.app import create_app
     from zmem_service.settings import ServiceSettings
 
     with pytest.raises(ValueError, match="read token without a write token"):
@@ -93,7 +93,7 @@ def test_a_read_token_alone_is_refused_at_start(tmp_path) -> None:
 def test_tokens_from_files_and_never_in_the_log(tmp_path) -> None:
     import httpx
 
-    from .server import Server
+    from ..server import Server
 
     (tmp_path / "w").write_text("file-write-token\n")
     (tmp_path / "r").write_text("file-read-token\n")

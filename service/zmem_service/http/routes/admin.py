@@ -9,8 +9,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..registry import check_name
-from ..settings import MemorySettingsIn
+from ...registry import check_name
+from ...settings import MemorySettingsIn
 from .deps import ZMemDep
 
 router = APIRouter()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zmem_service.diagnostics import (
+from zmem_service.diagnostics.criteria import (
     READING_1_WITHOUT_2,
     READING_2_WITHOUT_1,
     Thresholds,

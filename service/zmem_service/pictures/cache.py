@@ -42,11 +42,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .diagnostics import evaluate
-from .errors import Unavailable
-from .memory import Memory
+from ..diagnostics.criteria import evaluate
+from ..errors import Unavailable
+from ..memory import Memory
+from ..ring import Columns
 from .plots import Limits, render_map, render_risk, render_trail
-from .ring import Columns
 
 T = TypeVar("T")
 log = logging.getLogger("zmem.pictures")

@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from .server import Server
+from ..server import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 PICTURES = ("map", "trail", "risk")
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zmem_service import plots
-from zmem_service.plots import pca_basis, render_map, render_risk, render_trail
+from zmem_service.pictures import plots
+from zmem_service.pictures.plots import pca_basis, render_map, render_risk, render_trail
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SERVICE_DIR = Path(__file__).resolve().parents[1] / "service"
+SERVICE_DIR = Path(__file__).resolve().parents[2] / "service"
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -184,7 +184,7 @@ def test_rendering_never_imports_pyplot() -> None:
         """
         import sys
         import numpy as np
-        from zmem_service.plots import render_map, render_risk, render_trail
+        from zmem_service.pictures.plots import render_map, render_risk, render_trail
 
         rng = np.random.default_rng(0)
         z = rng.normal(size=(50, 4))

@@ -23,8 +23,8 @@ from fastapi import Request
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import Forbidden, Unauthorized
-from .settings import ServiceSettings
+from ..errors import Forbidden, Unauthorized
+from ..settings import ServiceSettings
 
 COOKIE = "zmem_token"
 OPEN_PATHS = {"/healthz", "/readyz"}

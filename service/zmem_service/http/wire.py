@@ -37,9 +37,8 @@ from zmem_core import wire as core_wire
 from zmem_core.limits import MAX_ID_CHARS, MAX_K, MAX_SIGMA, MAX_WORKER_CHARS, MIN_SIGMA, rows_too_large
 from zmem_core.wire import SAFETENSORS
 
-from . import jsonchunks
-from .episodes import Z_TOO_LARGE, EpisodeBatch
-from .errors import (
+from ..episodes import Z_TOO_LARGE, EpisodeBatch
+from ..errors import (
     BadRequest,
     PayloadTooLarge,
     Unavailable,
@@ -47,9 +46,10 @@ from .errors import (
     ValidationFailed,
     ZMemError,
 )
-from .memory import Neighbors
-from .ring import FLOAT_FIELDS
-from .settings import NoBool, ServiceSettings
+from ..memory import Neighbors
+from ..ring import FLOAT_FIELDS
+from ..settings import NoBool, ServiceSettings
+from . import jsonchunks
 
 JSON = "application/json"
 NPZ_TYPES = ("application/octet-stream", "application/x-npz", "application/zip")

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from ..registry import DEFAULT
-from ..service import ZMem
+from ...registry import DEFAULT
+from ...service import ZMem
 
 
 async def get_zmem(request: Request) -> ZMem:

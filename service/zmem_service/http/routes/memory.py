@@ -10,7 +10,7 @@ from fastapi import Query as QueryParam  # a query-string parameter, not a kNN q
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from ..service import ZMem
+from ...service import ZMem
 from ..wire import body_chunks, neighbors_arrays, read_episodes, read_query, respond
 from .deps import NameDep, ZMemDep
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from zmem_service.pictures import PictureCache
+from zmem_service.pictures.cache import PictureCache
 from zmem_service.querylog import QueryLog
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -20,10 +20,10 @@ import pytest
 import safetensors.numpy
 from fastapi.testclient import TestClient
 
-from zmem_service.app import create_app
+from zmem_service.http.app import create_app
 from zmem_service.settings import ServiceSettings
 
-from .server import Server
+from ..server import Server
 
 PROBLEM = "application/problem+json"
 ST = "application/x-safetensors"

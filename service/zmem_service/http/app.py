@@ -14,16 +14,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from . import __version__
+from .. import __version__
+from ..errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
+from ..metrics import Metrics, MetricsMiddleware
+from ..pictures.cache import PictureCache
+from ..service import ZMem
+from ..settings import ServiceSettings
 from .auth import CookieMiddleware, Tokens, authorize
-from .errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
 from .fastpath import FastPath
-from .metrics import Metrics, MetricsMiddleware
 from .openapi import install as install_openapi
-from .pictures import PictureCache
 from .routes import admin, memory, pictures, queries
-from .service import ZMem
-from .settings import ServiceSettings
 from .wire import Codecs, check_body_type
 
 log = logging.getLogger("zmem")

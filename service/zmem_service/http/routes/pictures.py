@@ -24,11 +24,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Query as QueryParam  # a query-string parameter, not a kNN query
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..errors import ValidationFailed
-from ..memory import Memory
-from ..pictures import Picture, PictureCache, RenderQueueFull, View
-from ..plots import MAP_FIELDS, TRAIL_FIELDS, Limits
-from ..service import ZMem
+from ...errors import ValidationFailed
+from ...memory import Memory
+from ...pictures.cache import Picture, PictureCache, RenderQueueFull, View
+from ...pictures.plots import MAP_FIELDS, TRAIL_FIELDS, Limits
+from ...service import ZMem
 from .deps import NameDep, ZMemDep
 
 T = TypeVar("T")
@@ -128,7 +128,7 @@ async def get_dashboard() -> HTMLResponse:
 
 @functools.cache
 def _dashboard() -> str:
-    page = resources.files("zmem_service").joinpath("static/dashboard.html")
+    page = resources.files("zmem_service.http").joinpath("static/dashboard.html")
     return page.read_text(encoding="utf-8")
 
 

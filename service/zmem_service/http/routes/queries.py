@@ -16,8 +16,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from ..errors import ValidationFailed
-from ..memory import Memory
+from ...errors import ValidationFailed
+from ...memory import Memory
 from ..wire import decode_body, is_safetensors, parse_json, parse_safetensors
 from .deps import NameDep, ZMemDep
 

@@ -1,0 +1,1 @@
+"""Pictures of a memory: the plots (`plots`) and the cache that renders them in a worker process (`cache`)."""

@@ -1,0 +1,1 @@
+"""Tests of the HTTP edge: auth, malformed and hostile requests, the OpenAPI schema."""
