@@ -38,13 +38,11 @@ def test_pages_resets_and_generations(make_client) -> None:
     assert page["next_seq"] == 31 and page["last_seq"] == 30 and page["size"] == 20 and page["complete"]
     assert page["settings"]["capacity"] == 20 and page["settings"]["z_dim"] == 3
     assert np.array(page["z"]).shape == (20, 3) and page["risk_target"][0] == pytest.approx(0.75)
-    auto = client.post("/memories/m/neighbors", json={"z": [0, 0, 0], "sigma": "auto"}).json()["sigma"]
-    assert page["sigma_auto"] == pytest.approx(auto)
 
     page = client.get("/memories/m/changes", params={"after": 25, "generation": gen}).json()
     assert page["reset"] is False and page["seq"] == [26, 27, 28, 29, 30]
     page = client.get("/memories/m/changes", params={"after": 10, "generation": gen, "limit": 3}).json()
-    assert page["seq"] == [11, 12, 13] and page["complete"] is False and page["sigma_auto"] is None
+    assert page["seq"] == [11, 12, 13] and page["complete"] is False
     page = client.get("/memories/m/changes", params={"after": 30, "generation": gen}).json()
     assert page["seq"] == [] and page["reset"] is False and page["complete"] is True
     page = client.get("/memories/m/changes", params={"after": 25, "generation": "other"}).json()
@@ -128,16 +126,3 @@ def test_export_and_changes_agree(make_client) -> None:
         np.testing.assert_array_equal(np.array(page["seq"]), f["seq"])
         np.testing.assert_array_equal(np.array(page["z"], np.float32), f["z"])
         np.testing.assert_array_equal(np.array(page["risk_target"], np.float32), f["risk_target"])
-
-
-def test_the_auto_sigma_is_sent_only_where_someone_asked_for_it(make_client) -> None:
-    """Resolving "auto" costs a search per capacity/10 writes: a memory with a numeric sigma
-    sends its value once a follower (`auto=true`) or a query has asked for "auto"."""
-    client = make_client(capacity=100, min_size=5)  # sigma 1.0
-    client.post("/episodes", json={"episodes": eps(20)})
-    assert client.get("/changes").json()["sigma_auto"] is None
-    asked = client.get("/changes", params={"auto": "true"}).json()["sigma_auto"]
-    assert asked == pytest.approx(
-        client.post("/neighbors", json={"z": [0, 0, 0], "sigma": "auto"}).json()["sigma"]
-    )
-    assert client.get("/changes").json()["sigma_auto"] == asked  # asked once: sent from now on

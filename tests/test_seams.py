@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import sqlite3
 import subprocess
@@ -26,82 +25,6 @@ def tied_episodes(n: int, start: int) -> list[dict]:
         {"z": [float((start + i) % 5), 1.0, -1.0], "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1}
         for i in range(n)
     ]
-
-
-def export(client) -> dict[str, np.ndarray]:
-    r = client.get("/memories/tied/export")
-    assert r.status_code == 200
-    with np.load(io.BytesIO(r.content), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def test_ties_and_auto_sigma_survive_a_restart_after_a_wrap(tmp_path) -> None:
-    """Identical z's written past a wrap: the same query answers with the same seqs (the lowest
-    of each tie group) and the same `sigma: "auto"` before and after a restart, although the
-    restart refills the ring's slots from 0 in another layout."""
-    settings = ServiceSettings(data_dir=tmp_path, capacity=100, min_size=10, k=16, sigma="auto")
-    sizes = [7, 31, 13, 50, 29, 11, 40, 3]  # 184 writes: the ring has wrapped
-    client = ready_client(settings)
-    written = 0
-    for n in sizes:
-        assert (
-            client.post("/memories/tied/episodes", json={"episodes": tied_episodes(n, written)}).status_code
-            == 200
-        )
-        written += n
-    queries = {"z": [[float(p), 1.0, -1.0] for p in range(5)] + [[2.5, 0.0, 0.0]], "k": 16}
-    before = client.post("/memories/tied/neighbors", json=queries).json()
-    held = export(client)
-    client.__exit__(None, None, None)
-
-    # Expected: for each query, the held rows sorted by (d2, seq).
-    zq = np.array(queries["z"], np.float64)
-    d2 = ((zq[:, None, :] - held["z"][None].astype(np.float64)) ** 2).sum(-1)
-    order = np.lexsort((np.broadcast_to(held["seq"], d2.shape), d2), axis=-1)[:, :16]
-    assert before["seq"] == held["seq"][order].tolist()
-    assert before["sigma"] > 0
-
-    client = ready_client(settings)
-    try:
-        after = client.post("/memories/tied/neighbors", json=queries).json()
-        assert after["seq"] == before["seq"]
-        assert after["d2"] == before["d2"]
-        assert after["sigma"] == before["sigma"]
-    finally:
-        client.__exit__(None, None, None)
-
-
-def test_auto_sigma_depends_on_the_buffer_not_on_when_it_was_asked(make_client) -> None:
-    """Two memories that hold the same rows (same z's, same seqs) resolve "auto" to the same σ,
-    whether it was first asked early (before most of the current window arrived), never, or
-    with later rows already in; and that σ is the window's own: σ² = the mean squared distance
-    from each row with seq in (boundary − capacity + capacity/10, boundary] to its k-th nearest
-    neighbour among those rows (boundary = the newest seq rounded down to capacity/10)."""
-    client = make_client(capacity=300, min_size=10, k=8)
-    rng = np.random.default_rng(3)
-    z = np.concatenate([rng.standard_normal((300, 4)) * 0.1, rng.standard_normal((350, 4)) * 5.0])
-    eps = [{"z": row.tolist(), "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for row in z]
-
-    def sigma(name: str) -> float:
-        r = client.post(f"/memories/{name}/neighbors", json={"z": [0.0] * 4, "sigma": "auto"})
-        assert r.status_code == 200, r.text
-        return float(r.json()["sigma"])
-
-    asked_early = []
-    for start in range(0, 650, 50):  # "early" asks once per 50 writes
-        assert (
-            client.post("/memories/early/episodes", json={"episodes": eps[start : start + 50]}).status_code
-            == 200
-        )
-        asked_early.append(sigma("early"))
-    assert client.post("/memories/late/episodes", json={"episodes": eps}).status_code == 200
-    assert sigma("late") == asked_early[-1]
-
-    boundary = 650 // 30 * 30  # the newest seq (650) rounded down to capacity/10 = 30
-    rows = z[boundary - 300 + 30 : boundary]  # seqs (boundary − 270, boundary], 0-based rows
-    d2 = ((rows[:, None, :] - rows[None]) ** 2).sum(-1)
-    expected = np.sqrt(np.sort(d2, axis=1)[:, 8].mean())  # column 0 is the row itself
-    assert asked_early[-1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_seqs_are_never_reused_under_a_name_after_delete_and_restart(tmp_path) -> None:
