@@ -82,6 +82,58 @@ def test_far_from_origin_whatever_the_thread_setting(b: int) -> None:
         np.testing.assert_allclose(d2, ref_d2, rtol=RTOL)
 
 
+@pytest.mark.parametrize("offset", [30.0, 1e4])
+def test_data_far_from_the_origin_are_certified_without_a_full_scan(
+    offset: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows stored minus an exact centre: the float32 candidate search's error scales with
+    the spread, not the offset, so single queries certify (no float64 full scan) and the
+    distances equal the raw rows' bit for bit."""
+    from zmem_core import knn
+
+    scans = []
+    real = knn.brute_force
+    monkeypatch.setattr(knn, "brute_force", lambda *a, **kw: scans.append(1) or real(*a, **kw))
+    rng = np.random.default_rng(7)
+    xb = (offset + rng.normal(size=(20_000, 32))).astype(np.float32)
+    xq = (offset + 0.3 * rng.normal(size=(20, 32))).astype(np.float32)
+    index = FaissCpuIndex(32, 1)
+    index.reserve(len(xb))
+    index.write(np.arange(len(xb)), xb, np.arange(len(xb)))
+    for i in range(len(xq)):
+        d2, idx = index.search(xq[i : i + 1], 64, len(xb))
+        ref_d2, ref_idx = brute_force(xb, xq[i : i + 1], 64)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
+    assert not scans
+
+
+def test_rows_the_centre_cannot_subtract_exactly_recentre_the_index() -> None:
+    """Data far out, then rows near the origin (z − c inexact there), overwriting part of a
+    ring: every answer stays exact, ties by seq, against the raw rows."""
+    rng = np.random.default_rng(8)
+    n, d = 3000, 8
+    index = FaissCpuIndex(d, 1)
+    index.reserve(n)
+    xb = (500 + rng.integers(-3, 4, size=(n, d))).astype(np.float32)
+    seq = np.arange(n, dtype=np.int64)
+    index.write(np.arange(n), xb, seq)
+    for step, z_new in enumerate(
+        [1e-3 * rng.normal(size=(700, d)), 7 + rng.normal(size=(500, d)), 500 + rng.normal(size=(900, d))]
+    ):
+        slots = (step * 700 + np.arange(len(z_new))) % n
+        z_new = z_new.astype(np.float32)
+        new_seq = seq.max() + 1 + np.arange(len(z_new))
+        index.write(slots, z_new, new_seq)
+        xb[slots], seq[slots] = z_new, new_seq
+        xq = np.concatenate([xb[rng.choice(n, 5)] + 0.5, rng.normal(size=(3, d)) * 200]).astype(np.float32)
+        for k in (1, 64):
+            d2, idx = index.search(xq, k, n)
+            ref_d2, ref_idx = brute_force(xb, xq, k, seq=seq)
+            np.testing.assert_array_equal(idx, ref_idx, err_msg=f"step {step}, k={k}")
+            np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
+
+
 # -- through the HTTP API --------------------------------------------------------------------------
 
 

@@ -154,6 +154,8 @@ def exact_knn(
     """The k nearest rows of xb float32 [N, d] (seq int64 [N], distinct) to each row of
     xq float32 [B, d], 1 ≤ k ≤ N, exactly: (d2 float32 [B, k], rows int64 [B, k]), nearest
     first, equal float64 distances by the lower seq; d2 is the float64 distance, cast.
+    xq may also be float64: a query centred exactly (rows stored minus an `exact_center`,
+    the query minus it in float64); the candidate search then takes it rounded to float32.
 
     Steps 1–3 by `knn_certified`, then uncertified rows by `brute_force` (step 4).
     """
@@ -206,6 +208,30 @@ def knn_certified(
         return d2, rows, np.array([ok and not missing[0]])
     last = approx[:, -1].astype(np.float64)
     return d2, rows, certify(d2[:, -1], last, base_sqnorm_max, q2, dim, F32_ROUNDOFF) & ~missing
+
+
+def exact_center(z: np.ndarray, bits: int = 8) -> np.ndarray:
+    """A centre c float32 [d] for rows z float32 [n ≥ 1, d] such that z − c is exact in float32
+    (`knn_torch.exact_center`'s rule, in numpy).
+
+    Per coordinate: the mean rounded to `bits` significant bits where every z − c is then
+    exact, else 0. Searching rows stored as z − c with queries centred in float64 gives the
+    same float64 distances as the raw rows (bit for bit), while the float32 candidate search
+    and its error bound see norms of the spread, not of the offset: without it, data far from
+    the origin fail the certificate and take the full scan.
+    """
+    mean = z.astype(np.float64).mean(axis=0)
+    mantissa, exponent = np.frexp(mean)
+    c = np.ldexp(np.round(mantissa * 2.0**bits), exponent - bits).astype(np.float32)
+    return np.where(centres_exactly(z, c) & np.isfinite(c), c, np.float32(0))
+
+
+def centres_exactly(z: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """bool [d]: per coordinate, whether z − center is exact in float32 for every row of z."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ((z - center).astype(np.float64) == z.astype(np.float64) - center.astype(np.float64)).all(
+            axis=0
+        )
 
 
 def _faiss() -> Any:

@@ -68,7 +68,13 @@ class Engine(Protocol):
 
 
 class FaissCpuIndex:
-    """FAISS CPU brute force (`faiss.knn`) for candidates, re-ranked exactly."""
+    """FAISS CPU brute force (`faiss.knn`) for candidates, re-ranked exactly.
+
+    Rows are stored minus a centre (`knn.exact_center`, chosen so the subtraction is exact)
+    and queries are centred in float64, so the answers are the raw rows' answers bit for bit
+    while the candidate search's error bound scales with the data's spread rather than its
+    distance from the origin (data far from the origin would fail the certificate and take
+    the full scan). A row that the centre doesn't subtract exactly recentres the index."""
 
     name = "faiss-cpu"
 
@@ -77,9 +83,11 @@ class FaissCpuIndex:
 
         self._threads = threads
         self.z_dim = z_dim
-        self._z = np.zeros((0, z_dim), np.float32)
+        self._z = np.zeros((0, z_dim), np.float32)  # rows minus `_center`, exactly
         self._seq = np.zeros(0, np.int64)
-        self._norm2 = 0.0  # the largest squared norm ever written: a bound for the certificate
+        self._norm2 = 0.0  # the largest centred squared norm ever written: a bound for the certificate
+        self._center: np.ndarray | None = None  # float32 [z_dim], fixed by the first write
+        self._filled = 0  # slots [0, _filled) have been written
 
     def bytes_after(self, slots: int) -> int:
         return max(slots, len(self._seq)) * (4 * self.z_dim + 8)
@@ -99,21 +107,46 @@ class FaissCpuIndex:
 
     def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
         # Host memory: nothing to hand to another thread, so the change is made at once.
-        self._z[slots] = z
+        if not len(z):
+            return
+        if self._center is None:
+            self._center = knn.exact_center(z)
+        elif not knn.centres_exactly(z, self._center).all():
+            self._recentre(slots, z)
+        centred = z - self._center
+        self._z[slots] = centred
         self._seq[slots] = seq
-        if len(z):
-            self._norm2 = max(self._norm2, float(np.einsum("nd,nd->n", z, z, dtype=np.float64).max()))
+        self._filled = max(self._filled, int(slots.max()) + 1)
+        self._norm2 = max(self._norm2, float(np.einsum("nd,nd->n", centred, centred, dtype=np.float64).max()))
+
+    def _recentre(self, slots: np.ndarray, z: np.ndarray) -> None:
+        """A centre exact for the rows held and the new rows `z` (at `slots`); the held rows
+        are re-stored under it (O(N·d): only when data move to where the centre no longer
+        subtracts exactly)."""
+        assert self._center is not None
+        keep = np.ones(self._filled, bool)
+        keep[slots[slots < self._filled]] = False
+        held = self._z[: self._filled][keep] + self._center  # exact: the stored rows were exact
+        center = knn.exact_center(np.concatenate([held, z]))
+        self._z[: self._filled] += self._center
+        self._z[: self._filled] -= center
+        self._center = center
+        rows = self._z[: self._filled][keep]
+        self._norm2 = float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max()) if len(rows) else 0.0
 
     def clear(self) -> None:
         self._z = np.zeros((0, self.z_dim), np.float32)
         self._seq = np.zeros(0, np.int64)
         self._norm2 = 0.0
+        self._center = None
+        self._filled = 0
 
     def search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        center = np.zeros(self.z_dim, np.float32) if self._center is None else self._center
         return knn.exact_knn(
             self._z[:size],
             self._seq[:size],
-            zq,
+            zq.astype(np.float64) - center.astype(np.float64),
             k,
             base_sqnorm_max=self._norm2,
             threads=self._threads,
