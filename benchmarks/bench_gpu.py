@@ -47,6 +47,8 @@ def timed(fn: Callable[[], object], repeats: int, warm: int = 3) -> list[float]:
 
 
 def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> list[Row]:
+    from zmem_core.knn import F32_ROUNDOFF
+    from zmem_core.knn_grouped import grouped_knn, prepare_query
     from zmem_core.knn_torch import full_scan
     from zmem_service.torch_index import TorchEngine, cuda_engine
 
@@ -64,17 +66,43 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
         for b in (1, 256):
             zq = rng.standard_normal((b, d), dtype=np.float32)
             d2, slots = index.search(zq, k, n)  # also applies the queued writes
+            base, seq, sqnorm = index._base.x[:n], index._base.seq[:n], index._base.sqnorm[:n]
             check = torch.from_numpy(zq[:8]).to(index.device).double() - index._center
-            ref_d2, ref_slots = full_scan(index._z[:n], index._seq[:n], check, k)
+            ref_d2, ref_slots = full_scan(base, seq, check, k)
             exact = np.array_equal(slots[:8], ref_slots.cpu().numpy()) and np.array_equal(
                 d2[:8], ref_d2.cpu().numpy()
             )
+            query = torch.from_numpy(prepare_query(zq.astype(np.float64) - index._center_host))
+            certified = grouped_knn(index._base, query.to(index.device), k, n, roundoff=F32_ROUNDOFF)[2]
+            note = f"{'exact' if exact else 'MISMATCH'}, certified {int(certified.sum())}/{b}"
             p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
-            rows.append((f"{engine.name} search, N={n:,}, B={b}", p50, p99, "exact" if exact else "MISMATCH"))
+            rows.append((f"{engine.name} search, N={n:,}, B={b}", p50, p99, note))
+
+            args = (base, seq, index.device, index._center, sqnorm)
+            p50, p99 = percentiles(timed(lambda zq=zq, args=args: old_search(zq, k, *args), repeats))
+            rows.append((f"  old knn_torch.exact_knn, N={n:,}, B={b}", p50, p99, ""))
         index.clear()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def old_search(
+    zq: np.ndarray,
+    k: int,
+    base: torch.Tensor,
+    seq: torch.Tensor,
+    device: torch.device,
+    center: torch.Tensor,
+    sqnorm: torch.Tensor,
+) -> object:
+    """The index's search before the grouped layout: `knn_torch.exact_knn`, answer to the host."""
+    from zmem_core.knn_torch import exact_knn
+
+    d2, idx = exact_knn(
+        base, seq, torch.from_numpy(zq).to(device), k, center=center, base_sqnorm=sqnorm, rescue=True
+    )
+    return d2.cpu(), idx.cpu()
 
 
 def free_port() -> int:

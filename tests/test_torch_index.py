@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from zmem_service import torch_index
 from zmem_service.errors import InsufficientStorage
 from zmem_service.torch_index import TorchEngine, TorchIndex, auto_engine_reason, cuda_engine
 
@@ -132,7 +133,7 @@ def test_writes_wait_for_the_next_search() -> None:
     index = make_index("cpu", 2)
     index.reserve(4)
     index.write(np.arange(2), np.array([[0, 0], [5, 5]], np.float32), np.array([1, 2]))
-    assert (index._z == 0).all()  # nothing on the device yet
+    assert (index._base.x == 0).all()  # nothing on the device yet
     index.write(np.array([0]), np.array([[9, 9]], np.float32), np.array([3]))  # overwrites slot 0
     d2, slots = index.search(np.zeros((1, 2), np.float32), 2, 2)
     np.testing.assert_array_equal(slots, [[1, 0]])
@@ -242,3 +243,34 @@ def test_cuda_out_of_memory_is_insufficient_storage() -> None:
     with pytest.raises(InsufficientStorage):
         index.reserve(2 * free // (4 * 4096))
     assert index.nbytes == 16 * index.row_bytes()
+
+
+def test_duplicate_heavy_memories_take_no_full_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each distinct z written 200 times: tie groups longer than the candidate margin leave rows
+    uncertified, and the threshold pass answers them exactly; not one full scan (counted)."""
+    from zmem_core import knn_torch
+
+    calls: list[int] = []
+    real = knn_torch.full_scan
+
+    def counted(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(knn_torch, "full_scan", counted)
+    passes: list[int] = []
+    real_pass = torch_index.rescue_uncertified
+
+    def threshold_pass(*args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        passes.append(len(args[5]))  # type: ignore[arg-type]
+        return real_pass(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch_index, "rescue_uncertified", threshold_pass)
+    rng = np.random.default_rng(7)
+    distinct = rng.integers(-3, 4, size=(100, 6)).astype(np.float32)
+    ring = RingModel(make_index("cpu", 6), 20_000)
+    ring.append(distinct[rng.permutation(np.arange(20_000) % 100)])
+    zq = distinct[:5] + rng.integers(-1, 2, size=(5, 6)).astype(np.float32)
+    for k in (1, 10, 64):
+        ring.check(zq, k)
+    assert calls == [] and sum(passes) > 0

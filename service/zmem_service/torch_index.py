@@ -1,19 +1,25 @@
 """The per-memory index on a torch device (`--device cuda[:N]`, or CPU tensors in tests).
 
 Imported only when `--device` selects a GPU (or `auto` finds one): the CPU service
-never imports torch. The search is the core's exact kNN (`zmem_core.knn_torch`), the
-one the client's replica runs too: GEMM candidates on centred z's, an exact float64
-re-rank with ties by the lower seq, and a full scan for the rare query rows whose
-float32 certificate fails. When the installed faiss has GPU support, its
-`knn_gpu` finds the candidates instead of torch's GEMM (same re-rank).
+never imports torch. The search is the core's fixed-shape, sync-free exact kNN
+(`zmem_core.knn_grouped`): GEMM scores with stored norms, group minima, an exact
+float64 re-rank of a few candidates with ties by the lower seq, and the core's one
+certificate. Then one synchronisation per batch brings the answers (and which rows are
+certified) to the host; the rare uncertified rows take the core's threshold pass, and a
+full scan only past its cap.
 
-Layout on the device, per slot: the z minus the index's centre (float32), its seq
-(int64) and its squared norm (float32). The centre is chosen at the first write
-(`exact_center`: the mean, to 8 significant bits, on coordinates where subtracting
-it is exact) so that distances stay those of the raw z's; a later write that would
-not subtract exactly on some coordinate moves that coordinate's centre to 0
-(also exact). Centring only serves the float32 candidate search: z's far from the
-origin make ‖x‖² − 2⟨x, q⟩ cancel.
+faiss-gpu: when the installed faiss has GPU support, its `knn_gpu` finds the candidates
+instead (same exact re-rank, certificate and full-scan rescue, from `zmem_core.knn_torch`).
+It stays an eager option: it allocates and synchronises inside faiss, so it can never be
+part of a captured CUDA graph; the grouped search is the path meant for one.
+
+Layout on the device (`GroupedBase`), per slot: the z minus the index's centre (float32),
+its seq (int64) and its squared norm (float32, +inf for an empty slot), the capacity
+padded to a multiple of the group size. The centre is chosen at the first write
+(`exact_center`: the mean, to 8 significant bits, on coordinates where subtracting it is
+exact) so that distances stay those of the raw z's; a later write that would not subtract
+exactly on some coordinate moves that coordinate's centre to 0 (also exact). Centring only
+serves the float32 candidate search: z's far from the origin make ‖x‖² − 2⟨x, q⟩ cancel.
 
 Threads: `write` only queues the change (host arrays); `search`, on the index
 thread, applies what is queued and then searches, so device work and faiss-gpu
@@ -30,7 +36,9 @@ import numpy as np
 import torch
 
 from zmem_core.knn import F32_ROUNDOFF, candidate_count
-from zmem_core.knn_torch import exact_center, exact_knn, rerank_candidates, rescue_uncertified
+from zmem_core.knn_grouped import GroupedBase, grouped_knn, prepare_query, rescue_uncertified
+from zmem_core.knn_torch import exact_center, rerank_candidates, unit_roundoff
+from zmem_core.knn_torch import rescue_uncertified as full_scan_uncertified
 
 from .errors import InsufficientStorage
 
@@ -40,7 +48,8 @@ FAISS_GPU_MAX_K = 2048
 
 class FaissGpuCandidates:
     """Candidates by faiss-gpu's `knn_gpu` over torch tensors; the GPU resources are made on
-    first use, by the thread that searches (they must stay on one thread)."""
+    first use, by the thread that searches (they must stay on one thread). Eager only (see the
+    module docstring)."""
 
     def __init__(self, faiss: Any, device: int) -> None:
         self._faiss = faiss
@@ -69,9 +78,8 @@ class TorchIndex:
         self.device = device
         self._candidates = candidates
         self._room = 0
-        self._z = torch.zeros((0, z_dim), dtype=torch.float32, device=device)
-        self._seq = torch.zeros(0, dtype=torch.int64, device=device)
-        self._sqnorm = torch.zeros(0, dtype=torch.float32, device=device)
+        self._extent = 0  # slots [0, extent) may hold rows once the queue is applied
+        self._base = GroupedBase(z_dim, device)
         self._center_host: np.ndarray | None = None  # float32 [d]: the centre of the rows queued last
         self._center: torch.Tensor | None = None  # the centre of the rows on the device
         self._queue: list[tuple[str, Any]] = []
@@ -89,14 +97,12 @@ class TorchIndex:
         return self._room * self.row_bytes()
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` rows, exactly (the ring sizes its growth); InsufficientStorage when
-        the device has no room, and then nothing changed."""
+        """Room for `slots` rows (the ring sizes its growth; the device pads it to a whole group);
+        InsufficientStorage when the device has no room, and then nothing changed."""
         if slots <= self._room:
             return
         try:
-            z = torch.zeros((slots, self.z_dim), dtype=torch.float32, device=self.device)
-            seq = torch.zeros(slots, dtype=torch.int64, device=self.device)
-            sqnorm = torch.zeros(slots, dtype=torch.float32, device=self.device)
+            self._base.grow(slots)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e):
                 raise
@@ -105,16 +111,11 @@ class TorchIndex:
                 f"({slots * self.row_bytes()} bytes): {str(e).splitlines()[0]}",
                 device=str(self.device),
             ) from None
-        z[: self._room] = self._z
-        seq[: self._room] = self._seq
-        sqnorm[: self._room] = self._sqnorm
-        self._z, self._seq, self._sqnorm, self._room = z, seq, sqnorm, slots
+        self._room = slots
 
     def clear(self) -> None:
-        self._room = 0
-        self._z = self._z.new_zeros((0, self.z_dim))
-        self._seq = self._seq.new_zeros(0)
-        self._sqnorm = self._sqnorm.new_zeros(0)
+        self._room = self._extent = 0
+        self._base = GroupedBase(self.z_dim, self.device)
         self._center_host = self._center = None
         self._queue.clear()
 
@@ -136,32 +137,53 @@ class TorchIndex:
                 self._queue.append(("center", moved))
                 self._center_host = moved
         x = z - self._center_host  # exact, by the choice of the centre
-        self._queue.append(("rows", (np.array(slots, np.int64), x, np.array(seq, np.int64))))
+        slots = np.array(slots, np.int64)
+        self._queue.append(("rows", (slots, x, np.array(seq, np.int64))))
+        self._extent = max(self._extent, int(slots.max()) + 1)
 
     def search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest of slots [0, size) to each row of zq float32 [B, d]: (d2 float32 [B, k],
         slots int64 [B, k]), nearest first, exact, ties by the lower seq."""
         self._apply()
-        base, seq, sqnorm = self._z[:size], self._seq[:size], self._sqnorm[:size]
-        query = torch.tensor(np.asarray(zq, np.float32), device=self.device)
+        zq = np.asarray(zq, np.float32)
+        if len(zq) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         c = candidate_count(k, size)
         if self._candidates is not None and c < size and c <= FAISS_GPU_MAX_K:
-            assert self._center is not None
-            cand, last = self._candidates(base, (query - self._center).contiguous(), c)
-            d2, rows, certified = rerank_candidates(
-                base,
-                seq,
-                query,
-                cand,
-                last,
-                k,
-                center=self._center,
-                base_sqnorm=sqnorm,
-                roundoff=F32_ROUNDOFF,
-            )
-            rescue_uncertified(base, seq, query, k, d2, rows, certified, center=self._center)
-        else:
-            d2, rows = exact_knn(base, seq, query, k, center=self._center, base_sqnorm=sqnorm, rescue=True)
+            return self._search_faiss(zq, k, size)
+        hidden = None
+        if size < self._extent:  # slots past size are not searched: hide them for this search
+            hidden = self._base.sqnorm[size : self._extent].clone()
+            self._base.empty(size, self._extent)
+        try:
+            return self._search(zq, k, size)
+        finally:
+            if hidden is not None:
+                self._base.sqnorm[size : self._extent] = hidden
+
+    def _search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        center = np.zeros(self.z_dim) if self._center_host is None else self._center_host.astype(np.float64)
+        query = torch.from_numpy(prepare_query(zq.astype(np.float64) - center))
+        if self.device.type == "cuda":
+            query = query.pin_memory().to(self.device, non_blocking=True)
+        u = unit_roundoff(self.device)
+        d2, slots, certified = grouped_knn(self._base, query, k, size, roundoff=u)
+        d2_h, slots_h, certified_h = _to_host(d2[:, :k], slots[:, :k], certified)  # the one sync
+        bad = np.flatnonzero(~certified_h)
+        if len(bad):
+            d2_r, slots_r = rescue_uncertified(self._base, query, k, size, d2, bad, roundoff=u)
+            d2_h[bad], slots_h[bad] = d2_r.cpu().numpy(), slots_r.cpu().numpy()
+        return d2_h.astype(np.float32), slots_h
+
+    def _search_faiss(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self._candidates is not None and self._center is not None
+        base, seq, sqnorm = self._base.x[:size], self._base.seq[:size], self._base.sqnorm[:size]
+        query = torch.tensor(zq, device=self.device)
+        cand, last = self._candidates(base, (query - self._center).contiguous(), candidate_count(k, size))
+        d2, rows, certified = rerank_candidates(
+            base, seq, query, cand, last, k, center=self._center, base_sqnorm=sqnorm, roundoff=F32_ROUNDOFF
+        )
+        full_scan_uncertified(base, seq, query, k, d2, rows, certified, center=self._center)
         return d2.cpu().numpy(), rows.cpu().numpy()
 
     def _apply(self) -> None:
@@ -171,15 +193,23 @@ class TorchIndex:
                 center = torch.from_numpy(item).to(self.device)
                 if self._center is not None:
                     # x + old centre is the raw z exactly; minus the new one (the old, or 0) too.
-                    self._z += self._center - center
-                    self._sqnorm = (self._z * self._z).sum(dim=1)
+                    self._base.shift(self._center - center)
                 self._center = center
             else:
                 slots, x, seq = (torch.from_numpy(a).to(self.device) for a in item)
-                self._z[slots] = x
-                self._seq[slots] = seq
-                self._sqnorm[slots] = (x * x).sum(dim=1)
+                self._base.write(slots, x, seq)
         self._queue.clear()
+
+
+def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors as host arrays, with one synchronisation (pinned copies, then one wait)."""
+    if tensors[0].device.type != "cuda":
+        return [t.numpy().copy() for t in tensors]
+    out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(out, tensors, strict=True):
+        host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [h.numpy() for h in out]
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
