@@ -274,3 +274,11 @@ def test_duplicate_heavy_memories_take_no_full_scan(monkeypatch: pytest.MonkeyPa
     for k in (1, 10, 64):
         ring.check(zq, k)
     assert calls == [] and sum(passes) > 0
+
+
+def test_a_large_batch_is_searched_in_parts() -> None:
+    """More query rows than one device search takes: parts of `QUERY_ROWS`, one answer, exact."""
+    rng = np.random.default_rng(8)
+    ring = RingModel(make_index("cpu", 5), 3000)
+    ring.append(rng.integers(-2, 3, size=(3000, 5)).astype(np.float32))
+    ring.check(rng.integers(-2, 3, size=(2 * torch_index.QUERY_ROWS + 3, 5)).astype(np.float32), 10)

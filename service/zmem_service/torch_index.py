@@ -42,6 +42,9 @@ from zmem_core.knn_torch import rescue_uncertified as full_scan_uncertified
 
 from .errors import InsufficientStorage
 
+QUERY_ROWS = 256
+"""Query rows per device search: a larger batch is searched in parts of this many rows (then
+one synchronisation for all), so that the candidates' [B, c', d] float64 block stays bounded."""
 FAISS_GPU_MAX_K = 2048
 """The largest k faiss-gpu's brute force accepts; above it, torch finds the candidates."""
 
@@ -167,7 +170,14 @@ class TorchIndex:
         if self.device.type == "cuda":
             query = query.pin_memory().to(self.device, non_blocking=True)
         u = unit_roundoff(self.device)
-        d2, slots, certified = grouped_knn(self._base, query, k, size, roundoff=u)
+        found = [
+            grouped_knn(self._base, query[start : start + QUERY_ROWS], k, size, roundoff=u)
+            for start in range(0, len(query), QUERY_ROWS)
+        ]
+        if len(found) == 1:
+            d2, slots, certified = found[0]
+        else:
+            d2, slots, certified = (torch.cat(parts) for parts in zip(*found, strict=True))
         d2_h, slots_h, certified_h = _to_host(d2[:, :k], slots[:, :k], certified)  # the one sync
         bad = np.flatnonzero(~certified_h)
         if len(bad):
