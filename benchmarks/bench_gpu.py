@@ -48,6 +48,7 @@ def timed(fn: Callable[[], object], repeats: int, warm: int = 3) -> list[float]:
 
 def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> list[Row]:
     from zmem_core.knn import F32_ROUNDOFF
+    from zmem_core.knn_graphs import GraphedSearch
     from zmem_core.knn_grouped import grouped_knn, prepare_query
     from zmem_core.knn_torch import full_scan
     from zmem_service.torch_index import TorchEngine, cuda_engine
@@ -77,6 +78,14 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
             note = f"{'exact' if exact else 'MISMATCH'}, certified {int(certified.sum())}/{b}"
             p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
             rows.append((f"{engine.name} search, N={n:,}, B={b}", p50, p99, note))
+            if index.device.type == "cuda":  # the same search replayed from CUDA graphs
+                index._graphs = GraphedSearch(enabled=True)
+                graphed = index.search(zq, k, n)
+                same = np.array_equal(graphed[1], slots) and np.array_equal(graphed[0], d2)
+                p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
+                why = f"eager: {index._graphs.failed}" if index._graphs.failed else "graphed"
+                rows.append((f"  {why}, N={n:,}, B={b}", p50, p99, "same" if same else "MISMATCH"))
+                index._graphs = GraphedSearch(enabled=False)
 
             args = (base, seq, index.device, index._center, sqnorm)
             p50, p99 = percentiles(timed(lambda zq=zq, args=args: old_search(zq, k, *args), repeats))

@@ -282,3 +282,13 @@ def test_a_large_batch_is_searched_in_parts() -> None:
     ring = RingModel(make_index("cpu", 5), 3000)
     ring.append(rng.integers(-2, 3, size=(3000, 5)).astype(np.float32))
     ring.check(rng.integers(-2, 3, size=(2 * torch_index.QUERY_ROWS + 3, 5)).astype(np.float32), 10)
+
+
+def test_cuda_graphs_on_a_cpu_index_fall_back_to_eager() -> None:
+    """Graph capture cannot succeed on CPU tensors: the index says why and answers eagerly, exactly."""
+    engine = TorchEngine("cpu", "test", cuda_graphs=True)
+    ring = RingModel(engine.new_index(4), 500)
+    rng = np.random.default_rng(9)
+    ring.append(rng.integers(-2, 3, size=(400, 4)).astype(np.float32))
+    ring.check(rng.integers(-2, 3, size=(5, 4)).astype(np.float32), 10)
+    assert ring.index._graphs.failed

@@ -40,6 +40,8 @@ The query's host part (`prepare_query`): the centred float64 query, its float32 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -50,6 +52,7 @@ GROUP = 32
 """Rows per group: the group minimum is taken over this many consecutive slots."""
 BLOCK_ELEMENTS = 1 << 24
 """Bound on B·chunk, the elements of one float32 score block (64 MiB)."""
+_GENERATIONS = itertools.count()
 RESCUE_MIN_ROWS = 4096
 """The threshold pass re-ranks at least this many rows per query row before a full scan."""
 
@@ -74,7 +77,9 @@ class GroupedBase:
 
     `x` float32 [C, d], `seq` int64 [C], `sqnorm` float32 [C] (+inf where empty),
     `sqnorm_max` float64 0-d (≥ every stored ‖x‖²), C = `capacity` a multiple of `group`.
-    Writes take device tensors; nothing here reads a device value on the host.
+    Writes take device tensors; nothing here reads a device value on the host. Only `grow`
+    replaces the tensors (and takes a new `generation`, unique in the process); every other
+    change is in place, so a captured CUDA graph stays valid until the next growth.
     """
 
     def __init__(self, dim: int, device: torch.device, group: int = GROUP) -> None:
@@ -84,6 +89,7 @@ class GroupedBase:
         self.sqnorm = torch.zeros(0, dtype=torch.float32, device=self.device)
         self.sqnorm_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.lanes = torch.arange(group, device=self.device)
+        self.generation = next(_GENERATIONS)
 
     @property
     def capacity(self) -> int:
@@ -101,6 +107,7 @@ class GroupedBase:
         n = self.capacity
         x[:n], seq[:n], sqnorm[:n] = self.x, self.seq, self.sqnorm
         self.x, self.seq, self.sqnorm = x, seq, sqnorm
+        self.generation = next(_GENERATIONS)
 
     def write(self, slots: torch.Tensor, x: torch.Tensor, seq: torch.Tensor) -> None:
         """Rows x float32 [n, d] with seqs int64 [n] into slots int64 [n] (distinct, < capacity)."""
@@ -108,7 +115,7 @@ class GroupedBase:
             return
         sq = (x * x).sum(dim=1)
         self.x[slots], self.seq[slots], self.sqnorm[slots] = x, seq, sq
-        self.sqnorm_max = torch.maximum(self.sqnorm_max, sq.max().to(torch.float64))
+        torch.maximum(self.sqnorm_max, sq.max().to(torch.float64), out=self.sqnorm_max)
 
     def empty(self, start: int, stop: int) -> None:
         """Slots [start, stop) become empty (their rows are no longer searched)."""
@@ -120,8 +127,8 @@ class GroupedBase:
         live = self.sqnorm.isfinite()
         self.x += delta
         sq = (self.x * self.x).sum(dim=1)
-        self.sqnorm = torch.where(live, sq, torch.inf)
-        self.sqnorm_max = torch.where(live, sq, 0.0).max().to(torch.float64)
+        self.sqnorm.copy_(torch.where(live, sq, torch.inf))
+        self.sqnorm_max.copy_(torch.where(live, sq, 0.0).max())
 
 
 def prepare_query(q64: np.ndarray) -> np.ndarray:

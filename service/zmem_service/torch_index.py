@@ -6,7 +6,8 @@ never imports torch. The search is the core's fixed-shape, sync-free exact kNN
 float64 re-rank of a few candidates with ties by the lower seq, and the core's one
 certificate. Then one synchronisation per batch brings the answers (and which rows are
 certified) to the host; the rare uncertified rows take the core's threshold pass, and a
-full scan only past its cap.
+full scan only past its cap. With `cuda_graphs`, the fixed-shape search is replayed from a
+CUDA graph per (query-row bucket, k) (`zmem_core.knn_graphs`), eager where capture fails.
 
 faiss-gpu: when the installed faiss has GPU support, its `knn_gpu` finds the candidates
 instead (same exact re-rank, certificate and full-scan rescue, from `zmem_core.knn_torch`).
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 
 from zmem_core.knn import F32_ROUNDOFF, candidate_count
-from zmem_core.knn_grouped import GroupedBase, grouped_knn, prepare_query, rescue_uncertified
+from zmem_core.knn_graphs import MAX_ROWS, GraphedSearch
+from zmem_core.knn_grouped import GroupedBase, prepare_query, rescue_uncertified
 from zmem_core.knn_torch import exact_center, rerank_candidates, unit_roundoff
 from zmem_core.knn_torch import rescue_uncertified as full_scan_uncertified
 
 from .errors import InsufficientStorage
 
-QUERY_ROWS = 256
+QUERY_ROWS = MAX_ROWS
 """Query rows per device search: a larger batch is searched in parts of this many rows (then
 one synchronisation for all), so that the candidates' [B, c', d] float64 block stays bounded."""
 FAISS_GPU_MAX_K = 2048
@@ -74,7 +76,13 @@ class TorchIndex:
     """One memory's z's on a torch device, addressed by ring slot (see the module docstring)."""
 
     def __init__(
-        self, z_dim: int, device: torch.device, name: str, candidates: FaissGpuCandidates | None = None
+        self,
+        z_dim: int,
+        device: torch.device,
+        name: str,
+        candidates: FaissGpuCandidates | None = None,
+        *,
+        cuda_graphs: bool = False,
     ) -> None:
         self.name = name
         self.z_dim = z_dim
@@ -83,6 +91,7 @@ class TorchIndex:
         self._room = 0
         self._extent = 0  # slots [0, extent) may hold rows once the queue is applied
         self._base = GroupedBase(z_dim, device)
+        self._graphs = GraphedSearch(cuda_graphs)
         self._center_host: np.ndarray | None = None  # float32 [d]: the centre of the rows queued last
         self._center: torch.Tensor | None = None  # the centre of the rows on the device
         self._queue: list[tuple[str, Any]] = []
@@ -169,18 +178,19 @@ class TorchIndex:
         query = torch.from_numpy(prepare_query(zq.astype(np.float64) - center))
         if self.device.type == "cuda":
             query = query.pin_memory().to(self.device, non_blocking=True)
-        u = unit_roundoff(self.device)
-        found = [
-            grouped_knn(self._base, query[start : start + QUERY_ROWS], k, size, roundoff=u)
-            for start in range(0, len(query), QUERY_ROWS)
-        ]
+        found = []
+        for start in range(0, len(query), QUERY_ROWS):
+            out, _ = self._graphs.search(self._base, query[start : start + QUERY_ROWS], k, size)
+            # a graph's outputs are overwritten by its next replay: keep a copy of each part
+            found.append(out if len(query) <= QUERY_ROWS else tuple(t.clone() for t in out))
         if len(found) == 1:
             d2, slots, certified = found[0]
         else:
             d2, slots, certified = (torch.cat(parts) for parts in zip(*found, strict=True))
         d2_h, slots_h, certified_h = _to_host(d2[:, :k], slots[:, :k], certified)  # the one sync
         bad = np.flatnonzero(~certified_h)
-        if len(bad):
+        if len(bad):  # the threshold pass runs its own GEMM eagerly, at the process's precision
+            u = unit_roundoff(self.device)
             d2_r, slots_r = rescue_uncertified(self._base, query, k, size, d2, bad, roundoff=u)
             d2_h[bad], slots_h[bad] = d2_r.cpu().numpy(), slots_r.cpu().numpy()
         return d2_h.astype(np.float32), slots_h
@@ -227,10 +237,16 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 class TorchEngine:
-    """Makes `TorchIndex`es on one torch device (with faiss-gpu candidates when given)."""
+    """Makes `TorchIndex`es on one torch device (with faiss-gpu candidates when given).
 
-    def __init__(self, device: str | torch.device, reason: str, *, faiss: Any = None) -> None:
+    `cuda_graphs`: replay the search from CUDA graphs (`zmem_core.knn_graphs`; eager where
+    capture fails). Off by default until it has run on a GPU machine; no setting selects it yet."""
+
+    def __init__(
+        self, device: str | torch.device, reason: str, *, faiss: Any = None, cuda_graphs: bool = False
+    ) -> None:
         self.device = torch.device(device)
+        self.cuda_graphs = cuda_graphs
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.reason = reason
@@ -245,7 +261,7 @@ class TorchEngine:
 
     def new_index(self, z_dim: int) -> TorchIndex:
         """A new empty index; allocates nothing until `reserve`."""
-        return TorchIndex(z_dim, self.device, self.name, self._candidates)
+        return TorchIndex(z_dim, self.device, self.name, self._candidates, cuda_graphs=self.cuda_graphs)
 
     def device_bytes(self) -> int | None:
         if self.device.type != "cuda":
