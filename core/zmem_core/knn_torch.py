@@ -1,8 +1,10 @@
 """Exact k nearest neighbours in torch (CPU or CUDA tensors), ties by the lower seq.
 
 The contract, the margin rule and the certificate are `zmem_core.knn`'s (see its
-docstring); this module runs them on tensors. It serves the service's torch index and
-the client's replica, and imports only torch (and FAISS, lazily, for CPU candidates).
+docstring); this module runs them on tensors. It serves the client's replica and the
+service's faiss-gpu option (the service's own torch search is `zmem_core.knn_grouped`,
+which uses `full_scan` from here), and imports only torch (and FAISS, lazily, for CPU
+candidates).
 
 How a search runs, for query rows q:
 
@@ -30,8 +32,8 @@ the host. Deciding whether any row needs step 4 does (one boolean). So
 and, on CUDA, never synchronises: an uncertified row then keeps its step-2 answer
 (exact except for ties and float32-level near-ties at the k-th place that the
 margin missed); `knn_certified` returns the certificate for callers that want to
-count or act on it. The service's index reads its answer on the host anyway and
-passes `rescue=True`.
+count or act on it. The service's faiss-gpu path reads its answer on the host anyway
+and rescues.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from zmem_core.knn_torch import exact_center
 from ..knn_oracle import brute_force, check_same_knn, pair_d2, ring_seqs
 from .test_knn import CASES, KINDS, duplicated_200_fold, integer_ties, normal
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 INDEXING = {"index", "gather", "index_select", "embedding"}
 """Ops whose work is their output, not their (whole) source."""
 FORBIDDEN = {"nonzero", "_local_scalar_dense", "item", "_to_copy", "copy_", "to"}
@@ -48,39 +50,42 @@ class OpLog(TorchDispatchMode):
 
 
 def stored(
-    xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, *, centre: bool = True
+    xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, *, centre: bool = True, device: str = "cpu"
 ) -> tuple[GroupedBase, torch.Tensor]:
     """xb and seq in the first len(xb) slots of a base twice as large whose other slots held the
     queries with lower seqs (nearer than anything) and were then emptied: a search that reads an
     empty slot fails. → (the base, the prepared query)."""
     n, d = xb.shape
     c = exact_center(torch.from_numpy(xb)).numpy() if centre else np.zeros(d, np.float32)
-    base = GroupedBase(d, torch.device("cpu"))
+    base = GroupedBase(d, torch.device(device))
     base.grow(2 * n + 5)
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
     decoys = xq[np.arange(n) % len(xq)] - c
-    base.write(
-        torch.arange(n, 2 * n), torch.from_numpy(decoys), torch.from_numpy(seq.min() - 1 - np.arange(n))
-    )
-    base.write(torch.arange(n), torch.from_numpy(xb - c), torch.from_numpy(seq))
+    base.write(put(np.arange(n, 2 * n)), put(decoys), put(seq.min() - 1 - np.arange(n)))
+    base.write(put(np.arange(n)), put(xb - c), put(seq))
     base.empty(n, base.capacity)
-    return base, torch.from_numpy(prepare_query(xq.astype(np.float64) - c.astype(np.float64)))
+    return base, put(prepare_query(xq.astype(np.float64) - c.astype(np.float64)))
 
 
 def answer(
     base: GroupedBase, query: torch.Tensor, k: int, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """grouped_knn, then the threshold pass for uncertified rows: (d2 float32, slots, certified)."""
-    d2, slots, ok = grouped_knn(base, query, k, n, roundoff=F32_ROUNDOFF)
+    u = knn_torch.unit_roundoff(base.device)
+    d2, slots, ok = grouped_knn(base, query, k, n, roundoff=u)
     d2, slots = d2[:, :k].clone(), slots[:, :k].clone()
-    bad = np.flatnonzero(~ok.numpy())
+    bad = np.flatnonzero(~ok.cpu().numpy())
     if len(bad):
-        d2[bad], slots[bad] = rescue_uncertified(base, query, k, n, d2, bad, roundoff=F32_ROUNDOFF)
-    return d2.numpy().astype(np.float32), slots.numpy(), ok.numpy()
+        d2[bad], slots[bad] = rescue_uncertified(base, query, k, n, d2, bad, roundoff=u)
+    return d2.cpu().numpy().astype(np.float32), slots.cpu().numpy(), ok.cpu().numpy()
 
 
-def check(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
+def check(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
     """The answer equals brute force (slots and float32 d2, ties by seq); → which rows were certified."""
-    base, query = stored(xb, seq, xq)
+    base, query = stored(xb, seq, xq, device=device)
     d2, slots, ok = answer(base, query, k, len(xb))
     ref_d2, ref_slots = brute_force(xb, seq, xq, k)
     check_same_knn(ref_d2, ref_slots, d2, slots, exact=True)
@@ -157,10 +162,11 @@ def test_today_s_torch_knn_for_comparison(b: int) -> None:
 # -- exactness -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("kind", "k", "d", "b"), CASES, ids=[f"{c[0]}-k{c[1]}-d{c[2]}-B{c[3]}" for c in CASES]
 )
-def test_equals_brute_force(kind: str, k: int, d: int, b: int) -> None:
+def test_equals_brute_force(kind: str, k: int, d: int, b: int, device: str) -> None:
     """`test_knn.py`'s kinds (ties, 200-fold duplicates, far from origin, near 1e-23, near the
     float32 norm limit) with every k in {1, 64, 1024}, d in {1, 33}, B in {1, 3, 256}: 5,000 rows
     of a wrapped ring, part of a larger, partly emptied capacity."""
@@ -168,7 +174,7 @@ def test_equals_brute_force(kind: str, k: int, d: int, b: int) -> None:
     n = 5000
     xb, xq = (a.astype(np.float32) for a in KINDS[kind](rng, n, b, d))
     xq[0] = xb[17]
-    check(xb, ring_seqs(n, 3217), xq, k)
+    check(xb, ring_seqs(n, 3217), xq, k, device)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
