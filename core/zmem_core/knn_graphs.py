@@ -16,7 +16,8 @@ the flags alone and uses `knn_torch.unit_roundoff`.
 
 Eager fallback: where capture fails (a CPU tensor, an old driver, an allocator setting the
 graph pool refuses), the search runs eagerly from then on, said once in the log. Capture and
-replay must run on one thread (the service's index thread).
+replay must run on one thread (the service's index thread); other threads may use the
+device meanwhile (the capture is thread-local).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ log = logging.getLogger("zmem.knn")
 
 MAX_ROWS = 256
 """The largest query-row bucket: callers search larger batches in parts of this many rows."""
+MAX_GRAPHS = 32
+"""Graphs kept per base (each holds a memory pool for its temporaries): past this many
+shapes, the one captured first is dropped."""
 
 
 def rows_bucket(rows: int) -> int:
@@ -96,6 +100,8 @@ class GraphedSearch:
                 )
                 u = unit_roundoff(base.device)
                 return grouped_knn(base, query, k, size, roundoff=u), u
+            if len(self._graphs) >= MAX_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]
             self._graphs[key] = captured
         captured.query[:b].copy_(query)
         captured.graph.replay()
@@ -111,7 +117,8 @@ class GraphedSearch:
             with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, workspaces
                 grouped_knn(base, static, k, size, roundoff=F32_ROUNDOFF)
             torch.cuda.current_stream(base.device).wait_stream(side)
-            with torch.cuda.graph(graph):
+            # thread_local: the writer thread may allocate on the device while this one captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = grouped_knn(base, static, k, size, roundoff=F32_ROUNDOFF)
         return _Captured(graph, static, out)
 

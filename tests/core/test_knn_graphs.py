@@ -94,3 +94,14 @@ def test_replays_equal_the_eager_search() -> None:
         graphs.search(base, q, 64, 20_000)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@CUDA
+def test_graphs_are_kept_per_shape_up_to_a_bound() -> None:
+    from zmem_core import knn_graphs
+
+    base = filled("cuda", 5000, 4)
+    graphs = GraphedSearch(enabled=True)
+    for k in range(1, knn_graphs.MAX_GRAPHS + 5):
+        graphs.search(base, queries("cuda", 1, 4, k), k, 5000)
+    assert len(graphs._graphs) == knn_graphs.MAX_GRAPHS and graphs.failed is None
