@@ -5,9 +5,11 @@
 
 Rows: server-side search time, i.e. one `TorchIndex.search` call as the searcher
 thread makes it (query to the device, exact kNN, answer back to the host; CUDA
-synchronised by that copy back), p50 and p99 over repeats, for B=1 and B=256 at each N;
-then `ZMemClient.risk` B=1 forward+backward over loopback against a `zmem serve
---device <device> --durability none` filled with episodes. Each N's first answer is
+synchronised by that copy back), p50 and p99 over repeats, for B=1 and B=256 at each N,
+with how many query rows the device search certified; under each, the same search by the
+previous path (`knn_torch.exact_knn`) and, on CUDA, replayed from CUDA graphs; then
+`ZMemClient.risk` B=1 forward+backward over loopback against a `zmem serve --device
+<device> --durability none` filled with episodes. Each N's first answer is
 checked against a full exact scan before it is timed.
 """
 
@@ -75,7 +77,7 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
             )
             query = torch.from_numpy(prepare_query(zq.astype(np.float64) - index._center_host))
             certified = grouped_knn(index._base, query.to(index.device), k, n, roundoff=F32_ROUNDOFF)[2]
-            note = f"{'exact' if exact else 'MISMATCH'}, certified {int(certified.sum())}/{b}"
+            note = f"certified {int(certified.sum())}/{b}, {'exact' if exact else 'MISMATCH'}"
             p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
             rows.append((f"{engine.name} search, N={n:,}, B={b}", p50, p99, note))
             if index.device.type == "cuda":  # the same search replayed from CUDA graphs
