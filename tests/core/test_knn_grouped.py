@@ -149,11 +149,9 @@ def test_today_s_torch_knn_for_comparison(b: int) -> None:
     n, d = 50_000, 32
     xb = torch.from_numpy(rng.normal(size=(n, d)).astype(np.float32))
     xq = torch.from_numpy(rng.normal(size=(b, d)).astype(np.float32))
-    sqnorm = (xb * xb).sum(dim=1)
+    sqnorm, seq, center = (xb * xb).sum(dim=1), torch.arange(n), torch.zeros(d)
     with OpLog() as log:
-        knn_torch.exact_knn(
-            xb, torch.arange(n), xq, 64, center=torch.zeros(d), base_sqnorm=sqnorm, rescue=False
-        )
+        knn_torch.exact_knn(xb, seq, xq, 64, center=center, base_sqnorm=sqnorm, rescue=False)
     heavy = [name for name, _, work in log.ops if work >= b * n]
     print(f"knn_torch.exact_knn B={b}: {len(log.ops)} non-view ops, O(B·N): {heavy}")
     assert len(log.ops) > len(device_ops(normal, b, n).ops)
