@@ -7,9 +7,11 @@
 - `kernel`: the seed's Gaussian-kernel statistics per query row (risk, Σw, n_eff).
 - `wire`: the safetensors body format (arrays as tensors, other values as JSON literals).
 - `knn`, `knn_torch`: the exact kNN (squared L2, ties by the lower seq) and its certificate.
+- `knn_grouped`: the fixed-shape, sync-free torch search over a group-aligned base (the
+  service's torch index); `knn_graphs`: that search replayed from CUDA graphs.
 
 `zmem_service` and `zmem_client` import this package; it imports neither (an
 import-linter contract in pyproject.toml says so). Importing `zmem_core` loads numpy
-only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`: torch)
+only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`, `knn_grouped`, `knn_graphs`: torch)
 are imported by name where they are used, never from here.
 """
