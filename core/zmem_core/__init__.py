@@ -12,6 +12,7 @@
 
 `zmem_service` and `zmem_client` import this package; it imports neither (an
 import-linter contract in pyproject.toml says so). Importing `zmem_core` loads numpy
-only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`, `knn_grouped`, `knn_graphs`: torch)
-are imported by name where they are used, never from here.
+only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`,
+`knn_grouped`, `knn_graphs`: torch) are imported by name where they are used, never
+from here.
 """
