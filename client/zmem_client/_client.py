@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import torch
 
-from zmem_core import names, wire
+from zmem_core import wire
 from zmem_core.limits import (
     MAX_BATCH,
     MAX_ID_CHARS,
@@ -30,6 +30,7 @@ from zmem_core.limits import (
     rows_too_large,
     text_problem,
 )
+from zmem_core.names import check_name
 
 from ._exceptions import (
     NOT_FOUND,
@@ -91,7 +92,7 @@ class ZMemClient:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        names.check_name(memory)
+        check_name(memory)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if not exit_timeout >= 0:

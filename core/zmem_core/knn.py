@@ -205,7 +205,7 @@ def knn_certified(
     q2 = np.einsum("bd,bd->b", xq, xq, dtype=np.float64)
     if len(xq) == 1:  # the common single query: the certificate on Python floats is cheaper
         ok = certify(float(d2[0, -1]), float(approx[0, -1]), base_sqnorm_max, float(q2[0]), dim, F32_ROUNDOFF)
-        return d2, rows, np.array([ok and not missing[0]])
+        return d2, rows, np.array([ok and not bool(np.asarray(missing)[0])])
     last = approx[:, -1].astype(np.float64)
     return d2, rows, certify(d2[:, -1], last, base_sqnorm_max, q2, dim, F32_ROUNDOFF) & ~missing
 
