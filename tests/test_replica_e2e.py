@@ -231,7 +231,7 @@ def test_four_workers_replicas_equal_the_export(tmp_path: Path) -> None:
 
 
 def test_sigma_auto_never_known_raises_through_an_outage(srv: Server, clients: Callable[..., Any]) -> None:
-    """Issue 16, item 6: a replica that had never asked for "auto" raised once when asked during
+    """A replica that had never asked for "auto" raised once when asked during
     an outage, then answered with σ = 1.0; it raises until the service can tell it the value."""
     rng = np.random.default_rng(3)
     service, replica = clients()
@@ -263,7 +263,7 @@ def test_sigma_auto_never_known_raises_through_an_outage(srv: Server, clients: C
 
 
 def test_new_generation_with_another_z_dim(srv: Server, clients: Callable[..., Any]) -> None:
-    """Issue 16, item 7: after a re-create with another z_dim the replica follows the new memory,
+    """After a re-create with another z_dim the replica follows the new memory,
     and a query of the old width is the 422 the service answers, not a ValueError."""
     rng = np.random.default_rng(4)
     service, replica = clients("m")

@@ -151,7 +151,7 @@ def test_first_sigma_auto_asks_the_service(make_replica: Callable[..., Replica])
 
 
 def test_sigma_auto_never_known_raises_through_an_outage(make_replica: Callable[..., Replica]) -> None:
-    """Issue 16, item 6: the first "auto" during an outage raised once, then every call used
+    """The first "auto" during an outage raised once, then every call used
     σ = 1.0 without a word. Until the replica knows the value, every call raises."""
     feed = AutoFeed()
     rng = np.random.default_rng(21)
@@ -217,7 +217,7 @@ def gzip_zeros(total: int) -> Iterator[bytes]:
     "kind", ["declared", "garbage", "huge table", "trailing", "gzip", "error answer", "dribble"]
 )
 def test_an_endless_answer_is_cut_off_at_its_cap(make_replica: Callable[..., Replica], kind: str) -> None:
-    """Issue 16, item 7: a 1 GB page took 2.9 GB of RSS with replica_max_bytes 64 MiB. The
+    """A 1 GB page took 2.9 GB of RSS with replica_max_bytes 64 MiB. The
     replica reads at most what the page it asked for can hold, and refuses the rest."""
     feed = FakeFeed()
     feed.create(capacity=1000, min_size=1)
@@ -329,7 +329,7 @@ CORRUPTIONS: dict[str, Callable[[dict[str, np.ndarray], dict[str, Any]], Any]] =
 def test_a_page_that_disagrees_with_itself_is_refused(
     make_replica: Callable[..., Replica], corruption: str
 ) -> None:
-    """Issue 16, item 7: pages whose z columns disagreed with their settings were applied, and
+    """Pages whose z columns disagreed with their settings were applied, and
     every risk() then raised ValueError. A bad page is refused whole: the replica keeps
     answering from its last good state, the feed error is the client's own, and once the
     service mends the replica catches up."""
@@ -396,7 +396,7 @@ def test_first_sync_from_refused_pages_says_why(make_replica: Callable[..., Repl
 def test_new_generation_with_another_z_dim_resets_to_it(
     make_replica: Callable[..., Replica], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 16, item 7: after a re-create with another z_dim, a query of the old width raised a
+    """After a re-create with another z_dim, a query of the old width raised a
     builtin ValueError; the service answers it with a 422, and so does the replica now."""
     feed = FakeFeed()
     rng = np.random.default_rng(27)
