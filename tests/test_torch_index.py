@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from zmem_core.knn_graphs import GraphedSearch
 from zmem_service import torch_index
 from zmem_service.errors import InsufficientStorage
 from zmem_service.torch_index import TorchEngine, TorchIndex, auto_engine_reason, cuda_engine
@@ -284,11 +285,17 @@ def test_a_large_batch_is_searched_in_parts() -> None:
     ring.check(rng.integers(-2, 3, size=(2 * torch_index.QUERY_ROWS + 3, 5)).astype(np.float32), 10)
 
 
-def test_cuda_graphs_on_a_cpu_index_fall_back_to_eager() -> None:
-    """Graph capture cannot succeed on CPU tensors: the index says why and answers eagerly, exactly."""
+def test_cuda_graphs_on_a_cpu_index_fall_back_to_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """`--cuda-graphs on` with CPU tensors tries no capture (there is nothing to capture); a
+    capture forced there fails, and the index says why once and answers eagerly, exactly."""
     engine = TorchEngine("cpu", "test", cuda_graphs=True)
     ring = RingModel(engine.new_index(4), 500)
+    assert not ring.index._graphs.graphed and ring.index._graphs.failed is None
+    ring.index._graphs = GraphedSearch(enabled=True)  # force a capture on CPU tensors
     rng = np.random.default_rng(9)
     ring.append(rng.integers(-2, 3, size=(400, 4)).astype(np.float32))
-    ring.check(rng.integers(-2, 3, size=(5, 4)).astype(np.float32), 10)
-    assert ring.index._graphs.failed
+    with caplog.at_level("WARNING", logger="zmem.knn"):
+        for _ in range(3):
+            ring.check(rng.integers(-2, 3, size=(5, 4)).astype(np.float32), 10)
+    assert ring.index._graphs.failed and not ring.index._graphs.graphed
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1

@@ -40,6 +40,12 @@ SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("k", int, "default k of new memories (64)"),
     ("sigma", str, "default sigma of new memories: a number or 'auto' (1.0)"),
     ("device", str, "kNN device: auto (a GPU when usable, else CPU), cpu, cuda or cuda:N"),
+    (
+        "cuda-graphs",
+        str,
+        "on a GPU, replay the fixed-shape search from CUDA graphs: on (default) or off; "
+        "eager where capture fails, said once in the log",
+    ),
     ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
     ("max-memory-bytes", byte_size, "budget for all memories: rings, ids, recorded queries (4 GiB)"),
     ("max-body-bytes", byte_size, "largest request body (32 MiB)"),

@@ -168,9 +168,10 @@ class CpuEngine:
         return None
 
 
-def make_engine(device: str, threads: int = 0) -> Engine:
+def make_engine(device: str, threads: int = 0, *, cuda_graphs: bool = True) -> Engine:
     """The engine for `--device`: cpu → FAISS CPU; cuda[:N] → the GPU (or a clear error);
-    auto → the GPU when one is usable, else the CPU (`reason` says which and why)."""
+    auto → the GPU when one is usable, else the CPU (`reason` says which and why).
+    `cuda_graphs` (`--cuda-graphs`): a GPU engine replays its searches from CUDA graphs."""
     if device == "cpu":
         return CpuEngine(threads)
     if device.startswith("cuda"):
@@ -181,7 +182,7 @@ def make_engine(device: str, threads: int = 0) -> Engine:
                 f"--device {device}: the GPU index needs torch with CUDA: install torch for your "
                 f"CUDA version first (see pytorch.org), then pip install 'zmem[service-gpu]' ({e})"
             ) from None
-        engine: Engine = cuda_engine(device)
+        engine: Engine = cuda_engine(device, cuda_graphs=cuda_graphs)
         return engine
     import glob
     import importlib.util
@@ -198,6 +199,6 @@ def make_engine(device: str, threads: int = 0) -> Engine:
     chosen, why = auto_engine_reason()
     if chosen is None:
         return CpuEngine(threads, f"--device auto: {why}; FAISS CPU")
-    engine = cuda_engine(chosen)
+    engine = cuda_engine(chosen, cuda_graphs=cuda_graphs)
     engine.reason = f"--device auto: {why}"
     return engine

@@ -47,7 +47,8 @@ class ZMem:
     def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.engine = make_engine(settings.device, settings.knn_threads)
+        graphs = settings.cuda_graphs == "on"
+        self.engine = make_engine(settings.device, settings.knn_threads, cuda_graphs=graphs)
         self.memories = Memories(settings, self.engine)
         # Small searches on a CPU index run inline: a thread hop costs more than they do.
         self.index_thread = IndexThread(INLINE_WORK if isinstance(self.engine, CpuEngine) else 0)

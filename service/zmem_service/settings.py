@@ -131,6 +131,10 @@ class ServiceSettings(BaseSettings):
         pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
         description="kNN device: auto (a usable GPU, else the CPU), cpu, cuda or cuda:N",
     )
+    cuda_graphs: Literal["on", "off"] = Field(
+        "on",
+        description="on a GPU: replay the fixed-shape search from CUDA graphs (eager where capture fails)",
+    )
     knn_threads: int = Field(0, ge=0, description="OpenMP threads for batched searches; 0 = all cores")
 
     # Defaults for memories created later (a stored memory keeps its own settings).

@@ -9,10 +9,11 @@ certified) to the host; the rare uncertified rows take the core's threshold pass
 full scan only past its cap. With `cuda_graphs`, the fixed-shape search is replayed from a
 CUDA graph per (query-row bucket, k) (`zmem_core.knn_graphs`), eager where capture fails.
 
-faiss-gpu: when the installed faiss has GPU support, its `knn_gpu` finds the candidates
-instead (same exact re-rank, certificate and full-scan rescue, from `zmem_core.knn_torch`).
-It stays an eager option: it allocates and synchronises inside faiss, so it can never be
-part of a captured CUDA graph; the grouped search is the path meant for one.
+faiss-gpu: with `--cuda-graphs off` and a faiss with GPU support installed, its `knn_gpu`
+finds the candidates instead (same exact re-rank, certificate and full-scan rescue, from
+`zmem_core.knn_torch`). It is an eager option only: it allocates and synchronises inside
+faiss, so it can never be part of a captured CUDA graph, and with graphs on (the default)
+the grouped search runs.
 
 Layout on the device (`GroupedBase`), per slot: the z minus the index's centre (float32),
 its seq (int64) and its squared norm (float32, +inf for an empty slot), the capacity
@@ -91,7 +92,7 @@ class TorchIndex:
         self._room = 0
         self._extent = 0  # slots [0, extent) may hold rows once the queue is applied
         self._base = GroupedBase(z_dim, device)
-        self._graphs = GraphedSearch(cuda_graphs)
+        self._graphs = GraphedSearch(cuda_graphs and self.device.type == "cuda")  # nothing to capture on CPU
         self._center_host: np.ndarray | None = None  # float32 [d]: the centre of the rows queued last
         self._center: torch.Tensor | None = None  # the centre of the rows on the device
         self._queue: list[tuple[str, Any]] = []
@@ -239,8 +240,8 @@ def _is_out_of_memory(e: BaseException) -> bool:
 class TorchEngine:
     """Makes `TorchIndex`es on one torch device (with faiss-gpu candidates when given).
 
-    `cuda_graphs`: replay the search from CUDA graphs (`zmem_core.knn_graphs`; eager where
-    capture fails). Off by default until it has run on a GPU machine; no setting selects it yet."""
+    `cuda_graphs` (`--cuda-graphs`): replay the search from CUDA graphs (`zmem_core.knn_graphs`;
+    eager where capture fails, and on CPU tensors, where there is nothing to capture)."""
 
     def __init__(
         self, device: str | torch.device, reason: str, *, faiss: Any = None, cuda_graphs: bool = False
@@ -305,7 +306,7 @@ def _probe(device: torch.device) -> str | None:
     return None
 
 
-def cuda_engine(device: str) -> TorchEngine:
+def cuda_engine(device: str, *, cuda_graphs: bool = True) -> TorchEngine:
     """The engine for `--device cuda` or `cuda:N`; RuntimeError saying why when CUDA isn't usable."""
     if not torch.cuda.is_available():
         built = torch.version.cuda or "no CUDA"
@@ -327,9 +328,15 @@ def cuda_engine(device: str) -> TorchEngine:
     problem = _probe(dev)
     if problem:
         raise RuntimeError(f"--device {device}: {dev} is not usable: {problem}")
-    faiss = faiss_gpu()
-    how = "faiss-gpu candidates" if faiss is not None else "torch GEMM candidates"
-    return TorchEngine(dev, f"--device {device}: {_describe(dev)}; {how}", faiss=faiss)
+    # faiss-gpu allocates and synchronises inside faiss, so it can't be captured: it finds the
+    # candidates only for eager searches (--cuda-graphs off), when it is installed.
+    faiss = None if cuda_graphs else faiss_gpu()
+    if faiss is not None:
+        how = "faiss-gpu candidates (eager)"
+    else:
+        how = "grouped torch search, " + ("CUDA graphs" if cuda_graphs else "eager (--cuda-graphs off)")
+    reason = f"--device {device}: {_describe(dev)}; {how}"
+    return TorchEngine(dev, reason, faiss=faiss, cuda_graphs=cuda_graphs)
 
 
 def auto_engine_reason() -> tuple[str | None, str]:
