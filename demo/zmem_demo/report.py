@@ -11,7 +11,6 @@ import numpy as np
 
 VERDICTS = ("density", "reliability", "convergence", "kernel")
 LATE = 0.75  # episodes in the last quarter of training are "late"
-RELIABLE_ZONE = 0.6  # the truth of reliability: some zone binds clearly better than a coin flip
 
 
 def _stats(run: dict[str, Any]) -> dict[str, Any]:
@@ -38,13 +37,60 @@ def _stats(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _truth(s: dict[str, Any]) -> dict[str, bool]:
-    """What each verdict should say about a toy run, from the toy's ground truth."""
+MIN_EFFECT = 0.05
+"""The convergence verdict's stated minimum effect: a rise of 5% of the risk targets'
+10th–90th percentile range is the smallest it calls the run getting worse."""
+RELIABLE_SOFT_BIND, RELIABLE_MARGIN, RELIABLE_LAMBDA = 0.5, 0.1, 0.5
+"""The reliability verdict's rule for a reliable island: mean soft_bind ≥ 0.5 and ≥ 0.1 above
+the least reliable group (or above 0.5 when all bind well), or mean lambda_bind ≤ half the
+highest group's."""
+FIFTHS = 5
+
+
+def _fifths(progress: np.ndarray, x: np.ndarray) -> list[float]:
+    return [float(x[(progress >= f / FIFTHS) & (progress < (f + 1) / FIFTHS)].mean()) for f in range(FIFTHS)]
+
+
+def _gets_worse(progress: np.ndarray, expected: np.ndarray, scale: float) -> bool:
+    """Whether a noise-free risk-target series [n] over progress [n] rises by the minimum
+    effect: its newest fifth above its best earlier fifth, or its least-squares line over the run."""
+    f = _fifths(progress, expected)
+    slope = float(np.polyfit(progress, expected, 1)[0])
+    return f[-1] - min(f[:-1]) >= MIN_EFFECT * scale or slope >= MIN_EFFECT * scale
+
+
+def _truth(run: dict[str, Any]) -> dict[str, bool]:
+    """What each verdict should say about a toy run, in the verdict's own terms, from the toy's
+    noise-free outcomes (``toy.expected_soft_bind`` at each episode's side coordinate)."""
+    from .toy import expected_risk_target, expected_soft_bind
+
+    e = run["episodes"]
+    # the service's risk targets with the default weights (a, b, c, eps) = (1, 0.2, 0.05, 1e-8)
+    actual = (1 - e["soft_bind"]) + 0.2 * np.log(e["cone_vol"] + 1e-8) + 0.05 * e["lambda_bind"]
+    p10, p90 = np.percentile(actual, [10, 90])
+    scale = float(p90 - p10)
+    expected = expected_risk_target(e["side"])
+    worse = _gets_worse(e["progress"], expected, scale) or any(
+        _gets_worse(e["progress"][e["worker"] == w], expected[e["worker"] == w], scale)
+        for w in np.unique(e["worker"])
+    )
+    # the zones are the map's islands; the sides of a zone lie off the map
+    p = expected_soft_bind(e["side"])
+    lam = 2.0 * (1 - p)
+    zone_soft = [float(p[e["zone"] == j].mean()) for j in np.unique(e["zone"])]
+    zone_lam = [float(lam[e["zone"] == j].mean()) for j in np.unique(e["zone"])]
+    floor = min(zone_soft)
+    reliable = any(
+        s >= max(RELIABLE_SOFT_BIND, min(floor, RELIABLE_SOFT_BIND) + RELIABLE_MARGIN)
+        or lm <= RELIABLE_LAMBDA * max(zone_lam)
+        for s, lm in zip(zone_soft, zone_lam, strict=True)
+    )
     return {
         "density": True,  # three task zones: the map has islands whatever w_mem is
-        # the zones are the map's islands: one must bind well on average
-        "reliability": s["best_zone_soft_bind"] >= RELIABLE_ZONE,
-        "convergence": s["late_reliable"] >= 0.5 and s["late_reliable"] >= s["early_reliable"],
+        "reliability": reliable,
+        # the policy's spread anneals (0.6 → 0.25), so the buffer clusters more in every run:
+        # convergence is the run not getting worse, overall or for any worker
+        "convergence": not worse,
         "kernel": True,  # d = 8, sigma 1, z's ~0.35 apart: the kernel is alive
     }
 
@@ -76,7 +122,7 @@ def write(
         client = ZMemClient(url, memory=run["name"], token=token, timeout=300)
         run["verdicts"] = {c["name"]: c for c in client.diagnostics()["criteria"]}
         client.close()
-        run["truth"] = _truth(run["stats"])
+        run["truth"] = _truth(run)
 
     ws = sorted({r["w"] for r in runs})
     by_w = {w: [r for r in runs if r["w"] == w] for w in ws}
@@ -122,9 +168,15 @@ def write(
         )
     lines += [
         "",
-        "Late = the last quarter of each run's episodes. Truths: density passes (three zones make islands); "
-        f"reliability passes when some zone (an island of the map) has mean soft_bind ≥ {RELIABLE_ZONE}; "
-        "convergence passes when the late episodes are mostly on reliable sides and no fewer than early on; "
+        "Late = the last quarter of each run's episodes. Truths, in each verdict's own terms and from "
+        "the toy's noise-free outcomes (soft_bind = sigmoid(3s) at each episode's side coordinate s): "
+        "density passes (three zones make islands); reliability passes when some zone (an island of "
+        f"the map) has mean soft_bind ≥ {RELIABLE_SOFT_BIND} and ≥ {RELIABLE_MARGIN} above the least "
+        f"reliable zone, or mean lambda_bind ≤ {RELIABLE_LAMBDA:g}× the highest zone's; convergence "
+        "passes unless the noise-free risk target gets worse by the verdict's minimum effect "
+        f"({MIN_EFFECT:.0%} of the risk targets' 10th–90th percentile range) in the newest fifth of "
+        "the run against its best earlier fifth, or along a straight line over the run, for all "
+        "workers together or for any one (the policy's spread anneals, so every run clusters more); "
         "kernel passes (d = 8).",
         "",
         "## Force balance",

@@ -40,6 +40,18 @@ def side_axes() -> np.ndarray:
     return u
 
 
+def expected_soft_bind(s: np.ndarray) -> np.ndarray:
+    """The noise-free soft_bind at side coordinate s [n] (what ``outcome`` scatters around)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(1 / (1 + np.exp(-3 * np.asarray(s, dtype=np.float64))))
+
+
+def expected_risk_target(s: np.ndarray) -> np.ndarray:
+    """The noise-free risk target at side coordinate s [n], with the default weights
+    (a, b, c) = (1, 0.2, 0.05): a·(1 − p) + b·(−1 + 1.5·(1 − p)) + c·2·(1 − p)."""
+    return 1.4 * (1 - expected_soft_bind(s)) - 0.2
+
+
 def outcome(s: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The episode's reliability metrics at side coordinate s [n]: high soft_bind, small cone
     and little lambda_bind on the reliable side (s > 0)."""
@@ -64,8 +76,9 @@ class Job:
 
 
 def train(job: Job) -> dict[str, np.ndarray]:
-    """Run one worker; returns per-episode arrays (progress in [0, 1), zone, side s, soft_bind)
-    and per-step gradient norms of the task loss and of the risk (before w_mem)."""
+    """Run one worker; returns per-episode arrays (progress in [0, 1), zone, side s, the
+    recorded soft_bind, cone_vol and lambda_bind, the worker's index) and per-step gradient
+    norms of the task loss and of the risk (before w_mem)."""
     import httpx
     import torch
 
@@ -82,7 +95,8 @@ def train(job: Job) -> dict[str, np.ndarray]:
     mu = torch.nn.Parameter(c + torch.tensor(start, dtype=torch.float32))
     opt = torch.optim.SGD([mu], lr=LEARNING_RATE)
     headers = {"authorization": f"Bearer {job.token}"} if job.token else {}
-    out: dict[str, list[Any]] = {k: [] for k in ("progress", "zone", "side", "soft_bind", "g_task", "g_risk")}
+    names = ("progress", "zone", "side", "soft_bind", "cone_vol", "lambda_bind", "worker", "g_task", "g_risk")
+    out: dict[str, list[Any]] = {k: [] for k in names}
     with httpx.Client(headers=headers, timeout=30) as http:
         for step in range(job.steps):
             zone = torch.randint(ZONES, (BATCH,), generator=gen)
@@ -122,6 +136,9 @@ def train(job: Job) -> dict[str, np.ndarray]:
             out["zone"].extend(zone.tolist())
             out["side"].extend(s.tolist())
             out["soft_bind"].extend(metrics["soft_bind"].tolist())
+            out["cone_vol"].extend(metrics["cone_vol"].tolist())
+            out["lambda_bind"].extend(metrics["lambda_bind"].tolist())
+            out["worker"].extend([job.worker] * BATCH)
             out["g_task"].extend(g_task.norm(dim=1).tolist())
             out["g_risk"].extend(g_risk.norm(dim=1).tolist())
     mem.flush()
