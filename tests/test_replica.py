@@ -20,9 +20,11 @@ import pytest
 import safetensors.numpy
 import torch
 
-from zmem_client import Timeout, ZMemClient, kernel_risk
+from zmem_client import NoSuchMemory, Timeout, ZMemClient, kernel_risk
 from zmem_client._replica import Replica, ReplicaError, ReplicaLagWarning, query_stats
 from zmem_core.kernel import kernel_stats
+
+from .replica_client import ReplicaClient
 
 D = 4
 
@@ -203,7 +205,7 @@ def make_replica(feed: FakeFeed) -> Iterator[Callable[..., Replica]]:
     def make(prefix: str = "/", **kw: Any) -> Replica:
         kw.setdefault("poll_wait", 0.5)
         kw.setdefault("timeout", 5.0)
-        rep = Replica("http://zmem.test", prefix, transport=feed.transport, **kw)
+        rep = ReplicaClient("http://zmem.test", prefix, transport=feed.transport, **kw)
         made.append(rep)
         return rep
 
@@ -257,7 +259,7 @@ def test_pages_are_published_only_when_complete(make_replica: Callable[..., Repl
     rng = np.random.default_rng(1)
     feed.create(capacity=100, min_size=1)
     feed.append(*rows(rng, 95))
-    rep = Replica("http://zmem.test", "/", transport=feed.transport, poll_wait=0.5)
+    rep = ReplicaClient("http://zmem.test", "/", transport=feed.transport, poll_wait=0.5)
     try:
         q = torch.from_numpy(rng.standard_normal((2, D)))
         assert_agrees(rep, feed, q, 8, 1.0)  # 14 pages, first answer from all of them
@@ -336,11 +338,13 @@ def test_new_generation_starts_over(feed: FakeFeed, make_replica: Callable[..., 
 
 
 def test_missing_memory_is_empty_and_inactive(feed: FakeFeed, make_replica: Callable[..., Replica]) -> None:
+    """As from the service: risk() is 0 and neighbors() raises NoSuchMemory until the first write."""
     rep = make_replica("/memories/later/")
     q = torch.ones(1, D, requires_grad=True)
     risk, size = rep.risk_and_size(q)
     assert size == 0 and float(risk) == 0.0
-    assert rep.neighbors(q.detach().numpy()[0])["z"].shape == (0, D)
+    with pytest.raises(NoSuchMemory):
+        rep.neighbors(q.detach().numpy()[0])
     rng = np.random.default_rng(5)
     feed.create("later", capacity=10, min_size=2)
     feed.append(*rows(rng, 5), name="later")

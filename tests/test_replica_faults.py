@@ -26,6 +26,7 @@ from zmem_client import RequestRejected, Timeout, ZMemError
 from zmem_client._replica import Replica, ReplicaError
 
 from . import test_replica as base
+from .replica_client import ReplicaClient
 from .test_replica import FakeFeed, FakeMemory, assert_agrees, oracle, replica_answer, rows, wait_for
 
 SAFETENSORS = "application/x-safetensors"
@@ -123,7 +124,7 @@ def make_replica() -> Iterator[Callable[..., Replica]]:
     def make(transport: httpx.BaseTransport, prefix: str = "/", **kw: Any) -> Replica:
         kw.setdefault("poll_wait", 0.5)
         kw.setdefault("timeout", 5.0)
-        rep = Replica("http://zmem.test", prefix, transport=transport, **kw)
+        rep = ReplicaClient("http://zmem.test", prefix, transport=transport, **kw)
         made.append(rep)
         return rep
 

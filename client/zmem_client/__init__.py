@@ -22,6 +22,8 @@ if TYPE_CHECKING:
         HTTPError,
         NoSuchMemory,
         QueueFull,
+        ReplicaError,
+        ReplicaLagWarning,
         RequestRejected,
         SendFailed,
         ServerError,
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
         ZMemError,
         ZMemWarning,
     )
-    from ._replica import Lag, ReplicaError, ReplicaLagWarning
     from ._risk import Regularizer, kernel_risk
+    from ._sources import Lag
 
 __version__ = "0.1.0"
 
@@ -61,9 +63,7 @@ _MODULE_OF = {
     "ZMemClient": "._client",
     "Regularizer": "._risk",
     "kernel_risk": "._risk",
-    "Lag": "._replica",
-    "ReplicaError": "._replica",
-    "ReplicaLagWarning": "._replica",
+    "Lag": "._sources",
 }
 _MODULE_OF.update({name: "._exceptions" for name in __all__ if name not in _MODULE_OF})
 

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import atexit
-import collections
-import contextlib
-import math
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 import warnings
-import weakref
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import torch
 
-from zmem_core import wire
 from zmem_core.limits import (
     MAX_BATCH,
     MAX_ID_CHARS,
@@ -32,24 +24,15 @@ from zmem_core.limits import (
 )
 from zmem_core.names import check_name
 
-from ._exceptions import (
-    NOT_FOUND,
-    ClientClosed,
-    FlushTimeout,
-    NoSuchMemory,
-    RequestRejected,
-    SendFailed,
-    ServerError,
-    Timeout,
-    TransportError,
-    ZMemWarning,
-)
+from ._exceptions import ClientClosed, FlushTimeout, NoSuchMemory, SendFailed, ZMemWarning
+from ._http import checked, mapped
 from ._risk import kernel_dtype, kernel_risk
-from ._sender import Sender, columns
+from ._sender import Sender
+from ._sources import Lag, NeighborSource, RemoteSource
 from ._transport import lean_transport
 
 if TYPE_CHECKING:
-    from ._replica import Lag, Replica
+    from ._replica import Replica
 
 ArrayLike = torch.Tensor | np.ndarray | list[float]
 EXIT_TIMEOUT_ON_ERROR = 2.0  # leaving a `with` block on an exception waits at most this long
@@ -118,38 +101,32 @@ class ZMemClient:
         }
         self._prefix = "/" if memory == "default" else f"/memories/{memory}/"
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        # Separate pools: the sender's retries never queue up behind a training step's query.
-        # `transport` (e.g. httpx.MockTransport) is for tests; it is not pickled.
-        # The query path (one call per training step) uses the lean http.client transport.
+        # Separate connections: the sender's retries never queue up behind a training step's
+        # query. `transport` (e.g. httpx.MockTransport) is for tests; it is not pickled. Both
+        # take the lean http.client transport: its timeout is a deadline for each whole call.
         query_transport = transport or lean_transport(self.url, timeout) or httpx.HTTPTransport()
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=query_transport
         )
-        # neighbors/risk (a training step's call) skip httpx.Client's per-request work
-        # (URL merging, cookies, auth and redirect handling: ~0.1 ms a call) and go straight
-        # to the transport with a URL and headers made once.
-        self._query_transport = query_transport
-        self._neighbors_url = httpx.URL(f"{self.url}{self._prefix}neighbors")
-        self._neighbors_headers = httpx.Headers(
-            {**self._http.headers, "content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
-        )
-        self._timeouts = httpx.Timeout(timeout).as_dict()
-        # Its own lean connection too: the timeout is then a deadline for each whole post.
-        self._send_http = httpx.Client(
+        send_http = httpx.Client(
             base_url=self.url,
             headers=headers,
             timeout=timeout,
             transport=transport or lean_transport(self.url, timeout),
         )
-        self._sender = Sender(self._post_episodes, queue_size=queue_size, batch_size=batch_size)
+        self._sender = Sender(
+            send_http,
+            self._prefix + "episodes",
+            memory=memory,
+            where=self._where,
+            queue_size=queue_size,
+            batch_size=batch_size,
+            exit_timeout=exit_timeout,
+        )
         self._ids = f"{uuid.uuid4().hex[:16]}-"
         self._next_id = 0
-        # The z dimension the service has accepted from this client: records of another are
-        # refused at the call. One it rejected (a 422) is not remembered, so a fix goes through.
-        self._z_dim: int | None = None
         self._record_lock = threading.Lock()  # ids are taken in order
         self._closed = False
-        # -- replica mode: risk()/neighbors() answered locally from a mirror (see _replica.py)
         self._args.update(
             replica=replica,
             device=None if device is None else str(device),
@@ -157,13 +134,16 @@ class ZMemClient:
             strict=strict,
             replica_max_bytes=replica_max_bytes,
         )
-        self.replica: Replica | None = None
+        # Where neighbours come from: the service, or a replica following its changes feed
+        # (which starts with the first query: a client made only to be pickled never follows).
+        self._source: NeighborSource
         if replica:
             from ._replica import Replica
 
-            self.replica = Replica(
+            self._source = Replica(
                 self.url,
                 self._prefix,
+                memory=memory,
                 headers=headers,
                 transport=transport,
                 device=device,
@@ -172,7 +152,8 @@ class ZMemClient:
                 strict=strict,
                 max_bytes=replica_max_bytes,
             )
-        _open_clients.add(self)
+        else:
+            self._source = RemoteSource(self.url, self._prefix, memory, self._http, query_transport)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._args,))
@@ -183,6 +164,13 @@ class ZMemClient:
     @property
     def _where(self) -> str:
         return f"{self.url} (memory {self.memory!r})"
+
+    @property
+    def replica(self) -> Replica | None:
+        """The replica answering `risk()` and `neighbors()` (`replica=True`), else None."""
+        from ._replica import Replica
+
+        return self._source if isinstance(self._source, Replica) else None
 
     # -- recording --------------------------------------------------------------------
 
@@ -244,9 +232,10 @@ class ZMemClient:
             if problem:
                 raise ValueError(f"{name} {problem}, got {text!r}")
         with self._record_lock:
-            if self._z_dim is not None and vec.shape[0] != self._z_dim:
+            accepted = self._sender.accepted_z_dim
+            if accepted is not None and vec.shape[0] != accepted:
                 raise ValueError(
-                    f"z has {vec.shape[0]} dimensions; memory {self.memory!r} accepted {self._z_dim} "
+                    f"z has {vec.shape[0]} dimensions; memory {self.memory!r} accepted {accepted} "
                     "from this client"
                 )
             if id is None:
@@ -256,7 +245,8 @@ class ZMemClient:
         return id
 
     def flush(self, timeout: float | None = None) -> None:
-        """Return once every recorded episode is acknowledged (stored durably) or dropped.
+        """Return once every recorded episode is acknowledged (stored durably) or dropped, and
+        a replica's query records are posted (or dropped: they are diagnostics).
 
         Raises FlushTimeout when `timeout` runs out (the queue is kept), and EpisodesDropped
         (a SendFailed) once when episodes were dropped since the last report: the service
@@ -264,7 +254,10 @@ class ZMemClient:
         """
         if self._closed:
             raise ClientClosed(f"flush() on a closed client: {self!r} is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._sender.flush(timeout)
+        left = self.timeout if deadline is None else max(0.0, deadline - time.monotonic())
+        self._source.flush(left)
 
     @property
     def pending(self) -> int:
@@ -286,21 +279,17 @@ class ZMemClient:
         """
         if self._closed:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._sender.close(timeout)
-        self._shut()
+        self._shut(self.timeout if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _shut(self) -> None:
+    def _shut(self, timeout: float) -> None:
+        """Closed: the source stops (its queued records get `timeout`), the connections close;
+        episodes still pending stay with the released sender (see `_sender`)."""
         self._closed = True
-        if self.replica is not None:
-            self.replica.close()
+        self._source.close(timeout)
         self._http.close()
-        self._sender.stop()
-        if not self._sender.pending:
-            self._send_http.close()
-            _open_clients.discard(self)
-            if self._sender.dropped:  # said again at exit: an EpisodesDropped may have been caught
-                _dropped[self._where] += self._sender.dropped
-        # else the sender keeps its connection and goes on; the exit flush (below) waits for it
+        self._sender.release()
 
     def __enter__(self) -> ZMemClient:
         return self
@@ -311,10 +300,11 @@ class ZMemClient:
             return
         failed = exc_type is not None
         timeout = min(self.exit_timeout, EXIT_TIMEOUT_ON_ERROR) if failed else self.exit_timeout
+        started = time.monotonic()
         try:
             self._sender.close(timeout)
         except FlushTimeout:
-            self._shut()
+            self._shut(0.0)
             warnings.warn(
                 f"zmem: {self._sender.pending} recorded episodes not yet delivered to {self.url} "
                 f"(memory {self.memory!r}) after {timeout:g}s; the background sender keeps them and "
@@ -324,23 +314,12 @@ class ZMemClient:
             )
             return
         except SendFailed as e:
-            self._shut()
+            self._shut(0.0)
             if not failed:
                 raise
             warnings.warn(f"zmem: while leaving on an error: {e}", ZMemWarning, stacklevel=2)
             return
-        self._shut()
-
-    def _post_episodes(self, batch: list[dict[str, Any]]) -> None:
-        arrays, meta = columns(batch)
-        self._request(
-            self._send_http,
-            "POST",
-            "episodes",
-            content=wire.encode(arrays, meta),
-            headers={"content-type": wire.SAFETENSORS},
-        )
-        self._z_dim = int(arrays["z"].shape[1])
+        self._shut(max(0.0, timeout - (time.monotonic() - started)))
 
     # -- queries ----------------------------------------------------------------------
 
@@ -375,73 +354,56 @@ class ZMemClient:
     ) -> tuple[torch.Tensor, int]:
         """risk(z, squeeze=False) and the memory's size when it answered (0: no such memory yet)."""
         z = _as_tensor(z)
-        if self.replica is not None:
-            self._check_open()
-            return self.replica.risk_and_size(z, k=k, sigma=sigma, record=record)
         if z.dim() not in (1, 2):
             raise ValueError(f"z must have shape [d] or [B, d], got {list(z.shape)}")
         rows = z if z.dim() == 2 else z.unsqueeze(0)
         if not rows.is_floating_point():
             rows = rows.to(torch.get_default_dtype())
+        self._check_open()
         try:
-            nb = self._neighbors(rows.detach().to("cpu", torch.float32).numpy(), k, sigma, record)
+            found = self._source.find(rows.detach(), k, sigma, record=record, with_seq=False)
         except NoSuchMemory:
             # A memory nobody wrote to yet is empty: below min_size, the risk is 0 (the seed's rule).
             # Only this 404: one from a wrong URL prefix or a proxy must not switch the term off.
+            found = None
+        if found is None or found.k == 0:
             risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
-            return (risk if z.dim() == 2 else risk[0]), 0
-        work = kernel_dtype(rows.dtype)
-        nz = torch.from_numpy(nb["z"]).to(device=z.device, dtype=work)
-        rt = torch.from_numpy(nb["risk_target"]).to(device=z.device, dtype=work)
-        risk = kernel_risk(rows.to(work), nz, rt, nb["sigma"]).to(rows.dtype)
-        return (risk if z.dim() == 2 else risk[0]), int(nb["size"])
+        else:
+            work = kernel_dtype(rows.dtype)
+            nz = found.z.to(rows.device, work)
+            rt = found.risk_target.to(rows.device, work)
+            risk = kernel_risk(rows.to(work), nz, rt, found.sigma).to(rows.dtype)
+        return (risk if z.dim() == 2 else risk[0]), (found.size if found is not None else 0)
 
     def neighbors(
         self, z: ArrayLike, k: int | None = None, sigma: float | str | None = None
     ) -> dict[str, Any]:
         """The k nearest stored episodes: numpy `z` [B, k, d], `risk_target`, `d2` [B, k],
-        `seq` [B, k] (a 1-D z drops the B axis), and `size`, `active`, `k`, `sigma`."""
+        `seq` [B, k] (a 1-D z drops the B axis), and `size`, `active`, `k`, `sigma`.
+        NoSuchMemory before the memory's first write."""
         q = _as_numpy(z).astype(np.float32)
-        if self.replica is not None:
-            self._check_open()
-            return self.replica.neighbors(q, k, sigma)
-        nb = self._neighbors(q if q.ndim == 2 else q.reshape(1, -1), k, sigma, False)
-        if q.ndim == 1:
-            nb.update({key: nb[key][0] for key in ("z", "risk_target", "d2", "seq")})
-        return nb
-
-    def _neighbors(
-        self, z: np.ndarray, k: int | None, sigma: float | str | None, record: bool
-    ) -> dict[str, Any]:
-        meta: dict[str, Any] = {"record": record}
-        if k is not None:
-            meta["k"] = k
-        if sigma is not None:
-            meta["sigma"] = sigma
+        if q.ndim not in (1, 2):
+            raise ValueError(f"z must have shape [d] or [B, d], got {list(q.shape)}")
         self._check_open()
-        request = httpx.Request(
-            "POST",
-            self._neighbors_url,
-            headers=self._neighbors_headers,
-            # allow_nan: a NaN sigma is the service's to refuse (a 422, as the replica answers it).
-            content=wire.encode({"z": z}, meta, allow_nan=True),
-            extensions={"timeout": self._timeouts},
+        found = self._source.find(
+            torch.from_numpy(q if q.ndim == 2 else q.reshape(1, -1)), k, sigma, record=False, with_seq=True
         )
-        with self._errors_mapped(self._http, "POST", f"{self._prefix}neighbors"):
-            r = self._query_transport.handle_request(request)
-            r.request = request
-            try:
-                r.read()
-            finally:
-                r.close()
-        arrays, info = wire.decode(self._checked(r, "POST", f"{self._prefix}neighbors").content)
-        return {**info, **arrays}
+        assert found.seq is not None
+        out: dict[str, Any] = {
+            "z": found.z.cpu().numpy(),
+            "risk_target": found.risk_target.cpu().numpy(),
+            "d2": found.d2.cpu().numpy(),
+            "seq": found.seq.cpu().numpy(),
+        }
+        if q.ndim == 1:
+            out = {key: value[0] for key, value in out.items()}
+        return {**out, "size": found.size, "active": found.active, "k": found.k, "sigma": found.sigma}
 
     @property
     def replica_lag(self) -> Lag | None:
         """With `replica=True`: seconds since the replica last knew it was caught up, and
         seqs behind as last seen; None without a replica."""
-        return self.replica.lag() if self.replica is not None else None
+        return self._source.lag()
 
     # Reads of a memory nobody has written to (or configured) yet raise NoSuchMemory.
 
@@ -500,47 +462,10 @@ class ZMemClient:
 
     def _request(self, http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = path if path.startswith("/") else self._prefix + path
-        with self._errors_mapped(http, method, url):
+        where = f"{method} {self.url}{url}"
+        with mapped(where, self.timeout, lambda: http.is_closed):
             r = http.request(method, url, **kwargs)
-        return self._checked(r, method, url)
-
-    @contextlib.contextmanager
-    def _errors_mapped(self, http: httpx.Client, method: str, url: str) -> Iterator[None]:
-        """httpx's errors as the client's own."""
-        try:
-            yield
-        except RuntimeError as e:
-            if http.is_closed:  # closed by another thread between the check and the call
-                raise ClientClosed(f"{self!r} is closed; make a new client") from e
-            raise
-        except httpx.TimeoutException as e:
-            raise Timeout(f"{method} {self.url}{url}: no answer within {self.timeout}s") from e
-        except httpx.HTTPError as e:
-            raise TransportError(f"{method} {self.url}{url}: cannot reach the service: {e}") from e
-
-    def _checked(self, r: httpx.Response, method: str, url: str) -> httpx.Response:
-        """`r`, or the error its problem+json describes."""
-        if r.status_code >= 400:
-            try:
-                problem = r.json()
-            except ValueError:
-                problem = None
-            if not isinstance(problem, dict):  # not a problem+json: a proxy's page, say
-                problem = {"title": r.reason_phrase, "detail": r.text[:500]}
-            if r.status_code == 404 and problem.get("type") == NOT_FOUND:
-                raise NoSuchMemory(r.status_code, problem, f"{method} {self.url}{url}", self.memory)
-            cls = RequestRejected if r.status_code < 500 else ServerError
-            raise cls(r.status_code, problem, f"{method} {self.url}{url}", _retry_after(r))
-        return r
-
-
-def _retry_after(r: httpx.Response) -> float | None:
-    """The answer's Retry-After in seconds; None when absent or not a number of seconds."""
-    try:
-        seconds = float(r.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+        return checked(r, where, self.memory)
 
 
 def _as_numpy(z: ArrayLike) -> np.ndarray:
@@ -555,39 +480,3 @@ def _as_tensor(z: ArrayLike) -> torch.Tensor:
 
 def _rebuild(args: dict[str, Any]) -> ZMemClient:
     return ZMemClient(**args)
-
-
-_open_clients: weakref.WeakSet[ZMemClient] = weakref.WeakSet()
-# Episodes dropped by clients closed before exit, by service and memory: the exit says so.
-_dropped: collections.Counter[str] = collections.Counter()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    # Episodes recorded just before the interpreter exits still reach the service; what
-    # cannot be delivered in time is lost with the process, and we say so.
-    start = time.monotonic()
-    dropped = collections.Counter(_dropped)
-    for client in list(_open_clients):
-        left = max(0.0, client.exit_timeout - (time.monotonic() - start))
-        try:
-            client._sender.close(left)
-        except FlushTimeout:
-            print(
-                f"zmem: {client._sender.pending} recorded episodes were never delivered to {client.url} "
-                f"(memory {client.memory!r}) and are LOST: the service did not take them within "
-                f"{client.exit_timeout:g}s and the process is ending",
-                file=sys.stderr,
-            )
-        except SendFailed as e:
-            print(f"zmem: {client._where}: {e}", file=sys.stderr)
-        except Exception as e:  # at exit there is no one left to raise to
-            print(f"zmem: {client!r} could not flush at exit: {e}", file=sys.stderr)
-        dropped[client._where] += client._sender.dropped
-    for where, n in dropped.items():
-        if n:
-            print(
-                f"zmem: {n} episodes recorded for {where} were dropped in all: the service refused "
-                "them for good",
-                file=sys.stderr,
-            )

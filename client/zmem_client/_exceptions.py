@@ -13,10 +13,15 @@ ZMemError
 │   └── EpisodesDropped     the service refused recorded episodes for good (or sending broke):
 │                           how many since the last report, in all, and the first reasons
 ├── FlushTimeout            `flush(timeout)` ran out; nothing was dropped
-└── ClientClosed            a call on a client after `close()` or its `with` block
+├── ClientClosed            a call on a client after `close()` or its `with` block
+└── ReplicaError            the replica cannot answer: too stale (`strict=True`), over its
+                            memory cap, refused by the service, or without the value of
+                            sigma "auto" (see `ZMemClient(replica=True)`)
 
 ZMemWarning (a UserWarning): leaving a `with` block before every recorded episode was
 delivered; the background sender keeps them and keeps trying until the process exits.
+ReplicaLagWarning (a UserWarning): the replica has not known itself caught up for longer
+than `max_lag` seconds, and answers from its last state.
 
 Every error pickles with its message and attributes (a worker pool passes a worker's
 error to the parent process): those whose constructor takes more than the message
@@ -136,6 +141,16 @@ class ClientClosed(ZMemError):
 
 class ZMemWarning(UserWarning):
     pass
+
+
+class ReplicaError(ZMemError):
+    """The replica cannot answer: too stale (`strict=True`), over its memory cap, refused by
+    the service, without a complete state in time while the service sends pages it refuses,
+    or asked for `sigma: "auto"` before the service could tell it the value."""
+
+
+class ReplicaLagWarning(UserWarning):
+    """The replica has not known itself caught up for longer than `max_lag` seconds."""
 
 
 def _state(error: SendFailed) -> dict[str, Any]:

@@ -23,18 +23,30 @@ dropped episode is counted (`dropped`, since the start), and the next `put` or
 `flush` raises `EpisodesDropped` once with how many were dropped since the last
 report and the first reasons. A bug in the sending path drops its batch the same way
 rather than leave `flush` waiting forever.
+
+Its lifecycle is its own (reverb's `TrajectoryWriter` is the model): the client makes it
+with a connection of its own (`http`; a lean one: its timeout is a deadline for each whole
+post), `flush(timeout)`s it, and `release`s it when the client closes. A released sender
+goes on sending what is queued; at interpreter exit every sender still holding episodes
+gets up to its `exit_timeout` once more (`_flush_at_exit`), and what it cannot deliver, or
+what the service refused for good, is said on stderr.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import random
+import sys
 import threading
 import time
-from collections.abc import Callable
+import weakref
 from typing import Any
 
+import httpx
 import numpy as np
+
+from zmem_core import wire
 
 from ._exceptions import (
     ClientClosed,
@@ -42,8 +54,10 @@ from ._exceptions import (
     FlushTimeout,
     HTTPError,
     QueueFull,
+    SendFailed,
     TransportError,
 )
+from ._http import checked, mapped
 
 FIELDS = ("soft_bind", "cone_vol", "lambda_bind", "E_T", "lambda_T", "Hr")
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After (or a proxy's nonsense) is cut to this
@@ -51,16 +65,30 @@ MAX_REASONS = 5  # reasons an EpisodesDropped lists; the count covers the rest
 
 
 class Sender:
+    """Posts recorded episodes to `POST {path}` on `http` (see the module docstring); `where`
+    names the service and memory in what it says at exit."""
+
     def __init__(
         self,
-        post: Callable[[list[dict[str, Any]]], None],
+        http: httpx.Client,
+        path: str,
         *,
+        memory: str,
+        where: str,
         queue_size: int,
         batch_size: int,
+        exit_timeout: float = 30.0,
         first_backoff: float = 0.1,
         max_backoff: float = 5.0,
     ) -> None:
-        self._post = post
+        self._http = http
+        self._path = path
+        self._memory = memory
+        self.where = where
+        self.exit_timeout = exit_timeout
+        # The z dimension the service has accepted from this sender: the client refuses records
+        # of another at the call. One it rejected (a 422) is not remembered, so a fix goes through.
+        self.accepted_z_dim: int | None = None
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._queue_size = queue_size
         self._batch_size = batch_size
@@ -77,6 +105,7 @@ class Sender:
         self.sent = 0
         self.retries = 0
         self.dropped = 0
+        _open.add(self)
 
     def put(self, episode: dict[str, Any]) -> None:
         """Queue `episode`; then raise EpisodesDropped if earlier ones were dropped since the
@@ -127,6 +156,25 @@ class Sender:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def release(self) -> None:
+        """The client closed: no more `put`s. With nothing pending the connection closes now (its
+        drops are said again at exit: an EpisodesDropped may have been caught); else the thread
+        goes on, and the exit flush waits for it."""
+        self.stop()
+        if not self.pending:
+            self._http.close()
+            _open.discard(self)
+            if self.dropped:
+                _dropped[self.where] += self.dropped
+
+    def _post(self, batch: list[dict[str, Any]]) -> None:
+        arrays, meta = columns(batch)
+        where = f"POST {str(self._http.base_url).rstrip('/')}{self._path}"
+        with mapped(where, float(self._http.timeout.read or 0.0), lambda: self._http.is_closed):
+            r = self._http.post(self._path, content=wire.encode(arrays, meta), headers=_HEADERS)
+        checked(r, where, self._memory)
+        self.accepted_z_dim = int(arrays["z"].shape[1])
 
     def _report(self) -> None:
         """Raise the drops since the last report, once (lock held)."""
@@ -259,3 +307,40 @@ def columns(batch: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[st
         arrays[f] = np.array([e[f] for e in batch], np.float32)
     meta = {"id": [e["id"] for e in batch], "worker": [e["worker"] for e in batch]}
     return arrays, meta
+
+
+_HEADERS = {"content-type": wire.SAFETENSORS}
+_open: weakref.WeakSet[Sender] = weakref.WeakSet()
+# Episodes dropped by senders released before exit, by service and memory: the exit says so.
+_dropped: collections.Counter[str] = collections.Counter()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # Episodes recorded just before the interpreter exits still reach the service; what
+    # cannot be delivered in time is lost with the process, and we say so.
+    start = time.monotonic()
+    dropped = collections.Counter(_dropped)
+    for sender in list(_open):
+        left = max(0.0, sender.exit_timeout - (time.monotonic() - start))
+        try:
+            sender.close(left)
+        except FlushTimeout:
+            print(
+                f"zmem: {sender.pending} recorded episodes were never delivered to {sender.where} "
+                f"and are LOST: the service did not take them within {sender.exit_timeout:g}s and "
+                "the process is ending",
+                file=sys.stderr,
+            )
+        except SendFailed as e:
+            print(f"zmem: {sender.where}: {e}", file=sys.stderr)
+        except Exception as e:  # at exit there is no one left to raise to
+            print(f"zmem: {sender.where}: could not flush at exit: {e}", file=sys.stderr)
+        dropped[sender.where] += sender.dropped
+    for where, n in dropped.items():
+        if n:
+            print(
+                f"zmem: {n} episodes recorded for {where} were dropped in all: the service refused "
+                "them for good",
+                file=sys.stderr,
+            )

@@ -91,6 +91,25 @@ class GroupedBase:
         self.lanes = torch.arange(group, device=self.device)
         self.generation = next(_GENERATIONS)
 
+    @classmethod
+    def over(
+        cls,
+        x: torch.Tensor,
+        seq: torch.Tensor,
+        sqnorm: torch.Tensor,
+        sqnorm_max: torch.Tensor,
+        lanes: torch.Tensor,
+    ) -> GroupedBase:
+        """A base over tensors someone else keeps (views, never written here): x float32 [C, d],
+        seq int64 [C], sqnorm float32 [C], sqnorm_max float64 0-d, lanes = arange(g) on their
+        device, C a multiple of g. For a window of rows that starts or ends inside a group, pass
+        `head`/`tail` to `grouped_knn` rather than writing +inf into someone else's norms."""
+        base = cls.__new__(cls)
+        base.dim, base.device, base.group = x.shape[1], x.device, len(lanes)
+        base.x, base.seq, base.sqnorm, base.sqnorm_max, base.lanes = x, seq, sqnorm, sqnorm_max, lanes
+        base.generation = next(_GENERATIONS)
+        return base
+
     @property
     def capacity(self) -> int:
         return len(self.x)
@@ -142,20 +161,41 @@ def prepare_query(q64: np.ndarray) -> np.ndarray:
     return buf
 
 
+def device_query(rows: torch.Tensor) -> torch.Tensor:
+    """`prepare_query` made on rows' own device (float [B, d], not centred): a query already
+    on the GPU is never copied to the host to be prepared."""
+    b, d = rows.shape
+    buf = torch.zeros((b, d + (d + 1) // 2 + 1), dtype=torch.float64, device=rows.device)
+    q64 = rows.to(torch.float64)
+    buf[:, :d] = q64
+    buf.view(torch.float32)[:, 2 * d : 3 * d] = rows.to(torch.float32)
+    buf[:, -1] = (q64 * q64).sum(dim=1)
+    return buf
+
+
 def unpack_query(buf: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Views of a `prepare_query` buffer on the device: (q64 [B, d], q32 [B, d], ‖q‖² [B])."""
     return buf[:, :dim], buf.view(torch.float32)[:, 2 * dim : 3 * dim], buf[:, -1]
 
 
 def grouped_knn(
-    base: GroupedBase, query: torch.Tensor, k: int, size: int, *, roundoff: float
+    base: GroupedBase,
+    query: torch.Tensor,
+    k: int,
+    size: int,
+    *,
+    roundoff: float,
+    head: int = 0,
+    tail: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1–5 of the module docstring, no host synchronisation.
 
     query: a `prepare_query` buffer on base's device; 1 ≤ k ≤ size; size: the number of
     non-empty slots (only compared with the candidate count, to mask empty slots that a
     nearly empty base puts among the candidates); roundoff: the unit roundoff of the
-    float32 GEMM (`knn_torch.unit_roundoff`).
+    float32 GEMM (`knn_torch.unit_roundoff`); head, tail (< the group size): slots at the
+    base's start and end that are not rows whatever their norms say (a window of a buffer
+    whose edges fall inside groups: two fills of B·g scores, nothing over B·C).
     → (d2 float64 [B, k_b], slots int64 [B, k_b], certified bool [B]), nearest first by
     (d2, seq), k_b = min(k_bucket(k), capacity); the first k columns are the answer where
     `certified` is true.
@@ -167,11 +207,14 @@ def grouped_knn(
     if c == cap:  # every slot is a candidate: the re-rank alone is exact
         cand = torch.arange(cap, device=base.device).expand(b, cap)
         vals = base.sqnorm.expand(b, cap)
+        if head or tail:
+            vals = _mask_edges(vals.clone(), 0, cap, cap, head, tail)
         certified = torch.ones(b, dtype=torch.bool, device=base.device)
     else:
         step = max(g, BLOCK_ELEMENTS // max(1, b) // g * g)
         found = [
-            _chunk_candidates(base, q32, start, min(cap, start + step), c) for start in range(0, cap, step)
+            _chunk_candidates(base, q32, start, min(cap, start + step), c, head, tail)
+            for start in range(0, cap, step)
         ]
         if len(found) == 1:
             vals, cand = found[0]
@@ -192,14 +235,26 @@ def grouped_knn(
     return d2, slots, certified
 
 
+def _mask_edges(score: torch.Tensor, start: int, stop: int, cap: int, head: int, tail: int) -> torch.Tensor:
+    """score [B, stop − start] over slots [start, stop) with the first `head` and last `tail`
+    slots of the base set to +inf (in place; those in this chunk only)."""
+    if head and start < head:
+        score[:, : head - start] = torch.inf
+    if tail and stop > cap - tail:
+        score[:, cap - tail - start :] = torch.inf
+    return score
+
+
 def _chunk_candidates(
-    base: GroupedBase, q32: torch.Tensor, start: int, stop: int, c: int
+    base: GroupedBase, q32: torch.Tensor, start: int, stop: int, c: int, head: int = 0, tail: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The c smallest scores ‖x‖² − 2⟨x, q⟩ among slots [start, stop) (a whole number of
     groups), by group minima: (scores float32 [B, c'] ascending, slots int64 [B, c']),
     c' = min(c, stop − start); every other slot of the chunk scores at least the last kept."""
     g, b = base.group, len(q32)
     score = torch.addmm(base.sqnorm[start:stop], q32, base.x[start:stop].T, alpha=-2.0)
+    if head or tail:
+        score = _mask_edges(score, start, stop, base.capacity, head, tail)
     groups = score.view(b, -1, g)
     kept = min(c, groups.shape[1])
     top = groups.amin(dim=2).topk(kept, dim=1, largest=False, sorted=False).indices

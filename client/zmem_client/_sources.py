@@ -1,0 +1,131 @@
+"""Where `ZMemClient` gets neighbours: one interface, two sources chosen at construction.
+
+- `RemoteSource`: the service over HTTP (`POST …/neighbors`, safetensors both ways),
+  straight to the client's transport (the lean `http.client` one) with a URL and headers
+  made once: a training step's call skips httpx.Client's per-request work (URL merging,
+  cookies, auth and redirect handling: ~0.1 ms a call).
+- `Replica` (`_replica.py`): a copy of the memory in tensors on the worker's device,
+  following `GET …/changes`, searched with the same core.
+
+A source answers `find(rows, k, sigma)` with the neighbours (`Found`) as the service
+resolves them: k clipped to the memory's size (0 while it is below min_size), the numeric
+sigma, the memory's size. It raises the same errors for the same causes (a refused query
+is a `RequestRejected` 422 naming the field; a memory nobody wrote to is `NoSuchMemory`);
+the client computes the kernel. `flush` and `close` cover what a source sends on its own
+(the replica's query records).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import torch
+
+from zmem_core import wire
+
+from ._http import checked, decode, mapped
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How far behind the service a replica may be.
+
+    `seconds`: since it last knew it was caught up (0 while a long poll from a
+    caught-up state is waiting for news); `seqs`: the memory's `next_seq` as last
+    seen minus the replica's.
+    """
+
+    seconds: float
+    seqs: int
+
+
+@dataclass(frozen=True)
+class Found:
+    """The k nearest stored episodes of B query rows, on the source's device."""
+
+    d2: torch.Tensor  # float32 [B, k]
+    z: torch.Tensor  # float32 [B, k, d]
+    risk_target: torch.Tensor  # float32 [B, k]
+    seq: torch.Tensor | None  # int64 [B, k] when asked for
+    size: int  # the memory's size when it answered
+    active: bool
+    k: int
+    sigma: float
+
+
+class NeighborSource(abc.ABC):
+    @abc.abstractmethod
+    def find(
+        self, rows: torch.Tensor, k: int | None, sigma: float | str | None, *, record: bool, with_seq: bool
+    ) -> Found:
+        """Neighbours of rows (detached float [B, d]); `record`: the query's risk counts in the
+        memory's diagnostics."""
+
+    def lag(self) -> Lag | None:
+        """How far behind the service the answers may be (None: they are the service's own)."""
+        return None
+
+    def flush(self, timeout: float) -> bool:
+        """Send what the source queued of its own (False when `timeout` ran out first)."""
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:  # noqa: B027 (nothing to close by default)
+        """Stop; what is queued gets up to `timeout` seconds."""
+
+
+class RemoteSource(NeighborSource):
+    """Neighbours from the service (see the module docstring)."""
+
+    def __init__(
+        self, url: str, prefix: str, memory: str, http: httpx.Client, transport: httpx.BaseTransport
+    ) -> None:
+        """`http`: the client's connection (its headers; closed with the client); `transport`: its
+        transport, which this source calls directly."""
+        self.memory = memory
+        self.timeout = float(http.timeout.read or 0.0)
+        self._http = http
+        self._transport = transport
+        self._where = f"POST {url}{prefix}neighbors"
+        self._url = httpx.URL(f"{url}{prefix}neighbors")
+        self._headers = httpx.Headers(
+            {**http.headers, "content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
+        )
+        self._timeouts = http.timeout.as_dict()
+
+    def find(
+        self, rows: torch.Tensor, k: int | None, sigma: float | str | None, *, record: bool, with_seq: bool
+    ) -> Found:
+        meta: dict[str, object] = {"record": record}
+        if k is not None:
+            meta["k"] = k
+        if sigma is not None:
+            meta["sigma"] = sigma
+        request = httpx.Request(
+            "POST",
+            self._url,
+            headers=self._headers,
+            # allow_nan: a NaN sigma is the service's to refuse (a 422, as the replica answers it).
+            content=wire.encode({"z": rows.to("cpu", torch.float32).numpy()}, meta, allow_nan=True),
+            extensions={"timeout": self._timeouts},
+        )
+        with mapped(self._where, self.timeout, lambda: self._http.is_closed):
+            r = self._transport.handle_request(request)
+            r.request = request
+            try:
+                r.read()
+            finally:
+                r.close()
+        arrays, info = decode(checked(r, self._where, self.memory))
+        return Found(
+            d2=torch.from_numpy(np.asarray(arrays["d2"])),
+            z=torch.from_numpy(arrays["z"]),
+            risk_target=torch.from_numpy(arrays["risk_target"]),
+            seq=torch.from_numpy(arrays["seq"]) if with_seq else None,
+            size=int(info["size"]),
+            active=bool(info["active"]),
+            k=int(info["k"]),
+            sigma=float(info["sigma"]),
+        )
