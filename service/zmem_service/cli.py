@@ -57,6 +57,12 @@ SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("header-timeout", float, "seconds a request's headers may take to arrive (10)"),
     ("body-timeout", float, "seconds a request body may send nothing before the connection closes (30)"),
     ("keep-alive-timeout", int, "seconds an idle keep-alive connection stays open (5)"),
+    (
+        "min-transfer-rate",
+        byte_size,
+        "bytes/s a large body or answer must keep up, 2 s of grace, while it holds one of the "
+        "slots they share (1 MiB); slower ones are dropped",
+    ),
     ("max-connections", int, "open connections at once (1000, less if the open-file limit is lower)"),
     ("token-file", str, "file holding the read+write bearer token"),
     ("read-token-file", str, "file holding the read-only bearer token"),

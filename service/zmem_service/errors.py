@@ -5,6 +5,7 @@
     ├── Unauthorized (401)        missing or wrong token
     ├── Forbidden (403)           a read token on a write route
     ├── NotFound (404)            unknown memory on a read
+    ├── RequestTimeout (408)      a body that arrives too slowly
     ├── Conflict (409)            settings differ, import into a non-empty memory
     ├── PayloadTooLarge (413)     body over the limit
     ├── UnsupportedMediaType (415) a body that is neither JSON nor safetensors (nor an npz import)
@@ -12,10 +13,11 @@
     ├── Unavailable (503)         loading, overloaded or shutting down; carries Retry-After
     └── InsufficientStorage (507) the memory budget would be exceeded
 
-The domain raises these; one handler (`problem_response`) maps them onto
-`application/problem+json` (RFC 9457), with the error's `headers`. A request that
-raises changes nothing. What a problem echoes is capped (`clip`): a 10 MB request
-never gets a large answer.
+The domain raises these; the edge maps them onto `application/problem+json`
+(RFC 9457), with the error's `headers`. `problem` builds every problem document the
+service sends, these errors' and the HTTP layer's own (unknown routes, parser and
+connection refusals). A request that raises changes nothing. What a problem echoes
+is capped (`clip`): a 10 MB request never gets a large answer.
 """
 
 from __future__ import annotations
@@ -44,6 +46,35 @@ def clip_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+PROBLEM = "application/problem+json"
+PROBLEM_TYPES = "https://zmem.dev/problems/"
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    slug: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A problem+json document: `type` from `slug` (the title's words when None; "about:blank"
+    for ""), `detail` and `errors` clipped, `extra` members added as given."""
+    if slug is None:
+        slug = title.lower().replace(" ", "-")
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPES + slug if slug else "about:blank",
+        "title": clip(title, MAX_DETAIL_CHARS),
+        "status": status,
+        "detail": clip(detail, MAX_DETAIL_CHARS),
+    }
+    if errors is not None:
+        body["errors"] = clip_errors(errors)
+    body.update(extra)
+    return body
+
+
 class ZMemError(Exception):
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
@@ -57,16 +88,7 @@ class ZMemError(Exception):
         self.extra = extra
 
     def problem(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": f"https://zmem.dev/problems/{self.slug}",
-            "title": self.title,
-            "status": self.status,
-            "detail": clip(self.detail, MAX_DETAIL_CHARS),
-        }
-        if self.errors is not None:
-            body["errors"] = clip_errors(self.errors)
-        body.update(self.extra)
-        return body
+        return problem(self.status, self.title, self.detail, slug=self.slug, errors=self.errors, **self.extra)
 
 
 class BadRequest(ZMemError):
@@ -83,6 +105,10 @@ class Forbidden(ZMemError):
 
 class NotFound(ZMemError):
     status, title, slug = 404, "Not found", "not-found"
+
+
+class RequestTimeout(ZMemError):
+    status, title, slug = 408, "Request timeout", "request-timeout"
 
 
 class Conflict(ZMemError):

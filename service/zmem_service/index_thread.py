@@ -10,11 +10,11 @@ reach an index between batches (the memory's lock orders them). Other work that
 searches an index runs here too, in turn with the queries (`call`): the changes
 feed's pages (resolving `sigma: "auto"` searches) and the warm-up.
 
-A small query that finds the index thread idle, the service quiet (no query answered in
-the last millisecond) and its memory's lock free is answered on the caller's thread
-instead (`inline_work`: at most that many multiply-adds, B·N·d; CPU indexes only):
-handing a lone query to the thread and back costs more than the search, while queries
-that arrive back to back are better served batched.
+A small query that comes alone (`SearchJob.alone`: the edge counts queries from their
+receipt, and no other was in flight), finds the index thread idle and its memory's lock
+free is answered on the caller's thread instead (`inline_work`: at most that many
+multiply-adds, B·N·d; CPU indexes only): handing a lone query to the thread and back
+costs more than the search, while queries in flight together are better served batched.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -47,41 +46,33 @@ class SearchJob:
     sigma: float | str | None
     max_floats: int
     record: int = 0  # keep the rows' kernel stats among the last `record` recorded queries
+    alone: bool = False  # no other query was in flight when this one was searched: may run inline
     future: concurrent.futures.Future[Neighbors] = field(default_factory=concurrent.futures.Future)
 
 
 INLINE_WORK = 2**21
 """A query of at most this many multiply-adds (B·N·d; 50,000 × 32 at B=1 is 1.6M) may run inline."""
-INLINE_GAP = 0.001
-"""...and only when no query was answered in the last INLINE_GAP seconds: under load, queries
-arrive back to back and one batched search on the index thread serves them better."""
 
 
 class IndexThread:
     def __init__(self, inline_work: int = 0) -> None:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
-        self._last_answer = 0.0  # monotonic time the last query was answered
         self._queue: queue.SimpleQueue[SearchJob | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
 
     async def search(self, query: SearchJob) -> Neighbors:
-        now = time.monotonic()
-        quiet = now - self._last_answer > INLINE_GAP  # queries arriving back to back batch better
-        work = len(query.z) * query.memory.size * query.z.shape[1]
-        if quiet and self._queued == 0 and work <= self.inline_work:
-            answer = query.memory.query_now(query)
-            self._last_answer = time.monotonic()
-            if isinstance(answer, Neighbors):
-                return answer
-            if answer is not None:
-                raise answer
+        if query.alone and self._queued == 0:
+            work = len(query.z) * query.memory.size * query.z.shape[1]
+            if work <= self.inline_work:
+                answer = query.memory.query_now(query)
+                if isinstance(answer, Neighbors):
+                    return answer
+                if answer is not None:
+                    raise answer
         self._put(query)
-        try:
-            return await asyncio.wrap_future(query.future)
-        finally:
-            self._last_answer = time.monotonic()
+        return await asyncio.wrap_future(query.future)
 
     def _put(self, item: SearchJob | Callable[[], Any] | None) -> None:
         self._queued += 1

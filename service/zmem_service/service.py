@@ -1,8 +1,10 @@
 """The service: memories, the writer and the index thread behind one async facade.
 
-Routers decode a request, call one method here and encode the answer. Every
-blocking step runs off the event loop: writes on the writer thread, searches on
-the index thread, file building on a worker thread.
+The edge decodes a request into the domain's objects (an `EpisodeBatch`, a `Query`,
+columns), calls one method here and encodes the answer; this module knows nothing of
+HTTP. Every blocking step runs off the event loop: writes on the writer thread,
+searches on the index thread (or inline, for a small query with nothing else in
+flight), file building on a worker thread.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+
+from zmem_core import params
 
 from .episodes import EpisodeBatch, validate
 from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
@@ -33,14 +39,22 @@ from .settings import MemorySettings, MemorySettingsIn, ServiceSettings
 from .store import open_store
 from .writer import Writer
 
-if TYPE_CHECKING:  # the HTTP edge decodes it; the domain only reads its fields
-    from .http.wire import QueryRequest
-
 log = logging.getLogger("zmem")
 
 
 MAX_CONCURRENT_IMPORTS = 1
 """Imports received or unpacked at once: each may hold its file's columns in memory."""
+
+
+@dataclass
+class Query:
+    """A neighbours/risk query: its rows and the options it asked for (None: the memory's own)."""
+
+    z: np.ndarray  # float32 [B, d]
+    one_row: bool  # sent as a single row [d]: answered without the batch axis
+    k: int | None = None
+    sigma: float | str | None = None
+    record: bool = False
 
 
 class ZMem:
@@ -58,6 +72,17 @@ class ZMem:
         self._imports = 0  # imports being received or unpacked (at most MAX_CONCURRENT_IMPORTS)
         self._writer: Writer | None = None
         self.ready = False
+        self.queries_in_flight = 0  # counted from receipt (`query_received`) to the answer
+
+    @contextmanager
+    def query_received(self) -> Iterator[None]:
+        """Count a query from its receipt, before its body is read, until it is answered: a
+        query that finds no other in flight may be searched inline, the others batch."""
+        self.queries_in_flight += 1
+        try:
+            yield
+        finally:
+            self.queries_in_flight -= 1
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -188,19 +213,39 @@ class ZMem:
 
     # -- reads ------------------------------------------------------------------------
 
-    async def neighbors(self, name: str, query: QueryRequest) -> Neighbors:
+    def answer_floats(self, name: str, query: Query) -> tuple[int, int]:
+        """(floats, k) of the neighbours answer `query` would get now (rows × k × z_dim): what
+        the edge sizes the answer's slot by, before the search. The memory may grow before
+        the search; the answer never shrinks below this."""
+        memory = self.memory(name)
+        if not memory.active:
+            return 0, 0
+        k = min(params.asked_k(query.k, memory.settings.k), memory.size)
+        return query.z.shape[0] * k * query.z.shape[1], k
+
+    async def neighbors(self, name: str, query: Query) -> Neighbors:
         """The k nearest stored episodes of each query row (recorded when asked)."""
         memory = self.memory(name)
         b = query.z.shape[0]
         if b > self.settings.max_batch:
             raise ValidationFailed.at(["z"], f"{b} query rows; the limit is {self.settings.max_batch}")
-        o = query.options
-        keep = self.settings.recorded_queries if o.record else 0
-        return await self.index_thread.search(
-            SearchJob(memory, query.z, o.k, o.sigma, self.settings.max_response_floats, keep)
-        )
+        keep = self.settings.recorded_queries if query.record else 0
+        alone = self.queries_in_flight <= 1
+        job = SearchJob(memory, query.z, query.k, query.sigma, self.settings.max_response_floats, keep, alone)
+        return await self.index_thread.search(job)
 
-    async def risk(self, name: str, query: QueryRequest) -> tuple[Neighbors, np.ndarray]:
+    async def record_queries(self, name: str, columns: dict[str, np.ndarray]) -> int:
+        """Keep query rows a client computed itself (`risk`, `wsum`, `n_eff` float64 [n]) among
+        `name`'s recorded queries → how many it now keeps."""
+        memory = self.memory(name)
+
+        def record() -> int:
+            memory.record_queries(columns["risk"], columns["wsum"], columns["n_eff"])
+            return len(memory.queries)
+
+        return await asyncio.to_thread(record)
+
+    async def risk(self, name: str, query: Query) -> tuple[Neighbors, np.ndarray]:
         """The kernel risk of each query row, float64 [B], with the neighbours it came from."""
         nb = await self.neighbors(name, query)
         risk, _, _ = nb.kernel_stats()

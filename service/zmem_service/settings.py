@@ -165,6 +165,11 @@ class ServiceSettings(BaseSettings):
     body_timeout: float = Field(30.0, gt=0, description="seconds a request body may send nothing")
     keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays")
     max_connections: int = Field(1000, ge=1, description="open connections; more get 503")
+    min_transfer_rate: float = Field(
+        1 << 20,
+        gt=0,
+        description="bytes/s a large body or answer must keep up while it holds a slot (after 2 s of grace)",
+    )
 
     token: SecretStr | None = None
     read_token: SecretStr | None = None

@@ -11,72 +11,61 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 from .. import __version__
-from ..errors import MAX_DETAIL_CHARS, MAX_ERRORS, ZMemError, clip, clip_errors
+from ..errors import MAX_ERRORS, ZMemError, problem
 from ..metrics import Metrics, MetricsMiddleware
 from ..pictures.cache import PictureCache
 from ..service import ZMem
 from ..settings import ServiceSettings
-from .auth import CookieMiddleware, Tokens, authorize
+from .auth import CookieMiddleware, Tokens
+from .edge import declared_routes, guard
 from .fastpath import FastPath
 from .openapi import install as install_openapi
+from .pools import Codecs
 from .routes import admin, memory, pictures, queries
-from .wire import Codecs, check_body_type
+from .streaming import error_answer, problem_answer
 
 log = logging.getLogger("zmem")
-PROBLEM = "application/problem+json"
 
 
-def problem_response(error: ZMemError) -> JSONResponse:
-    return JSONResponse(error.problem(), status_code=error.status, media_type=PROBLEM, headers=error.headers)
-
-
-async def on_zmem_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_zmem_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ZMemError)
-    return problem_response(exc)
+    return error_answer(exc)
 
 
-async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    # Only loc and msg, clipped: pydantic's `input` would echo the request back.
-    errors = clip_errors([{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:MAX_ERRORS]])
+    # Only loc and msg: pydantic's `input` would echo the request back.
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()[:MAX_ERRORS]]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
-    body = {
-        "type": "https://zmem.dev/problems/validation",
-        "title": "Validation failed",
-        "status": status,
-        "detail": clip(f"{where}: {first['msg']}", MAX_DETAIL_CHARS),
-        "errors": errors,
-    }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    detail = f"{where}: {first['msg']}"
+    return problem_answer(problem(status, "Validation failed", detail, slug="validation", errors=errors))
 
 
-async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    body = {
-        "type": "about:blank",
-        "title": clip(str(exc.detail), MAX_DETAIL_CHARS),
-        "status": exc.status_code,
-        "detail": clip(f"{request.method} {request.url.path}: {exc.detail}", MAX_DETAIL_CHARS),
-    }
+    detail = f"{request.method} {request.url.path}: {exc.detail}"
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 503:
         headers.setdefault("Retry-After", "1")
-    return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM, headers=headers)
+    return problem_answer(problem(exc.status_code, str(exc.detail), detail, slug=""), headers)
 
 
-async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(ZMemError(f"unexpected {type(exc).__name__}; see the server log"))
+    return error_answer(ZMemError(f"unexpected {type(exc).__name__}; see the server log"))
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
-    """The zmem application. Memories load in the background: /readyz says when they're in."""
+def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = True) -> FastAPI:
+    """The zmem application. Memories load in the background: /readyz says when they're in.
+
+    Every route declares its access and bodies (`edge.declare`); a route that doesn't is
+    refused here. `fast_path=False` leaves the hot routes to FastAPI too (tests compare)."""
     settings = settings or ServiceSettings()
     tokens = Tokens.from_settings(settings)
     metrics = Metrics()
@@ -95,12 +84,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await asyncio.to_thread(app.state.pictures.close)
         await asyncio.to_thread(app.state.codecs.close)
         await asyncio.to_thread(zmem.close)
+        metrics.access.flush()
 
     app = FastAPI(
         title="zmem",
         version=__version__,
         lifespan=lifespan,
-        dependencies=[Depends(authorize), Depends(check_body_type)],
+        dependencies=[Depends(guard)],
         openapi_url=None,  # served by routes/admin.py, behind the tokens
         docs_url=None,
         redoc_url=None,
@@ -109,7 +99,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.codecs = Codecs.create()
     app.state.tokens = tokens
     app.state.metrics = metrics
-    app.add_middleware(FastPath, problem=problem_response)  # innermost: still counted and logged
+    if fast_path:
+        app.add_middleware(FastPath, routes=app.router.routes)  # innermost: still counted and logged
     app.add_middleware(CookieMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ZMemError, on_zmem_error)
@@ -124,6 +115,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(pictures.router)
     app.include_router(pictures.router, prefix="/memories/{name}")
     app.include_router(pictures.dashboard_router)
+    for _ in declared_routes(app.routes):  # raises for a route that declares nothing
+        pass
     install_openapi(app)
     return app
 

@@ -1,7 +1,8 @@
 """Optional bearer tokens: a write token (everything) and a read token (reads only).
 
-Reads are the GET routes (export and metrics included) and the read-only POSTs
-`neighbors` and `risk`. A browser can't add a header to an `<img>`, so
+Which routes read and which write, each route declares (`edge.declare`; `edge.admit`
+checks a request against it): the GET routes (export and metrics included) and the
+read-only POSTs `neighbors`, `risk` and `queries` read. A browser can't add a header to an `<img>`, so
 `GET /?token=…` (either token) stores a read credential in an HttpOnly cookie that
 later requests carry. The cookie, and the `?token=` that set it, carry read rights
 only, whichever token set them: a page elsewhere on the site can make the browser
@@ -19,16 +20,12 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 
-from fastapi import Request
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Forbidden, Unauthorized
 from ..settings import ServiceSettings
 
 COOKIE = "zmem_token"
-OPEN_PATHS = {"/healthz", "/readyz"}
-READ_POSTS = ("/neighbors", "/risk", "/queries")
 
 
 @dataclass(frozen=True)
@@ -88,48 +85,8 @@ def cookie_value(token: str) -> str:
     return hmac.new(token.encode(), b"zmem dashboard read", hashlib.sha256).hexdigest()
 
 
-def presented(request: Request) -> str | None:
-    """The bearer token of the Authorization header, if any."""
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return None
-
-
-def is_read(request: Request) -> bool:
-    return request.method in ("GET", "HEAD") or (
-        request.method == "POST" and request.url.path.endswith(READ_POSTS)
-    )
-
-
-async def authorize(request: Request) -> None:
-    """FastAPI dependency on every route: raise 401/403 unless the token allows the request.
-
-    On `GET /?token=…` with a valid token, the answer sets the HttpOnly cookie.
-    """
-    tokens: Tokens = request.app.state.tokens
-    if not tokens.enabled or request.url.path in OPEN_PATHS:
-        return
-    level = tokens.level(presented(request))
-    if level is None:
-        dashboard = request.url.path == "/" and "token" in request.query_params
-        query_token = request.query_params["token"] if dashboard else None
-        if query_token is not None and tokens.level(query_token) is not None:
-            request.state.zmem_cookie = cookie_value(query_token)
-            level = "read"
-        elif tokens.cookie_valid(request.cookies.get(COOKIE)):
-            level = "read"
-    if level is None:
-        raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
-    if level == "read" and not is_read(request):
-        raise Forbidden(
-            "writes need the write token in the Authorization header (read tokens and the dashboard "
-            "cookie only read)"
-        )
-
-
 class CookieMiddleware:
-    """Pure ASGI: adds the Set-Cookie for a token that `authorize` accepted from `GET /?token=…`."""
+    """Pure ASGI: adds the Set-Cookie for a token that `edge.admit` accepted from `GET /?token=…`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -1,35 +1,33 @@
-"""The hot path, without FastAPI's routing: `POST …/neighbors` and `POST …/risk`.
+"""The hot path: the routes whose declarations name a fast handler, without FastAPI's routing.
 
-A training step calls `risk()` once per step, so these two routes carry nearly all
-the traffic, and FastAPI's route matching and dependency solving cost more than
-the search itself on a small memory. This pure-ASGI layer answers them directly
-with the same functions the routes use (auth, body checks, decoding, the search,
-encoding, problem+json errors); every other request goes on to FastAPI. The
-routes stay declared in FastAPI for the OpenAPI schema and behave identically.
+A training step calls `risk()` once per step, so `POST …/neighbors` and `…/risk` carry
+nearly all the traffic, and FastAPI's route matching, dependency solving and request
+objects cost more than the search itself on a small memory. This pure-ASGI layer is
+built from the app's own routes: a route whose declaration (`edge.declare(fast=…)`)
+names a handler is matched here by its own path pattern and method, checked by the
+same `edge.admit` under the same declaration, and answered by that handler, which
+reads its head from the scope and its body from `receive()`. Every other request goes
+on to FastAPI; the routes stay declared there (for the schema, and identical answers).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ZMemError
 from ..registry import DEFAULT
-from ..service import ZMem
-from .auth import authorize
-from .routes.memory import neighbors_answer, risk_answer
-from .wire import check_body_type
+from .edge import Call, Edge, Head, admit, declared_routes
+from .streaming import error_answer
 
 log = logging.getLogger("zmem")
-PATH = re.compile(r"^(?:/memories/(?P<name>[^/]+))?/(?P<route>neighbors|risk)$")
-Answer = Callable[[Request, str, ZMem], Awaitable[Response]]
-ANSWERS: dict[str, Answer] = {"neighbors": neighbors_answer, "risk": risk_answer}
 
 
 @dataclass(frozen=True)
@@ -39,36 +37,50 @@ class Route:
     path: str
 
 
-ROUTES = {
-    (named, route): Route(f"/memories/{{name}}/{route}" if named else f"/{route}")
-    for named in (False, True)
-    for route in ANSWERS
-}
-
-
 class FastPath:
-    """`problem` turns a ZMemError into its problem+json answer (the app's one handler)."""
+    """`routes`: the app's route list (read when the first request comes, once all are included)."""
 
-    def __init__(self, app: ASGIApp, problem: Callable[[ZMemError], Response]) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[Any]) -> None:
         self.app = app
-        self.problem = problem
+        self._routes = routes
+        self._table: list[tuple[re.Pattern[str], Route, Edge]] | None = None
+
+    def table(self) -> list[tuple[re.Pattern[str], Route, Edge]]:
+        """(path pattern, route, declaration) of each POST route with a fast handler, in the
+        app's order (the first match wins, as in the app's own routing)."""
+        if self._table is None:
+            self._table = [
+                (compile_path(d.path)[0], Route(d.path), d.edge)
+                for d in declared_routes(self._routes)
+                if "POST" in d.methods and d.edge.fast is not None
+            ]
+        return self._table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if match is None:
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        name, route = match["name"], match["route"]
-        scope["route"] = ROUTES[(name is not None, route)]
-        request = Request(scope, receive)
+        path = scope["path"]
+        for pattern, route, edge in self.table():  # noqa: B007 (used after the break)
+            match = pattern.match(path)
+            if match is not None:
+                break
+        else:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # what the metrics read (its path template)
+        head = Head(scope)
+        state = scope["app"].state
+        response: Response
         try:
-            await authorize(request)
-            await check_body_type(request)
-            zmem: ZMem = request.app.state.zmem
-            response = await ANSWERS[route](request, name or DEFAULT, zmem)
+            admit(edge, head, state.tokens)
+            assert edge.fast is not None
+            response = await edge.fast(
+                Call(head, receive), match.groupdict().get("name", DEFAULT), state.zmem
+            )
         except ZMemError as e:
-            response = self.problem(e)
+            response = error_answer(e)
         except Exception as e:
-            log.exception("unexpected error on POST %s", scope["path"], exc_info=e)
-            response = self.problem(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
+            log.exception("unexpected error on POST %s", path, exc_info=e)
+            response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
         await response(scope, receive, send)

@@ -4,9 +4,10 @@ The routes read their bodies themselves (JSON or safetensors, streamed with a si
 limit), take the memory name from the path through a dependency, and answer errors
 as problem+json from one handler, so FastAPI's generated schema misses all of
 that. `openapi(app)` post-processes it: the `{name}` path parameter on every
-`/memories/{name}/…` operation, request bodies (JSON schema, safetensors, npz),
-every error as `application/problem+json`, and the media types of PNG, npz,
-HTML and Prometheus answers.
+`/memories/{name}/…` operation, request bodies as each route declares them
+(`edge.declare`: media types, the JSON body's model), every error as
+`application/problem+json`, and the media types of PNG, npz, HTML and Prometheus
+answers.
 """
 
 from __future__ import annotations
@@ -20,20 +21,10 @@ from pydantic import BaseModel
 from zmem_core.names import NAME_PATTERN
 from zmem_core.wire import SAFETENSORS
 
-from .routes.queries import QueriesIn
-from .wire import JSON, EpisodesIn, QueryIn
+from ..errors import PROBLEM
+from .edge import JSON, Edge, declared_routes
 
-PROBLEM = "application/problem+json"
 BINARY = {"type": "string", "format": "binary"}
-
-# Request bodies read by the routes themselves, by the last segment of the path.
-BODIES: dict[str, dict[str, Any]] = {
-    "episodes": {"model": EpisodesIn, "safetensors": True},
-    "neighbors": {"model": QueryIn, "safetensors": True},
-    "risk": {"model": QueryIn, "safetensors": True},
-    "import": {"npz": True},
-    "queries": {"model": QueriesIn, "safetensors": True},
-}
 # Answers that aren't JSON, by the last segment of the path.
 MEDIA = {
     "metrics": ("text/plain; version=0.0.4", {"type": "string"}),
@@ -89,13 +80,15 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = PROBLEM_SCHEMA
+    edges = {(d.path, method.lower()): d.edge for d in declared_routes(app.routes) for method in d.methods}
     for path, operations in schema["paths"].items():
         last = path.rstrip("/").rsplit("/", 1)[-1]
         for method, op in operations.items():
             if "{name}" in path:
                 _name_parameter(op)
-            if method in ("post", "put") and "requestBody" not in op and last in BODIES:
-                op["requestBody"] = _body(BODIES[last], components)
+            edge = edges.get((path, method))
+            if edge is not None and edge.bodies and "requestBody" not in op:
+                op["requestBody"] = _body(edge, components)
             responses = op.setdefault("responses", {})
             if last in MEDIA and "200" in responses:
                 media, body_schema = MEDIA[last]
@@ -131,14 +124,15 @@ def _name_parameter(op: dict[str, Any]) -> None:
     )
 
 
-def _body(spec: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+def _body(edge: Edge, components: dict[str, Any]) -> dict[str, Any]:
+    """The request body a route declares: its JSON model, and binary for the others (safetensors;
+    an npz as its first, generic type)."""
     content: dict[str, Any] = {}
-    if "model" in spec:
-        content[JSON] = {"schema": _model_schema(spec["model"], components)}
-    if spec.get("safetensors"):
-        content[SAFETENSORS] = {"schema": BINARY}
-    if spec.get("npz"):
-        content["application/octet-stream"] = {"schema": BINARY}
+    for media in edge.bodies[:1] if edge.untyped else edge.bodies:
+        if media == JSON and edge.schema is not None:
+            content[JSON] = {"schema": _model_schema(edge.schema, components)}
+        elif media != JSON:
+            content[media] = {"schema": BINARY}
     return {"required": True, "content": content}
 
 

@@ -32,6 +32,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from ..errors import PROBLEM, problem
 from ..settings import ServiceSettings
 
 log = logging.getLogger("zmem")
@@ -68,13 +69,10 @@ def connection_cap(wanted: int) -> int:
 
 def problem_bytes(status: int, title: str, detail: str, retry_after: int | None = None) -> bytes:
     """A whole HTTP/1.1 response carrying problem+json, closing the connection."""
-    slug = title.lower().replace(" ", "-")
-    body = json.dumps(
-        {"type": f"https://zmem.dev/problems/{slug}", "title": title, "status": status, "detail": detail}
-    ).encode()
+    body = json.dumps(problem(status, title, detail)).encode()
     head = [
         STATUS_LINE[status],
-        b"content-type: application/problem+json\r\n",
+        b"content-type: %s\r\n" % PROBLEM.encode(),
         b"content-length: %d\r\n" % len(body),
         b"connection: close\r\n",
     ]

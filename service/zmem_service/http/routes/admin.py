@@ -11,17 +11,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...registry import check_name
 from ...settings import MemorySettingsIn
+from ..edge import JSON, declare
 from .deps import ZMemDep
 
 router = APIRouter()
 
 
 @router.get("/healthz")
+@declare("open")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
+@declare("open")
 async def readyz(zmem: ZMemDep) -> JSONResponse:
     if not zmem.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
@@ -32,6 +35,7 @@ async def readyz(zmem: ZMemDep) -> JSONResponse:
 
 
 @router.get("/metrics")
+@declare("read")
 async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
     metrics = request.app.state.metrics
     metrics.forget_deleted({memory.name for memory in zmem.memories.all()})
@@ -42,6 +46,7 @@ async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
 
 
 @router.get("/memories")
+@declare("read")
 async def list_memories(zmem: ZMemDep) -> dict[str, Any]:
     zmem.memory("default")  # 503 while loading
     return {
@@ -59,12 +64,14 @@ async def list_memories(zmem: ZMemDep) -> dict[str, Any]:
 
 
 @router.get("/memories/{name}")
+@declare("read")
 async def get_memory(name: str, zmem: ZMemDep) -> dict[str, Any]:
     memory = zmem.memory(name)
     return {"name": memory.name, "size": memory.size, "settings": memory.settings.model_dump()}
 
 
 @router.put("/memories/{name}")
+@declare("write", (JSON,), schema=MemorySettingsIn)
 async def put_memory(name: str, body: MemorySettingsIn, zmem: ZMemDep) -> JSONResponse:
     check_name(name)
     settings, created = await zmem.put(name, body)
@@ -74,6 +81,7 @@ async def put_memory(name: str, body: MemorySettingsIn, zmem: ZMemDep) -> JSONRe
 
 
 @router.delete("/memories/{name}", status_code=204)
+@declare("write")
 async def delete_memory(name: str, zmem: ZMemDep) -> Response:
     await zmem.delete(name)
     return Response(status_code=204)
@@ -82,10 +90,12 @@ async def delete_memory(name: str, zmem: ZMemDep) -> Response:
 # The schema and its page sit behind the tokens like every other route (FastAPI's own
 # /openapi.json and /docs would not): the app's dependencies apply to these.
 @router.get("/openapi.json", include_in_schema=False)
+@declare("read")
 async def get_openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
 @router.get("/docs", include_in_schema=False)
+@declare("read")
 async def get_docs() -> HTMLResponse:
     return get_swagger_ui_html(openapi_url="/openapi.json", title="zmem")

@@ -1,4 +1,9 @@
-"""Routes of one memory; mounted at the root (memory `default`) and under `/memories/{name}`."""
+"""Routes of one memory; mounted at the root (memory `default`) and under `/memories/{name}`.
+
+`neighbors` and `risk` carry nearly all the traffic (a training step calls `risk()`
+once): their declarations name the handler the hot path (`fastpath.py`) calls without
+FastAPI's routing, the same one the FastAPI routes call.
+"""
 
 from __future__ import annotations
 
@@ -10,48 +15,72 @@ from fastapi import Query as QueryParam  # a query-string parameter, not a kNN q
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from zmem_core.wire import SAFETENSORS
+
+from ...memory import Neighbors
 from ...service import ZMem
-from ..wire import body_chunks, neighbors_arrays, read_episodes, read_query, respond
+from ..edge import JSON, NPZ, QUERY_BODIES, Call, declare
+from ..exchange import answer_bytes, answer_ticket, body_chunks, read_episodes, read_query, respond
+from ..schemas import EpisodesIn, QueryIn
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
 
 
+async def neighbors_answer(call: Call, name: str, zmem: ZMem) -> Response:
+    """`POST …/neighbors`: the answer's slot is taken before the search, so a computed answer
+    is never dropped for want of one."""
+    with zmem.query_received():
+        query = await read_query(call, zmem.settings)
+        floats, k = zmem.answer_floats(name, query)
+        ticket = await answer_ticket(call, answer_bytes(floats, query.z.shape[0], k))
+        try:
+            nb = await zmem.neighbors(name, query)
+        except BaseException:
+            if ticket is not None:
+                ticket.release()
+            raise
+    meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
+    return await respond(call, zmem.settings, _neighbors_arrays(nb, query.one_row), meta, ticket)
+
+
+async def risk_answer(call: Call, name: str, zmem: ZMem) -> Response:
+    """`POST …/risk`: B floats, never a large answer."""
+    with zmem.query_received():
+        query = await read_query(call, zmem.settings)
+        nb, risk = await zmem.risk(name, query)
+    meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
+    risk32 = risk.astype(np.float32)
+    arrays = {"risk": risk32.reshape(()) if query.one_row else risk32}
+    return await respond(call, zmem.settings, arrays, meta)
+
+
+def _neighbors_arrays(nb: Neighbors, one_row: bool) -> dict[str, np.ndarray]:
+    arrays = {"z": nb.z, "risk_target": nb.risk_target, "d2": nb.d2, "seq": nb.seq}
+    return {k: v[0] for k, v in arrays.items()} if one_row else arrays
+
+
 @router.post("/episodes")
+@declare("write", (JSON, SAFETENSORS), schema=EpisodesIn)
 async def post_episodes(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    batch = await read_episodes(request, zmem.settings)
+    batch = await read_episodes(Call.of(request), zmem.settings)
     return await zmem.write(name, batch)
 
 
 @router.post("/neighbors")
+@declare("read", QUERY_BODIES, schema=QueryIn, fast=neighbors_answer)
 async def post_neighbors(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    return await neighbors_answer(request, name, zmem)
+    return await neighbors_answer(Call.of(request), name, zmem)
 
 
 @router.post("/risk")
+@declare("read", QUERY_BODIES, schema=QueryIn, fast=risk_answer)
 async def post_risk(request: Request, name: NameDep, zmem: ZMemDep) -> Response:
-    return await risk_answer(request, name, zmem)
-
-
-async def neighbors_answer(request: Request, name: str, zmem: ZMem) -> Response:
-    """`POST …/neighbors` (also served by `fastpath`, which skips FastAPI's routing)."""
-    query = await read_query(request, zmem.settings)
-    nb = await zmem.neighbors(name, query)
-    meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
-    return await respond(request, zmem.settings, neighbors_arrays(nb, query.one_row), meta)
-
-
-async def risk_answer(request: Request, name: str, zmem: ZMem) -> Response:
-    """`POST …/risk` (also served by `fastpath`)."""
-    query = await read_query(request, zmem.settings)
-    nb, risk = await zmem.risk(name, query)
-    meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
-    risk32 = risk.astype(np.float32)
-    arrays = {"risk": risk32.reshape(()) if query.one_row else risk32}
-    return await respond(request, zmem.settings, arrays, meta)
+    return await risk_answer(Call.of(request), name, zmem)
 
 
 @router.get("/changes")
+@declare("read")
 async def get_changes(
     request: Request,
     name: NameDep,
@@ -71,15 +100,17 @@ async def get_changes(
     the memory exactly; `reset` says to drop the mirrored state first."""
     page = await zmem.changes(name, after, generation, limit, wait, auto)
     arrays = {"z": page.rows.z, "risk_target": page.rows.risk_target, "seq": page.rows.seq}
-    return await respond(request, zmem.settings, arrays, page.meta)
+    return await respond(Call.of(request), zmem.settings, arrays, page.meta)
 
 
 @router.get("/stats")
+@declare("read")
 async def get_stats(name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
     return await zmem.stats(name)
 
 
 @router.get("/export")
+@declare("read")
 async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
     path = await zmem.export_npz(name)
     return FileResponse(
@@ -91,6 +122,7 @@ async def get_export(name: NameDep, zmem: ZMemDep) -> Response:
 
 
 @router.post("/import")
+@declare("write", NPZ, untyped=True)
 async def post_import(request: Request, name: NameDep, zmem: ZMemDep) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    return await zmem.import_npz(name, body_chunks(request), int(declared) if declared.isdigit() else None)
+    call = Call.of(request)
+    return await zmem.import_npz(name, body_chunks(call), call.head.content_length)

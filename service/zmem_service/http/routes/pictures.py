@@ -8,8 +8,8 @@ was computed for this request (or one it joined). A request whose client hangs u
 waiting, and a picture nobody waits for any more is not drawn; past the render queue's
 bound the answer is 503 with `Retry-After`.
 
-Auth is app-wide (`auth.authorize`, a dependency of every route, and `auth.CookieMiddleware`
-for `GET /?token=…`): these are read routes and need no more than a read token.
+These are read routes (each says so: `edge.declare`) and need no more than a read token
+or the dashboard cookie (set by `GET /?token=…`, `auth.CookieMiddleware`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ...memory import Memory
 from ...pictures.cache import Picture, PictureCache, RenderQueueFull, View
 from ...pictures.plots import MAP_FIELDS, TRAIL_FIELDS, Limits
 from ...service import ZMem
+from ..edge import declare
 from .deps import NameDep, ZMemDep
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ Worker = Annotated[str | None, QueryParam(max_length=64, description="draw only 
 
 
 @router.get("/map.png", response_class=Response)
+@declare("read")
 async def get_map(
     request: Request,
     name: NameDep,
@@ -88,6 +90,7 @@ async def get_map(
 
 
 @router.get("/trail.png", response_class=Response)
+@declare("read")
 async def get_trail(
     request: Request,
     name: NameDep,
@@ -110,6 +113,7 @@ async def get_trail(
 
 
 @router.get("/risk.png", response_class=Response)
+@declare("read")
 async def get_risk(
     request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep, dpi: Dpi = 100
 ) -> Response:
@@ -117,11 +121,13 @@ async def get_risk(
 
 
 @router.get("/diagnostics")
+@declare("read")
 async def get_diagnostics(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep) -> Any:
     return await _until_gone(request, pictures.diagnostics(zmem.memory(name)))
 
 
 @dashboard_router.get("/", response_class=HTMLResponse)
+@declare("read")
 async def get_dashboard() -> HTMLResponse:
     return HTMLResponse(_dashboard(), headers={"Cache-Control": "no-cache"})
 

@@ -1,0 +1,163 @@
+"""Admission: the bounded pools and slots that large bodies and answers need, shared fairly.
+
+Large bodies are decoded, and large answers encoded, on thread pools of their own
+(`Pool`); large answers then hold one of the answer slots (`AnswerSlots`) until their
+last byte is handed over, which bounds the memory that answers nobody reads can pin.
+Every slot is taken before the work it bounds (a body's slot before the body is read,
+a search's answer slot before the search), and nobody can keep them: one client (a peer
+address) holds at most half of a kind, and a holder that falls behind the minimum
+transfer rate loses its slot (`exchange.read_body`, `streaming.SentInChunks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..errors import Unavailable
+
+T = TypeVar("T")
+
+
+class Shares:
+    """`slots` things of one kind, at most `per_peer` of them held by one peer (on the event loop)."""
+
+    def __init__(self, slots: int, per_peer: int | None = None) -> None:
+        self.slots = slots
+        self.per_peer = per_peer if per_peer is not None else max(1, slots // 2)
+        self.held: Counter[str] = Counter()
+        self.taken = 0
+
+    def free_for(self, peer: str) -> bool:
+        return self.taken < self.slots and self.held[peer] < self.per_peer
+
+    def take(self, peer: str) -> None:
+        self.taken += 1
+        self.held[peer] += 1
+
+    def give(self, peer: str) -> None:
+        self.taken -= 1
+        self.held[peer] -= 1
+        if self.held[peer] <= 0:
+            del self.held[peer]
+
+
+class Pool:
+    """A thread pool of its own for one kind of work, bounded: `workers` threads and at most
+    `slots` jobs admitted at once (running, queued or reading their body), half of them per
+    peer; past that a 503."""
+
+    def __init__(self, name: str, workers: int, slots: int) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"zmem-{name}")
+        self.shares = Shares(slots)
+
+    @asynccontextmanager
+    async def admitted(self, peer: str) -> AsyncIterator[None]:
+        if not self.shares.free_for(peer):
+            raise Unavailable(f"too many large requests are {self.name}; retry shortly")
+        self.shares.take(peer)
+        try:
+            yield
+        finally:
+            self.shares.give(peer)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a pool thread (call inside `admitted()`)."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Ticket:
+    """One answer slot held for `peer`; `release` gives it back (once, whatever calls it)."""
+
+    def __init__(self, slots: AnswerSlots, peer: str) -> None:
+        self._slots: AnswerSlots | None = slots
+        self.peer = peer
+
+    def release(self) -> None:
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            slots.give(self.peer)
+
+    def __del__(self) -> None:  # a ticket dropped unreleased (a request cut short): the slot comes back
+        self.release()
+
+
+class AnswerSlots:
+    """At most `slots` large answers held at once (being searched, encoded or sent), half of them
+    per peer. A request waits up to `wait` seconds for a slot (answers to fast readers come back
+    within milliseconds), at most `4 × slots` requests waiting; then a 503."""
+
+    WAIT = 0.25
+
+    def __init__(self, slots: int, wait: float = WAIT) -> None:
+        self.shares = Shares(slots)
+        self.wait = wait
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def take(self, peer: str) -> Ticket:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        while not self.shares.free_for(peer):
+            left = deadline - loop.time()
+            if left <= 0 or len(self._waiters) >= 4 * self.shares.slots:
+                raise Unavailable("too many large answers are being sent; retry shortly")
+            woken: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(woken)
+            try:
+                await asyncio.wait_for(woken, left)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.remove(woken)
+        return self.force(peer)
+
+    def force(self, peer: str) -> Ticket:
+        """A slot even past the bound: for an answer already computed, which is never thrown away
+        (its size was estimated before the search, and the memory grew meanwhile)."""
+        self.shares.take(peer)
+        return Ticket(self, peer)
+
+    def give(self, peer: str) -> None:
+        self.shares.give(peer)
+        for woken in self._waiters:  # each looks again; those still over a bound wait on
+            if not woken.done():
+                woken.set_result(None)
+
+
+@dataclass
+class Codecs:
+    """The service's pools for bodies (decode: reads; decode_writes: episodes) and answers
+    (encode, and the answer slots); on `app.state.codecs`. Writes decode in a pool of their
+    own, so requests that a read token may send can't take every slot and hold the workers'
+    episodes off."""
+
+    decode: Pool
+    decode_writes: Pool
+    encode: Pool
+    answers: AnswerSlots
+
+    @classmethod
+    def create(cls) -> Codecs:
+        # 2 threads each: JSON work holds the GIL, so more threads would only queue on it.
+        # 8 slots per decode pool bound the large bodies held in memory at once
+        # (16 × max_body_bytes in all).
+        return cls(
+            decode=Pool("being decoded", 2, 8),
+            decode_writes=Pool("being written", 2, 8),
+            encode=Pool("being encoded", 2, 8),
+            answers=AnswerSlots(8),  # 8 × max_response_bytes of large answers at most
+        )
+
+    def close(self) -> None:
+        self.decode.close()
+        self.decode_writes.close()
+        self.encode.close()
