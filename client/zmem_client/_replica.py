@@ -143,7 +143,8 @@ class Replica(NeighborSource):
         Tensors on the replica's device. Invalid queries raise RequestRejected (422) as the
         service answers them; a memory the service does not have raises NoSuchMemory.
         """
-        self.start()
+        if self._thread is None:
+            self.start()
         st = self._snapshot()
         if st.settings is None:
             raise missing(self.memory, self._where)

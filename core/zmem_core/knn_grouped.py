@@ -150,11 +150,22 @@ class GroupedBase:
         self.sqnorm_max.copy_(torch.where(live, sq, 0.0).max())
 
 
-def prepare_query(q64: np.ndarray) -> np.ndarray:
+def query_width(d: int) -> int:
+    """Columns of a `prepare_query` buffer for d-dimensional queries."""
+    return d + (d + 1) // 2 + 1
+
+
+def prepare_query(q64: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The host part of a search: q64 float64 [B, d] (centred) → float64 [B, w] holding q64, its
-    float32 copy (packed two to a column, read back by a dtype view) and ‖q‖²; see `unpack_query`."""
+    float32 copy (packed two to a column, read back by a dtype view) and ‖q‖²; see `unpack_query`.
+    `out`: a float64 [≥ B, w] array to write into (a pinned buffer kept between searches); the
+    first B rows are returned."""
     b, d = q64.shape
-    buf = np.zeros((b, d + (d + 1) // 2 + 1), np.float64)
+    if out is None:
+        buf = np.zeros((b, query_width(d)), np.float64)
+    else:
+        buf = out[:b]
+        buf[:] = 0.0
     buf[:, :d] = q64
     buf.view(np.float32)[:, 2 * d : 3 * d] = q64.astype(np.float32)
     buf[:, -1] = np.einsum("bd,bd->b", q64, q64)
@@ -165,7 +176,7 @@ def device_query(rows: torch.Tensor) -> torch.Tensor:
     """`prepare_query` made on rows' own device (float [B, d], not centred): a query already
     on the GPU is never copied to the host to be prepared."""
     b, d = rows.shape
-    buf = torch.zeros((b, d + (d + 1) // 2 + 1), dtype=torch.float64, device=rows.device)
+    buf = torch.zeros((b, query_width(d)), dtype=torch.float64, device=rows.device)
     q64 = rows.to(torch.float64)
     buf[:, :d] = q64
     buf.view(torch.float32)[:, 2 * d : 3 * d] = rows.to(torch.float32)

@@ -39,7 +39,7 @@ import torch
 
 from zmem_core.knn import F32_ROUNDOFF, candidate_count
 from zmem_core.knn_graphs import MAX_ROWS, GraphedSearch
-from zmem_core.knn_grouped import GroupedBase, prepare_query, rescue_uncertified
+from zmem_core.knn_grouped import GroupedBase, prepare_query, query_width, rescue_uncertified
 from zmem_core.knn_torch import exact_center, rerank_candidates, unit_roundoff
 from zmem_core.knn_torch import rescue_uncertified as full_scan_uncertified
 
@@ -96,6 +96,7 @@ class TorchIndex:
         self._center_host: np.ndarray | None = None  # float32 [d]: the centre of the rows queued last
         self._center: torch.Tensor | None = None  # the centre of the rows on the device
         self._queue: list[tuple[str, Any]] = []
+        self._pinned: torch.Tensor | None = None  # the host buffer queries go to the device from (CUDA)
 
     # -- room -------------------------------------------------------------------------
 
@@ -176,9 +177,17 @@ class TorchIndex:
 
     def _search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         center = np.zeros(self.z_dim) if self._center_host is None else self._center_host.astype(np.float64)
-        query = torch.from_numpy(prepare_query(zq.astype(np.float64) - center))
         if self.device.type == "cuda":
-            query = query.pin_memory().to(self.device, non_blocking=True)
+            # One pinned buffer, kept: the last search's copy from it finished at that search's
+            # synchronisation, so it is free to be written again.
+            width = query_width(self.z_dim)
+            if self._pinned is None or len(self._pinned) < len(zq):
+                rows = max(len(zq), 2 * len(self._pinned) if self._pinned is not None else 1)
+                self._pinned = torch.empty((rows, width), dtype=torch.float64, pin_memory=True)
+            host = prepare_query(zq.astype(np.float64) - center, out=self._pinned.numpy())
+            query = self._pinned[: len(host)].to(self.device, non_blocking=True)
+        else:
+            query = torch.from_numpy(prepare_query(zq.astype(np.float64) - center))
         found = []
         for start in range(0, len(query), QUERY_ROWS):
             out, _ = self._graphs.search(self._base, query[start : start + QUERY_ROWS], k, size)
