@@ -6,11 +6,13 @@
 Rows: server-side search time, i.e. one `TorchIndex.search` call as the searcher
 thread makes it (query to the device, exact kNN, answer back to the host; CUDA
 synchronised by that copy back), p50 and p99 over repeats, for B=1 and B=256 at each N,
-with how many query rows the device search certified; under each, the same search by the
-previous path (`knn_torch.exact_knn`) and, on CUDA, replayed from CUDA graphs; then
-`ZMemClient.risk` B=1 forward+backward over loopback against a `zmem serve --device
-<device> --durability none` filled with episodes. Each N's first answer is
-checked against a full exact scan before it is timed.
+eager (`--cuda-graphs off`), with how many query rows the device search certified; under
+each, on CUDA, the same search replayed from CUDA graphs and one replay's device part run
+under `torch.cuda.set_sync_debug_mode("error")`, then the previous path
+(`knn_torch.exact_knn`); then `ZMemClient.risk` B=1 forward+backward over loopback against
+a `zmem serve --device <device> --durability none` filled with episodes, and from a
+replica on the device beside the same search and kernel run in-process. Each N's first
+answer (8 query rows) is checked against a full exact scan before it is timed.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
     from zmem_core.knn_torch import full_scan
     from zmem_service.torch_index import TorchEngine, cuda_engine
 
-    engine = cuda_engine(device) if device.startswith("cuda") else TorchEngine(device, "benchmark")
+    # Eager first (the graphed rows follow, on CUDA): --cuda-graphs off, then on.
+    engine = (
+        cuda_engine(device, cuda_graphs=False)
+        if device.startswith("cuda")
+        else TorchEngine(device, "benchmark")
+    )
     rows: list[Row] = []
     rng = np.random.default_rng(0)
     for n in sizes:
@@ -87,6 +94,14 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
                 p50, p99 = percentiles(timed(lambda zq=zq, index=index, n=n: index.search(zq, k, n), repeats))
                 why = f"eager: {index._graphs.failed}" if index._graphs.failed else "graphed"
                 rows.append((f"  {why}, N={n:,}, B={b}", p50, p99, "same" if same else "MISMATCH"))
+                rows.append(
+                    (
+                        f"  one replay under sync debug 'error', N={n:,}, B={b}",
+                        "-",
+                        "-",
+                        replay_ok(index, query, k, n),
+                    )
+                )
                 index._graphs = GraphedSearch(enabled=False)
 
             args = (base, seq, index.device, index._center, sqnorm)
@@ -96,6 +111,29 @@ def search_rows(device: str, sizes: list[int], d: int, k: int, repeats: int) -> 
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def replay_ok(index: object, query: torch.Tensor, k: int, n: int) -> str:
+    """One graphed search's device part with `torch.cuda.set_sync_debug_mode("error")`: any host
+    synchronisation in it raises."""
+    import warnings
+
+    graphs, base = index._graphs, index._base  # type: ignore[attr-defined]
+    query = query.to(base.device)
+    graphs.search(base, query, k, n)  # captured (and warmed) outside the check
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphs.search(base, query, k, n)
+        return "no synchronisation"
+    except RuntimeError as e:
+        return f"MISMATCH: it synchronised: {str(e).splitlines()[0][:80]}"
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def old_search(
@@ -122,15 +160,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def risk_row(device: str, n: int, d: int, k: int, repeats: int) -> Row:
-    """risk() B=1 over loopback, or a row saying why it is not available."""
+def risk_row(device: str, n: int, d: int, k: int, repeats: int, replica: bool = False) -> list[Row]:
+    """risk() B=1 over loopback (and, with `replica`, from a replica on `device` beside the same
+    search and kernel in-process), or a row saying why it is not available."""
     name = f"risk() B=1 fwd+bwd, loopback, N={n:,}"
     try:
         import httpx
 
         from zmem_client import ZMemClient
     except ImportError as e:
-        return (name, "-", "-", f"not available: {e}")
+        return [(name, "-", "-", f"not available: {e}")]
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         path = f"{ROOT / 'service'}:{ROOT / 'client'}:{os.environ.get('PYTHONPATH', '')}"
@@ -148,7 +187,7 @@ def risk_row(device: str, n: int, d: int, k: int, repeats: int) -> Row:
             while not ready:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     last = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
-                    return (name, "-", "-", f"not available: zmem serve --device {device}: {last[0][:120]}")
+                    return [(name, "-", "-", f"not available: zmem serve --device {device}: {last[0][:120]}")]
                 try:
                     r = httpx.get(url + "/readyz", timeout=1)
                     ready = r.json() if r.status_code == 200 else {}
@@ -168,15 +207,66 @@ def risk_row(device: str, n: int, d: int, k: int, repeats: int) -> Row:
                     mem.risk(q).backward()
 
                 p50, p99 = percentiles(timed(step, repeats, warm=20))
-            return (name, p50, p99, f"server knn: {ready.get('knn', '?')}")
+                out = [(name, p50, p99, f"server knn: {ready.get('knn', '?')}")]
+            if replica:
+                out += replica_rows(url, device, n, d, k, repeats, queries)
+            return out
         except Exception as e:  # the benchmark reports, never stops the table
-            return (name, "-", "-", f"not available: {type(e).__name__}: {str(e)[:120]}")
+            return [(name, "-", "-", f"not available: {type(e).__name__}: {str(e)[:120]}")]
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def replica_rows(
+    url: str, device: str, n: int, d: int, k: int, repeats: int, queries: torch.Tensor
+) -> list[Row]:
+    """`ZMemClient(replica=True, device=device)` risk() B=1 fwd+bwd, and the same search and kernel
+    run in-process on the replica's own snapshot (the mirror's search, the gather, the kernel)."""
+    from zmem_client import ZMemClient, kernel_risk
+
+    with ZMemClient(url, replica=True, device=device, timeout=60) as mem:
+        rep = mem.replica
+        assert rep is not None
+        rep.sync(60)
+        dev = rep.device
+        qs = queries.to(dev)
+        it = iter(range(10**9))
+
+        def replica_step() -> None:
+            q = qs[next(it) % len(qs)].clone().requires_grad_(True)
+            mem.risk(q).backward()
+
+        st = rep.state
+        z, rt, _, _ = st.window()
+        sigma = float(st.settings["sigma"]) if st.settings and st.settings["sigma"] != "auto" else 1.0
+
+        def in_process() -> None:
+            q = qs[next(it) % len(qs)].clone().requires_grad_(True)
+            _, idx = rep._mirror.search(st, q.detach(), k)
+            kernel_risk(q, z[idx], rt[idx], sigma)[0].backward()
+
+        def synced(step: Callable[[], None]) -> Callable[[], None]:
+            if dev.type != "cuda":
+                return step
+            return lambda: (step(), torch.cuda.synchronize(dev))  # type: ignore[func-returns-value]
+
+        rp50, rp99 = percentiles(timed(synced(replica_step), repeats, warm=20))
+        fp50, fp99 = percentiles(timed(synced(in_process), repeats, warm=20))
+        ratio = float(rp50) / max(1.0, float(fp50))
+        uncertified = rep.uncertified
+    return [
+        (
+            f"replica on {dev} risk() B=1 fwd+bwd",
+            rp50,
+            rp99,
+            f"{ratio:.2f}× in-process; uncertified rows {uncertified}",
+        ),
+        (f"  same search + kernel in-process, N={n:,}", fp50, fp99, ""),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,10 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
     t0 = time.perf_counter()
     rows = search_rows(args.device, sizes, args.d, args.k, args.repeats)
-    rows.append(risk_row(args.device, args.risk_n, args.d, args.k, args.risk_repeats))
+    rows += risk_row(args.device, args.risk_n, args.d, args.k, args.risk_repeats, replica=True)
     if args.device.startswith("cuda"):  # the same machine's CPU service, for comparison
-        name, p50, p99, note = risk_row("cpu", args.risk_n, args.d, args.k, args.risk_repeats)
-        rows.append((name.replace("risk()", "risk() --device cpu"), p50, p99, note))
+        for name, p50, p99, note in risk_row("cpu", args.risk_n, args.d, args.k, args.risk_repeats):
+            rows.append((name.replace("risk()", "risk() --device cpu"), p50, p99, note))
     took = time.perf_counter() - t0
     print(f"\nzmem GPU check: {where}; d={args.d}, k={args.k}; times in µs ({took:.0f} s)")
     print(f"{'':44} {'p50 µs':>9} {'p99 µs':>9}  note")

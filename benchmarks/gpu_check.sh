@@ -67,7 +67,7 @@ case "$mode" in
     export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1  # the machine's pytest plugins may not fit this pytest
     "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', ok); sys.exit(0 if ok else 1)"
     echo "== GPU tests (the CUDA cases of the torch kNN and index tests)"
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or replays or graphs" tests/core/test_knn.py tests/core/test_knn_torch.py tests/core/test_knn_graphs.py tests/core/test_knn_grouped.py tests/test_torch_index.py || echo "GPU TESTS FAILED (status $?)"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or replays or graphs" tests/core/test_knn.py tests/core/test_knn_torch.py tests/core/test_knn_graphs.py tests/core/test_knn_grouped.py tests/test_torch_index.py tests/test_replica.py tests/test_replica_grouped.py || echo "GPU TESTS FAILED (status $?)"
     echo "== benchmark"
     timeout 200 "$PY" -m benchmarks.bench_gpu --device cuda
     ;;
