@@ -23,7 +23,7 @@ The search is the core's, as in the service:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -182,9 +182,8 @@ class Mirror:
         # never lowered within a buffer), which only makes the certificate more careful.
         bound = st.sqnorm_max if kept else torch.zeros_like(st.sqnorm_max)
         sqnorm_max = torch.maximum(bound, new_sq.max().to(torch.float64)) if n else bound
-        return Snapshot(
-            generation=st.generation,
-            settings=st.settings,
+        return replace(
+            st,
             z=buf_z,
             risk_target=buf_rt,
             seq=buf_seq,
@@ -193,8 +192,8 @@ class Mirror:
             host_seq=host_seq,
             start=start,
             size=new_size,
-            sigma_auto=st.sigma_auto,
             next_seq=int(seq[-1]) + 1,
+            ready=None,
         )
 
     def search(self, st: Snapshot, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
