@@ -265,9 +265,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "kernel_sigma_far_too_small",
             "kernel",
-            Plan(RELIABLE3, _converge(0, 3), sigma_scale=0.02),
+            Plan(RELIABLE3, _converge(0, 3), sigma_scale=0.002),
             {"kernel": False},
-            "sigma a fiftieth of ‖z‖'s scale: every kernel weight underflows",
+            "sigma a 500th of ‖z‖'s scale: every kernel weight underflows (nearest stored z's sit "
+            "≥ 0.02 of it apart even at d = 4)",
         ),
         Scenario("kernel_auto", "kernel", Plan(RELIABLE3, _converge(0, 3)), {"kernel": True}),
     ]
