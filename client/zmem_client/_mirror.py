@@ -95,6 +95,7 @@ class Mirror:
         self._lanes = torch.arange(GROUP, device=device)
         self._uncertified = torch.zeros((), dtype=torch.int64, device=device)
         self._warned = False
+        self._views: tuple[Snapshot, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def uncertified(self) -> int:
@@ -196,22 +197,44 @@ class Mirror:
             ready=None,
         )
 
-    def search(self, st: Snapshot, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def find(
+        self, st: Snapshot, rows: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The k nearest window rows (1 ≤ k ≤ size) to each query row (detached [B, d], any
-        device): (d2 float32 [B, k], index int64 [B, k] into the window) on the mirror's device,
-        nearest first, ties by the lower seq."""
-        if not self.grouped:
-            z, _, seq, _ = st.window()
-            q = rows.to("cpu", torch.float32).numpy()
-            d2, idx = knn.exact_knn(
-                z.numpy(),
-                seq.numpy(),
-                q,
-                k,
-                base_sqnorm_max=float(st.sqnorm_max),
-                threads=torch.get_num_threads(),
-            )
-            return torch.from_numpy(d2), torch.from_numpy(idx)
+        device), nearest first, ties by the lower seq: (d2 float32 [B, k], z [B, k, d],
+        risk_target [B, k], seq [B, k]) on the mirror's device."""
+        if self.grouped:
+            d2, idx = self.search(st, rows, k)
+            z, rt, seq, _ = st.window()
+            return d2, z[idx], rt[idx], seq[idx]
+        z, rt, seq = self._host_window(st)
+        d2, idx = knn.exact_knn(
+            z,
+            seq,
+            rows.to("cpu", torch.float32).numpy(),
+            k,
+            base_sqnorm_max=float(st.sqnorm_max),
+            threads=torch.get_num_threads(),
+        )
+        return (
+            torch.from_numpy(d2),
+            torch.from_numpy(z[idx]),
+            torch.from_numpy(rt[idx]),
+            torch.from_numpy(seq[idx]),
+        )
+
+    def _host_window(self, st: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """numpy views (no copies) of a CPU snapshot's window: z, risk_target, seq; kept for the
+        snapshot answered last, which most queries ask about."""
+        cached = self._views
+        if cached is None or cached[0] is not st:
+            z, rt, seq, _ = st.window()
+            cached = self._views = (st, z.numpy(), rt.numpy(), seq.numpy())
+        return cached[1], cached[2], cached[3]
+
+    def search(self, st: Snapshot, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GPU search (`grouped`) of `find`: (d2 float32 [B, k], index int64 [B, k] into the
+        window) on the mirror's device, no host synchronisation."""
         end = st.start + st.size
         lo, hi = st.start - st.start % GROUP, min(len(st.z), padded(end))
         base = GroupedBase.over(st.z[lo:hi], st.seq[lo:hi], st.sqnorm[lo:hi], st.sqnorm_max, self._lanes)

@@ -75,7 +75,10 @@ class QueryPoster:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="zmem-replica-records", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            # Wake the thread only when it waits for a first record or a batch is full: while it
+            # gathers, a wake-up per training step would cost the step a thread switch.
+            if len(self._queue) == 1 or self._rows >= MAX_BATCH:
+                self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

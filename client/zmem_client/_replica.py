@@ -161,16 +161,14 @@ class Replica(NeighborSource):
                 k=0,
                 sigma=resolved,
             )
-        d2, idx = self._mirror.search(st, rows, kk)
-        z, rt, seq, _ = st.window()
-        found_rt = rt[idx]
+        d2, z, rt, seq = self._mirror.find(st, rows, kk)
         if record:
-            self._records.put(d2, found_rt, resolved)
+            self._records.put(d2, rt, resolved)
         return Found(
             d2=d2,
-            z=z[idx],
-            risk_target=found_rt,
-            seq=seq[idx] if with_seq else None,
+            z=z,
+            risk_target=rt,
+            seq=seq if with_seq else None,
             size=st.size,
             active=st.active,
             k=kk,
