@@ -36,6 +36,7 @@ import numpy as np
 
 from zmem_core.kernel import GUARD
 
+from . import trends
 from .islands import find_islands
 
 MIN_RECORDED_QUERIES = 100
@@ -59,23 +60,30 @@ class Thresholds:
     reliable_lambda_fraction: float = 0.5
     """An island is also reliable when its mean lambda_bind is at most this fraction of the
     highest group's (the seed's "high soft_bind and/or low lambda_bind")."""
+    dense_lambda_drop: float = 0.25
+    """Without islands, the densest quarter also passes when its mean lambda_bind is at least
+    this fraction below the other points' (beyond noise)."""
+    floor_z: float = 3.0
+    """Without islands, the densest quarter's advantage must exceed this many standard errors."""
     convergence_factor: float = 0.9
-    risk_rise: float = 0.05
-    """The recorded risk's median may rise by this fraction of the older half's |median|, by
-    `risk_rise_spread` × the series' interquartile range, by `risk_rise_range` × the stored
-    risk targets' 10th–90th percentile range, or by 3 standard errors of a half's median,
-    whichever is most, before convergence fails."""
-    risk_rise_spread: float = 0.25
-    risk_target_rise: float = 0.02
-    """The newer half of the buffer's mean risk target may exceed the older half's by this
-    fraction of the risk targets' 10th–90th percentile range (or 3 standard errors)."""
-    risk_rise_range: float = 0.15
-    """…or by this fraction of the stored risk targets' 10th–90th percentile range (the scale
-    the kernel risk lives on), when the buffer's risk targets are given."""
+    min_effect: float = 0.05
+    """The smallest rise called "getting worse", as a fraction of the risk targets' 10th–90th
+    percentile range: of the risk targets or the recorded risk, newest fifth against the best
+    earlier one or along a fitted line."""
+    change_z: float = 3.0
+    """…and the rise must also exceed this many of its standard errors."""
+    worker_z: float = 3.5
+    """The same for one worker's risk targets: each worker is a test of its own, so the bar is
+    higher (3.5 SE: a one-sided 3-SE bar shared among five workers)."""
+    worker_episodes: int = 200
+    """A worker is judged on its own from this many episodes in the buffer."""
+    spike_margin: float = 0.25
     spike_mad: float = 5.0
-    spike_window: int = 21
-    spike_rate_rise: float = 0.01
-    """Spikes "increase" when the newer half's rate exceeds the older's by more than this."""
+    """A spike is a recorded risk above the best earlier fifth's median by ``spike_margin`` ×
+    the risk targets' range or ``spike_mad`` of that fifth's MADs, whichever is more."""
+    spike_rise: float = 0.05
+    """Spikes grow when the newest fifth's share exceeds the lowest earlier share by this
+    many share points and by ``change_z`` standard errors."""
     kernel_underflow: float = 0.1
     kernel_recent: int = 1000
 
@@ -247,6 +255,7 @@ def evaluate(
     neighbors: int = 10,
     seed: int = 0,
     risk_target: np.ndarray | None = None,
+    worker: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Judge a buffer against the seed's acceptance criteria and the kernel's health.
 
@@ -262,8 +271,10 @@ def evaluate(
         sample: each kNN computation uses a seeded subsample of at most this many z's.
         neighbors: k for the k-NN distances (fewer when the sample is smaller).
         seed: seeds the subsamples and the Gaussian references; same inputs, same result.
-        risk_target: [N] the stored risk targets, when known: their spread sets the scale
-            of what counts as the recorded risk rising.
+        risk_target: [N] the stored risk targets, when known: convergence asks whether they
+            get worse, and their spread sets the scale of every "worse".
+        worker: [N] each episode's worker name, when known: convergence also asks whether any
+            one worker's risk targets get worse.
 
     Returns:
         ``{"size": N, "criteria": [density, reliability, convergence, kernel]}``, each
@@ -298,7 +309,9 @@ def evaluate(
     rt = None if risk_target is None else np.asarray(risk_target, dtype=np.float64).ravel()
     if rt is not None and rt.size != n:
         raise ValueError(f"z has {n} rows but risk_target {rt.size}")
-    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, rt)  # type: ignore[arg-type]
+    if worker is not None and np.asarray(worker).size != n:
+        raise ValueError(f"z has {n} rows but worker {np.asarray(worker).size}")
+    convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, rt, worker)  # type: ignore[arg-type]
     kernel = _kernel_criterion(geo, q, judge, n, need, t, sigma, k)
     return {"size": int(n), "criteria": [density, reliability, convergence, kernel]}
 
@@ -414,6 +427,57 @@ def _describe(island: dict[str, Any]) -> str:
     )
 
 
+def _densest_quarter(
+    density: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Thresholds
+) -> dict[str, Any] | None:
+    """The densest quarter of the points against the rest: mean soft_bind and lambda_bind of
+    each, and whether the quarter binds well (mean soft_bind ≥ reliable_soft_bind and above the
+    rest's by ≥ reliable_margin and floor_z standard errors, or mean lambda_bind below the
+    rest's by ≥ dense_lambda_drop of it and floor_z standard errors). None below 8 points."""
+    n = density.size
+    if n < 8:
+        return None
+    order = np.argsort(-density, kind="stable")
+    top, rest = order[: n // 4], order[n // 4 :]
+
+    def gap(x: np.ndarray) -> tuple[float, float, float]:
+        a, b = x[top], x[rest]
+        se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+        return float(a.mean()), float(b.mean()), se
+
+    s_top, s_rest, s_se = gap(soft)
+    l_top, l_rest, l_se = gap(lam)
+    by_soft = (
+        s_top >= t.reliable_soft_bind
+        and s_top - s_rest >= t.reliable_margin
+        and s_top - s_rest >= t.floor_z * s_se
+    )
+    by_lambda = (
+        l_rest > 0 and l_rest - l_top >= t.dense_lambda_drop * l_rest and l_rest - l_top >= t.floor_z * l_se
+    )
+    return {
+        "soft_bind": _float(s_top),
+        "rest_soft_bind": _float(s_rest),
+        "soft_bind_se": _float(s_se),
+        "lambda_bind": _float(l_top),
+        "rest_lambda_bind": _float(l_rest),
+        "lambda_bind_se": _float(l_se),
+        "passed": bool(by_soft or by_lambda),
+    }
+
+
+def _dense_text(dense: dict[str, Any] | None, t: Thresholds) -> str:
+    if dense is None:
+        return "too few points to compare the densest quarter"
+    return (
+        f"the densest quarter binds with soft_bind {_fmt(dense['soft_bind'])} vs "
+        f"{_fmt(dense['rest_soft_bind'])} elsewhere (± {_fmt(dense['soft_bind_se'], '.2g')}; needs ≥ "
+        f"{t.reliable_soft_bind} and ≥ {t.reliable_margin} more) and lambda_bind "
+        f"{_fmt(dense['lambda_bind'])} vs {_fmt(dense['rest_lambda_bind'])} (± "
+        f"{_fmt(dense['lambda_bind_se'], '.2g')}; or ≥ {t.dense_lambda_drop:.0%} less)"
+    )
+
+
 def _reliability_criterion(
     geo: dict[str, Any] | None,
     soft: np.ndarray,
@@ -425,6 +489,7 @@ def _reliability_criterion(
 ) -> dict[str, Any]:
     rho_soft = rho_lam = None
     table: list[dict[str, Any]] = []
+    dense: dict[str, Any] | None = None
     if geo is not None:
         m = geo["local_mean_distance"]
         # Exact duplicates have infinite density; ranks only need the order.
@@ -432,6 +497,7 @@ def _reliability_criterion(
         rho_soft = spearman(local_density, soft)
         rho_lam = spearman(local_density, lam)
         table = _island_table(geo["xy"], soft, lam, t)
+        dense = _densest_quarter(local_density, soft, lam, t)
     islands, outside = table[:-1], (table[-1] if table else None)
     rho_ok = (rho_soft is not None and rho_soft >= t.reliability_rho) or (
         rho_lam is not None and rho_lam <= -t.reliability_rho
@@ -473,13 +539,24 @@ def _reliability_criterion(
                 f"the best is {_describe(best)}{between}; {rhos}"
             )
     else:
-        passed = rho_ok
+        # No islands: the rank correlation must hold, and the densest quarter must bind well in
+        # absolute terms (a correlation alone passes a buffer where nothing binds well).
+        floor_ok = bool(dense is not None and dense["passed"])
+        passed = rho_ok and floor_ok
+        floor_text = _dense_text(dense, t)
         if passed:
-            reading = f"dense regions carry reliability: {rhos} (no separate islands on the map)"
+            reading = (
+                f"dense regions carry reliability: {rhos}; {floor_text} (no separate islands on the map)"
+            )
+        elif rho_ok:
+            reading = (
+                f"dense regions are not reliable: {floor_text}, though {rhos} "
+                "(no separate islands on the map)"
+            )
         else:
             reading = (
                 f"density is not tied to reliability: {rhos} "
-                f"(needs ≥ {t.reliability_rho} or ≤ {-t.reliability_rho})"
+                f"(needs ≥ {t.reliability_rho} or ≤ {-t.reliability_rho}); {floor_text}"
             )
     return {
         "name": "reliability",
@@ -490,6 +567,7 @@ def _reliability_criterion(
             "islands": islands,
             "outside_islands": outside,
             "reliable_islands": [i["island"] for i in reliable],
+            "densest_quarter": dense,
             "sample": int(soft.size),
             "threshold": float(t.reliability_rho),
             "reliable_soft_bind": float(t.reliable_soft_bind),
@@ -507,6 +585,7 @@ def _convergence_criterion(
     need: int,
     t: Thresholds,
     risk_target: np.ndarray | None = None,
+    worker: np.ndarray | None = None,
 ) -> dict[str, Any]:
     r_old = r_new = None
     if geo is not None and geo["xy"].shape[0] >= 4:
@@ -518,112 +597,116 @@ def _convergence_criterion(
         if ref > 0:
             r_old, r_new = (_float(_knn_mean_distance(part, k).mean() / ref) for part in halves)
     ratio_ok = None if r_old is None or r_new is None else bool(r_new <= t.convergence_factor * r_old)
-    scale = None
-    outcome: dict[str, Any] = dict.fromkeys(
-        ("older_risk_target", "newer_risk_target", "risk_target_tolerance")
-    )
-    outcome_ok = None
-    if risk_target is not None and risk_target.size >= 4:
-        # The episodes themselves: the newer half of the buffer must not fare worse than the older
-        # (a mean risk target higher by more than 3 standard errors and a 50th of its range).
-        p10, p90 = np.percentile(risk_target, [10, 90])
-        scale = float(p90 - p10)
-        h = risk_target.size // 2
-        older, newer = risk_target[:h], risk_target[h:]
-        se = float(np.sqrt(older.var() / older.size + newer.var() / newer.size))
-        outcome_tol = max(3 * se, t.risk_target_rise * scale, 1e-9)
-        outcome_ok = bool(newer.mean() <= older.mean() + outcome_tol)
-        outcome.update(
-            older_risk_target=_float(older.mean()),
-            newer_risk_target=_float(newer.mean()),
-            risk_target_tolerance=_float(outcome_tol),
-        )
 
+    # The scale every "gets worse" is measured in: the risk targets' 10th–90th percentile
+    # range (the recorded risk's own when the risk targets are not given).
+    basis = risk_target if risk_target is not None and risk_target.size >= 2 else risk
+    scale = float(np.subtract(*np.percentile(basis, [90, 10]))) if basis.size >= 2 else 0.0
+    scale = max(scale, 1e-12)
+    effect = {"min_effect": t.min_effect, "z": t.change_z}
+    tests: dict[str, trends.Change | None] = {}
+    if risk_target is not None:
+        tests["risk_target_trend"] = trends.trend(risk_target, scale, **effect)
+        tests["risk_target_window"] = trends.window(risk_target, scale, **effect)
     q = risk.size
-    values: dict[str, Any] = dict.fromkeys(
-        (
-            "older_risk_median",
-            "newer_risk_median",
-            "risk_rise_tolerance",
-            "older_spikes",
-            "newer_spikes",
-            "older_spike_rate",
-            "newer_spike_rate",
+    judged_queries = q >= MIN_RECORDED_QUERIES
+    level = None
+    if judged_queries:
+        tests["recorded_risk_trend"] = trends.trend(risk, scale, **effect, trim=trends.TRIM)
+        found = trends.exceedances(
+            risk, scale, margin=t.spike_margin, spread=t.spike_mad, min_effect=t.spike_rise, z=t.change_z
         )
-    )
-    level_ok = spikes_ok = None
-    if q >= MIN_RECORDED_QUERIES:
-        h = q // 2
-        old, new = risk[:h], risk[h:]
-        m_old, m_new = float(np.median(old)), float(np.median(new))
-        mad = float(np.median(np.abs(risk - np.median(risk))))
-        # 3 standard errors of a half's median (1.2533·σ/√h with σ ≈ 1.4826·MAD), a fraction
-        # of the level, or a fraction of the series' spread (IQR: a level near 0 must not make
-        # any wobble a rise): a steady series passes, a level that climbs does not.
-        q25, q75 = np.percentile(risk, [25, 75])
-        tol = max(
-            t.risk_rise * abs(m_old),
-            t.risk_rise_spread * float(q75 - q25),
-            t.risk_rise_range * (scale or 0.0),  # a small move on the risk targets' own scale
-            3 * 1.2533 * 1.4826 * mad / np.sqrt(h),
-            1e-6,
-        )
-        level_ok = bool(m_new <= m_old + tol)
-        spikes, _ = find_spikes(risk, t.spike_mad, t.spike_window)
-        s_old, s_new = int(spikes[:h].sum()), int(spikes[h:].sum())
-        values.update(
-            older_risk_median=_float(m_old),
-            newer_risk_median=_float(m_new),
-            risk_rise_tolerance=_float(tol),
-            older_spikes=s_old,
-            newer_spikes=s_new,
-            older_spike_rate=s_old / h,
-            newer_spike_rate=s_new / (q - h),
-        )
-        spikes_ok = bool(values["newer_spike_rate"] <= values["older_spike_rate"] + t.spike_rate_rise)
+        tests["spikes"], level = found if found is not None else (None, None)
+    worst_worker: tuple[str, trends.Change] | None = None
+    if risk_target is not None and worker is not None:
+        names = np.asarray(worker).astype(str)
+        for name in np.unique(names):
+            mine = risk_target[names == name]
+            if mine.size < t.worker_episodes:
+                continue
+            for test in (trends.window, trends.trend):
+                c = test(mine, scale, min_effect=t.min_effect, z=t.worker_z)
+                if c is not None and (worst_worker is None or _worse_first(c, worst_worker[1])):
+                    worst_worker = (str(name), c)
+    failing = [name for name, c in tests.items() if c is not None and c.worse]
+    worker_worse = worst_worker is not None and worst_worker[1].worse
     passed: bool | None = None
     if judge and ratio_ok is not None:
-        passed = ratio_ok and level_ok is not False and spikes_ok is not False and outcome_ok is not False
+        passed = ratio_ok and not failing and not worker_worse
 
+    def said(name: str, c: trends.Change | None, what: str, share: bool = False) -> str:
+        if c is None:
+            return f"{what}: too short to judge"
+        if share:
+            return (
+                f"{what} {c.before:.1%} (lowest earlier fifth) → {c.after:.1%} (newest fifth), "
+                f"{_signed(c.value, '.1%')} ± {c.se:.1%} (fails from +{t.spike_rise:.0%} beyond "
+                f"{t.change_z:g} SE)"
+            )
+        rel = c.value / scale
+        z = t.worker_z if name == "worker" else t.change_z
+        return (
+            f"{what} {c.before:.3g} → {c.after:.3g}: {_signed(c.value, '.3g')} ± {c.se:.2g} "
+            f"({_signed(rel, '.1%')} of the risk targets' range {scale:.3g}; fails from "
+            f"+{t.min_effect:.0%} beyond {z:g} SE)"
+        )
+
+    parts = {
+        "risk_target_window": said(
+            "risk_target_window", tests.get("risk_target_window"), "risk targets, best earlier fifth → newest"
+        ),
+        "risk_target_trend": said(
+            "risk_target_trend", tests.get("risk_target_trend"), "risk targets along the buffer (fitted line)"
+        ),
+        "recorded_risk_trend": said(
+            "recorded_risk_trend",
+            tests.get("recorded_risk_trend"),
+            "recorded risk along the queries (fitted line)",
+        ),
+        "spikes": said(
+            "spikes",
+            tests.get("spikes"),
+            f"recorded risk above {level:.3g} (spikes)" if level is not None else "spikes",
+            share=True,
+        ),
+    }
+    if risk_target is None:
+        for key in ("risk_target_window", "risk_target_trend"):
+            parts.pop(key)
+    if not judged_queries:
+        for key in ("recorded_risk_trend", "spikes"):
+            parts.pop(key)
+        parts["recorded"] = f"recorded risk not judged ({q} recorded queries, needs {MIN_RECORDED_QUERIES})"
+    if worst_worker is not None:
+        parts["worker"] = said("worker", worst_worker[1], f"worst worker {worst_worker[0]!r}, risk targets")
     cluster = f"projected k-NN distance {_fmt(r_old)} (older half) → {_fmt(r_new)} (newer half) of a blob's"
-    outcome_text = (
-        f"mean risk target {outcome['older_risk_target']:.3g} (older half of the buffer) → "
-        f"{outcome['newer_risk_target']:.3g} (newer half; may rise by {outcome['risk_target_tolerance']:.2g})"
-        if outcome_ok is not None
-        else ""
-    )
-    if level_ok is None:
-        query_text = f"recorded risk not judged ({q} recorded queries, needs {MIN_RECORDED_QUERIES})"
-        level_text = spike_text = query_text
-    else:
-        level_text = (
-            f"recorded risk median {values['older_risk_median']:.3g} (older half of the queries) → "
-            f"{values['newer_risk_median']:.3g} (newer half; may rise by {values['risk_rise_tolerance']:.2g})"
-        )
-        spike_text = (
-            f"risk spikes {values['older_spike_rate']:.1%} → {values['newer_spike_rate']:.1%} "
-            f"(outliers above {t.spike_mad:g} MADs over a rolling median of {t.spike_window})"
-        )
     if passed is None:
         reading = _too_little(n, need) if not judge else f"cannot compare the halves: {cluster}"
     elif passed:
-        judged = level_ok is not None
-        faring = f"; newer episodes fare no worse: {outcome_text}" if outcome_ok is not None else ""
-        reading = (
-            f"converging (clustering more{', the recorded risk not rising' if judged else ''}): "
-            f"{cluster}; {level_text}; {spike_text}{faring}"
+        reading = f"converging (clustering more, and not getting worse): {cluster}; " + "; ".join(
+            parts.values()
         )
     else:
         problems = []
-        if outcome_ok is False:
-            problems.append(f"converging into risk: the newer episodes fare worse: {outcome_text}")
-        if level_ok is False:
-            problems.append(f"converging into risk: {level_text}")
+        bad = [k for k in parts if k in failing or (k == "worker" and worker_worse)]
+        if bad:
+            problems.append("getting worse: " + "; ".join(parts[k] for k in bad))
         if ratio_ok is False:
             problems.append(f"not clustering more: {cluster} (needs ≤ {t.convergence_factor}×)")
-        if spikes_ok is False:
-            problems.append(f"risk spikes are not fading: {spike_text}")
-        reading = "; ".join(problems)
+        rest = [parts[k] for k in parts if k not in bad]
+        reading = "; ".join(problems) + ("; also " + "; ".join(rest) if rest else "")
+
+    def plain(c: trends.Change | None) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        return {
+            "change": _float(c.value),
+            "se": _float(c.se),
+            "before": _float(c.before),
+            "after": _float(c.after),
+            "worse": c.worse,
+        }
+
     return {
         "name": "convergence",
         "passed": passed,
@@ -632,12 +715,32 @@ def _convergence_criterion(
             "newer_ratio": r_new,
             "factor": float(t.convergence_factor),
             "recorded_queries": int(q),
-            **values,
-            **outcome,
+            "scale": _float(scale),
+            "min_effect": float(t.min_effect),
+            "z": float(t.change_z),
+            **{name: plain(tests.get(name)) for name in TESTS},
+            "spike_level": _float(level),
+            "worst_worker": None if worst_worker is None else worst_worker[0],
+            "worst_worker_change": None if worst_worker is None else plain(worst_worker[1]),
+            "failing": failing + (["worker"] if worker_worse else []),
             "required_size": int(need),
         },
         "reading": reading,
     }
+
+
+TESTS = ("risk_target_trend", "risk_target_window", "recorded_risk_trend", "spikes")
+
+
+def _worse_first(a: trends.Change, b: trends.Change) -> bool:
+    """Whether change a is more alarming than b: a failing one first, then the larger rise in SEs."""
+    if a.worse != b.worse:
+        return a.worse
+    return a.value / max(a.se, 1e-300) > b.value / max(b.se, 1e-300)
+
+
+def _signed(x: float, spec: str) -> str:
+    return ("+" if x >= 0 else "") + format(x, spec)
 
 
 def _kernel_criterion(
