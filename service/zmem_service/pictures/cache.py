@@ -247,6 +247,7 @@ class PictureCache:
                 sigma=s.sigma,
                 k=s.k,
                 risk_target=cols.risk_target,
+                worker=cols.worker,
             )
 
         result: dict[str, Any] = await self._get(key, job)
