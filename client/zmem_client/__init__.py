@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         ZMemError,
         ZMemWarning,
     )
+    from ._report import log_to
     from ._risk import Regularizer, kernel_risk
     from ._sources import Lag
 
@@ -57,12 +58,14 @@ __all__ = [
     "ZMemError",
     "ZMemWarning",
     "kernel_risk",
+    "log_to",
 ]
 
 _MODULE_OF = {
     "ZMemClient": "._client",
     "Regularizer": "._risk",
     "kernel_risk": "._risk",
+    "log_to": "._report",
     "Lag": "._sources",
 }
 _MODULE_OF.update({name: "._exceptions" for name in __all__ if name not in _MODULE_OF})

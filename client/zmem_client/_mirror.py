@@ -207,20 +207,20 @@ class Mirror:
             d2, idx = self.search(st, rows, k)
             z, rt, seq, _ = st.window()
             return d2, z[idx], rt[idx], seq[idx]
-        z, rt, seq = self._host_window(st)
-        d2, idx = knn.exact_knn(
-            z,
-            seq,
+        hz, hrt, hseq = self._host_window(st)
+        hd2, hidx = knn.exact_knn(
+            hz,
+            hseq,
             rows.to("cpu", torch.float32).numpy(),
             k,
             base_sqnorm_max=float(st.sqnorm_max),
             threads=torch.get_num_threads(),
         )
         return (
-            torch.from_numpy(d2),
-            torch.from_numpy(z[idx]),
-            torch.from_numpy(rt[idx]),
-            torch.from_numpy(seq[idx]),
+            torch.from_numpy(hd2),
+            torch.from_numpy(hz[hidx]),
+            torch.from_numpy(hrt[hidx]),
+            torch.from_numpy(hseq[hidx]),
         )
 
     def _host_window(self, st: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
