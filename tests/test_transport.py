@@ -126,3 +126,65 @@ def test_a_server_that_dribbles_cannot_stretch_a_call_past_its_timeout(where: st
     finally:
         mem.close(timeout=1)
         dribbler.close()
+
+
+class Busy:
+    """A keep-alive HTTP server that answers the first `busy` requests 503 with `retry_after`,
+    then 200; it counts the requests."""
+
+    def __init__(self, busy: int, retry_after: str) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                outer.requests += 1
+                refuse = outer.requests <= busy
+                body = b'{"status": 503}' if refuse else b'{"ok": true}'
+                self.send_response(503 if refuse else 200)
+                self.send_header("content-type", "application/problem+json" if refuse else "application/json")
+                self.send_header("content-length", str(len(body)))
+                if refuse:
+                    self.send_header("retry-after", retry_after)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_503_with_retry_after_is_sent_again_within_the_deadline() -> None:
+    busy = Busy(2, "0")
+    try:
+        with httpx.Client(transport=HTTPClientTransport("127.0.0.1", busy.port, 5)) as http:
+            r = http.post(f"http://127.0.0.1:{busy.port}/neighbors", content=b"{}")
+        assert r.status_code == 200 and busy.requests == 3
+    finally:
+        busy.close()
+
+
+def test_a_503_whose_retry_after_outlasts_the_deadline_is_the_answer() -> None:
+    for retry_after in ("5", "soon", ""):
+        busy = Busy(1, retry_after)
+        try:
+            with httpx.Client(transport=HTTPClientTransport("127.0.0.1", busy.port, 1)) as http:
+                t0 = time.monotonic()
+                r = http.post(f"http://127.0.0.1:{busy.port}/neighbors", content=b"{}")
+            assert r.status_code == 503 and busy.requests == 1, retry_after
+            assert time.monotonic() - t0 < 0.5
+        finally:
+            busy.close()

@@ -11,6 +11,10 @@ The timeout is a deadline for the whole call, connecting, sending and reading in
 each socket operation gets only the time left, so a server or proxy that dribbles a
 byte at a time can't stretch a call past it (a per-read timeout would be reset by
 every byte).
+
+A 503 with `Retry-After` (the service is briefly full: no answer slot, a decode pool
+busy) is sent again after the delay it names, as long as the call's deadline leaves
+time for it; otherwise the 503 is the answer.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import io
 import socket
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
+MAX_RETRY_AFTER = 60.0
+"""A longer Retry-After is not waited for: the 503 is the answer."""
 RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
@@ -82,7 +89,24 @@ class HTTPClientTransport(httpx.BaseTransport):
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         timeout = request.extensions.get("timeout", {}).get("read") or self.timeout
         deadline = time.monotonic() + timeout  # waiting for another thread's call counts too
-        if not self._lock.acquire(timeout=timeout):
+        while True:
+            response = self._exchange(request, body, target, headers, timeout, deadline)
+            delay = retry_after(response) if response.status_code == 503 else None
+            if delay is None or time.monotonic() + delay >= deadline:
+                return response
+            time.sleep(delay)  # the connection is free meanwhile
+
+    def _exchange(
+        self,
+        request: httpx.Request,
+        body: bytes,
+        target: str,
+        headers: list[tuple[str, str]],
+        timeout: float,
+        deadline: float,
+    ) -> httpx.Response:
+        """One request and its response, on the kept connection (or a new one)."""
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             raise httpx.PoolTimeout(f"the connection stayed busy for {timeout}s", request=request)
         try:
             if self._closed:
@@ -128,6 +152,24 @@ class HTTPClientTransport(httpx.BaseTransport):
         with self._lock:
             self._closed = True
             self._drop()
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds a response's `Retry-After` asks to wait (delta-seconds or an HTTP date); None
+    when it has none, or one that can't be read or is longer than MAX_RETRY_AFTER."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not 0 <= seconds <= MAX_RETRY_AFTER:
+        return None if seconds > MAX_RETRY_AFTER else 0.0
+    return seconds
 
 
 def lean_transport(url: str, timeout: float) -> httpx.BaseTransport | None:

@@ -10,6 +10,7 @@ These are plain functions over bytes and arrays; `exchange.py` decides where the
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import numpy as np
@@ -330,6 +331,46 @@ def _safetensors_columns(body: bytes) -> dict[str, np.ndarray]:
 
 
 # -- answers -----------------------------------------------------------------------------
+
+
+_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """`zmem_core.wire.encode(arrays, meta)` written directly: the header is one `json.dumps`
+    (padded to 8 bytes, as safetensors writes it) and the arrays' bytes follow in order,
+    without the library's per-tensor bookkeeping. Raises ValueError on a NaN or infinity
+    in `meta`."""
+    if any(a.dtype.newbyteorder("=") not in _DTYPES for a in arrays.values()):
+        return core_wire.encode(arrays, meta)
+    header: dict[str, Any] = {}
+    if meta:
+        header["__metadata__"] = {k: json.dumps(v, allow_nan=False) for k, v in meta.items()}
+    parts: list[Any] = []
+    offset = 0
+    for name, a in arrays.items():
+        data = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+        end = offset + data.nbytes
+        header[name] = {
+            "dtype": _DTYPES[a.dtype.newbyteorder("=")],
+            "shape": list(a.shape),
+            "data_offsets": [offset, end],
+        }
+        parts.append(data.data)
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([struct.pack("<Q", len(text)), text, *parts])
 
 
 def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from zmem_core import wire as core_wire
 from zmem_core.wire import SAFETENSORS
 
 from ..episodes import EpisodeBatch
@@ -29,6 +28,7 @@ from .codecs import (
     decode_queries,
     decode_query,
     encode_json,
+    encode_safetensors,
     safetensors_size,
 )
 from .edge import Call
@@ -206,8 +206,8 @@ async def _encode(
     if call.head.wants(SAFETENSORS):
         check_safetensors_size(st_size, limit)
         if st_size <= INLINE_SAFETENSORS_BYTES:
-            return core_wire.encode(arrays, meta), SAFETENSORS
-        return await codecs.encode.run(core_wire.encode, arrays, meta), SAFETENSORS
+            return encode_safetensors(arrays, meta), SAFETENSORS
+        return await codecs.encode.run(encode_safetensors, arrays, meta), SAFETENSORS
     if sum(a.size for a in arrays.values()) <= INLINE_JSON_FLOATS:
         return encode_json(meta, arrays, limit, st_size), JSON
     return await codecs.encode.run(encode_json, meta, arrays, limit, st_size), JSON

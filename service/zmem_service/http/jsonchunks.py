@@ -83,15 +83,18 @@ def _array(text: str, pos: int, depth: int) -> tuple[list[Any], int]:
     pos = _ws.match(text, pos + 1).end()  # type: ignore[union-attr]
     if text[pos : pos + 1] == "]":
         return out, pos + 1
+    runs = True
     while True:
-        run = _SCALAR_RUN.match(text, pos, pos + WINDOW)
+        run = _SCALAR_RUN.match(text, pos, pos + WINDOW) if runs else None
         if run is not None:
             try:  # up to a window of scalars in one C call
                 out.extend(json.loads("[" + run.group().rstrip(" \t\n\r")[:-1] + "]"))
-                pos = run.end()
+                pos = _ws.match(text, run.end()).end()  # type: ignore[union-attr]
                 continue
             except ValueError:
-                pass  # e.g. 01 or 1.2.3: decoded one by one below, for the error's position
+                # An invalid scalar (01, 1.2.3) within this window: one by one from here, so the
+                # error says where; it is at most a window away, and ends the parse.
+                runs = False
         value, pos = _value(text, pos, depth + 1)
         out.append(value)
         pos = _ws.match(text, pos).end()  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ transfer rate loses its slot (`exchange.read_body`, `streaming.SentInChunks`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -93,21 +94,27 @@ class Ticket:
 
 class AnswerSlots:
     """At most `slots` large answers held at once (being searched, encoded or sent), half of them
-    per peer. A request waits up to `wait` seconds for a slot (answers to fast readers come back
-    within milliseconds), at most `4 × slots` requests waiting; then a 503."""
+    per peer. A request waits for a slot while slots keep coming back (answers to fast readers
+    take milliseconds): up to `wait` seconds after the later of its arrival and the last slot
+    given back, `max_wait` seconds in all, with at most `4 × slots` requests waiting; then a 503.
+    Slots that nobody gives back (answers nobody reads) are not waited for long."""
 
     WAIT = 0.25
+    MAX_WAIT = 5.0
 
-    def __init__(self, slots: int, wait: float = WAIT) -> None:
+    def __init__(self, slots: int, wait: float = WAIT, max_wait: float = MAX_WAIT) -> None:
         self.shares = Shares(slots)
         self.wait = wait
+        self.max_wait = max_wait
+        self._given_back = float("-inf")  # monotonic time a slot last came back
         self._waiters: list[asyncio.Future[None]] = []
 
     async def take(self, peer: str) -> Ticket:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
+        start = time.monotonic()
         while not self.shares.free_for(peer):
-            left = deadline - loop.time()
+            now = time.monotonic()
+            left = min(start + self.max_wait, max(start, self._given_back) + self.wait) - now
             if left <= 0 or len(self._waiters) >= 4 * self.shares.slots:
                 raise Unavailable("too many large answers are being sent; retry shortly")
             woken: asyncio.Future[None] = loop.create_future()
@@ -128,6 +135,7 @@ class AnswerSlots:
 
     def give(self, peer: str) -> None:
         self.shares.give(peer)
+        self._given_back = time.monotonic()
         for woken in self._waiters:  # each looks again; those still over a bound wait on
             if not woken.done():
                 woken.set_result(None)
