@@ -38,6 +38,7 @@ from zmem_core.kernel import GUARD
 
 from . import trends
 from .islands import find_islands
+from .projection import PROJECTIONS, risk_basis
 
 MIN_RECORDED_QUERIES = 100
 """Below this many recorded queries the query-based parts (level, spikes, kernel) are null."""
@@ -256,6 +257,10 @@ def evaluate(
     seed: int = 0,
     risk_target: np.ndarray | None = None,
     worker: np.ndarray | None = None,
+    projection: str = "pca",
+    basis_z: np.ndarray | None = None,
+    basis_risk_target: np.ndarray | None = None,
+    basis_name: str | None = None,
 ) -> dict[str, Any]:
     """Judge a buffer against the seed's acceptance criteria and the kernel's health.
 
@@ -275,6 +280,12 @@ def evaluate(
             get worse, and their spread sets the scale of every "worse".
         worker: [N] each episode's worker name, when known: convergence also asks whether any
             one worker's risk targets get worse.
+        projection, basis_z, basis_risk_target, basis_name: the 2-D map that density, the
+            islands and convergence's clustering are judged on, as the pictures draw it: the
+            PCA ("pca", the default) or the risk projection ("risk": a first axis that best
+            predicts the risk target, the leading principal component orthogonal to it) of the
+            buffer, or of another buffer ``basis_z`` [M, d] (with its risk targets [M] for
+            "risk"), named ``basis_name`` in the readings. By default the PCA of the sample.
 
     Returns:
         ``{"size": N, "criteria": [density, reliability, convergence, kernel]}``, each
@@ -284,7 +295,8 @@ def evaluate(
         rests on its clustering part alone.
 
     Raises:
-        ValueError: z is not [N, d], or the field or query column lengths differ.
+        ValueError: z is not [N, d], the field or query column lengths differ, an unknown
+            projection, or the risk projection without risk targets.
     """
     z = _as_matrix(z)
     soft = np.asarray(soft_bind, dtype=np.float64).ravel()
@@ -297,8 +309,14 @@ def evaluate(
     judge = n > 0 and n >= need
     t = thresholds
 
+    rt = None if risk_target is None else np.asarray(risk_target, dtype=np.float64).ravel()
+    if rt is not None and rt.size != n:
+        raise ValueError(f"z has {n} rows but risk_target {rt.size}")
     idx = _sample(n, sample, np.random.default_rng(seed))
-    geo = _geometry(z[idx].astype(np.float64), neighbors, seed)
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
+    plane = _plane(z, rt, projection, basis_z, basis_risk_target, basis_name)
+    geo = _geometry(z[idx].astype(np.float64), neighbors, seed, plane)
     density = _density_criterion(geo, idx.size, judge, n, need, t)
     reliability = _reliability_criterion(geo, soft[idx], lam[idx], judge, n, need, t)
     # The seed's cross-readings go on the criterion that failed.
@@ -306,9 +324,6 @@ def evaluate(
         reliability["reading"] += f"; {READING_1_WITHOUT_2}"
     if reliability["passed"] is True and density["passed"] is False:
         density["reading"] += f"; {READING_2_WITHOUT_1}"
-    rt = None if risk_target is None else np.asarray(risk_target, dtype=np.float64).ravel()
-    if rt is not None and rt.size != n:
-        raise ValueError(f"z has {n} rows but risk_target {rt.size}")
     if worker is not None and np.asarray(worker).size != n:
         raise ValueError(f"z has {n} rows but worker {np.asarray(worker).size}")
     convergence = _convergence_criterion(geo, q["risk"], judge, n, need, t, rt, worker)  # type: ignore[arg-type]
@@ -316,13 +331,72 @@ def evaluate(
     return {"size": int(n), "criteria": [density, reliability, convergence, kernel]}
 
 
-def _geometry(x: np.ndarray, neighbors: int, seed: int) -> dict[str, Any] | None:
-    """What the criteria share, for the sampled rows x [n, d] (arrival order); None if n < 2."""
+@dataclass(frozen=True)
+class _Plane:
+    """A fixed 2-D map: xy = (z − mean) @ axes.T; `where` names it in readings."""
+
+    mean: np.ndarray
+    axes: np.ndarray
+    frac: float | None
+    where: str
+
+
+def _plane(
+    z: np.ndarray,
+    rt: np.ndarray | None,
+    projection: str,
+    basis_z: np.ndarray | None,
+    basis_rt: np.ndarray | None,
+    basis_name: str | None,
+) -> _Plane | None:
+    """The map the criteria are judged on, when it is not the sample's own PCA (None)."""
+    if projection == "pca" and basis_z is None:
+        return None
+    src, target = (z, rt) if basis_z is None else (np.asarray(basis_z), basis_rt)
+    if src.ndim != 2 or (z.size and src.shape[1] != z.shape[1]):
+        raise ValueError(f"basis_z must be [M, {z.shape[1] if z.ndim == 2 else 'd'}], got {src.shape}")
+    of = f" of {basis_name!r}" if basis_name else (" of the basis" if basis_z is not None else "")
+    if projection == "risk":
+        if target is None:
+            raise ValueError("the risk projection needs the risk targets of its basis")
+        mean, axes, _ = risk_basis(src, target)
+        where = f"risk map{of} (risk axis, PC ⊥)"
+    else:
+        mean, axes, _ = _pca_axes(src)
+        where = f"PC{of}"
+    centred = np.asarray(z, dtype=np.float64) - np.asarray(z, dtype=np.float64).mean(axis=0) if z.size else z
+    total = float((centred**2).sum()) if z.size else 0.0
+    frac = float(((centred @ axes.T) ** 2).sum() / total) if total > 0 else None
+    return _Plane(mean, axes, frac, where)
+
+
+def _pca_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean [d], the two leading principal axes [2, d] (sign-pinned, zeros past the rank) and
+    their variance fractions [2] of x [M, d], through the d×d scatter matrix."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    xc = x - mean
+    vals, vecs = np.linalg.eigh(xc.T @ xc)
+    vals, vecs = np.maximum(vals[::-1], 0.0), vecs[:, ::-1]
+    axes = np.zeros((2, x.shape[1]))
+    total = float(vals.sum())
+    for k in range(min(2, vecs.shape[1])):
+        if vals[k] > total * 1e-12:
+            a = vecs[:, k]
+            axes[k] = a if a[np.argmax(np.abs(a))] >= 0 else -a
+    return mean, axes, (vals[:2] / total if total > 0 else np.zeros(2))
+
+
+def _geometry(x: np.ndarray, neighbors: int, seed: int, plane: _Plane | None = None) -> dict[str, Any] | None:
+    """What the criteria share, for the sampled rows x [n, d] (arrival order) on the 2-D map
+    `plane` (None: the sample's own PCA); None if n < 2."""
     n, d = x.shape
     if n < 2 or d == 0:
         return None
     kk = min(neighbors, n - 1)
-    xy, frac = _project2(x)
+    if plane is None:
+        xy, frac = _project2(x)
+    else:
+        xy, frac = (x - plane.mean) @ plane.axes.T, plane.frac
     full_local, full_mean, full_ref, full_ratio = _ratio(x, _Blob(x, seed), kk)
     blob2 = _Blob(xy, seed)
     _, mean2, ref2, ratio2 = _ratio(xy, blob2, kk)
@@ -339,6 +413,7 @@ def _geometry(x: np.ndarray, neighbors: int, seed: int) -> dict[str, Any] | None
         "full_d_mean_knn_distance": full_mean,
         "full_d_gaussian_mean_knn_distance": full_ref,
         "pc2_variance_fraction": frac,
+        "where": "PC" if plane is None else plane.where,
     }
 
 
@@ -349,7 +424,8 @@ def _density_criterion(
     ratio, full, frac = (_float(v.get(key)) for key in ("ratio", "full_d_ratio", "pc2_variance_fraction"))
     passed = None if not judge or ratio is None else ratio < t.density_ratio
     said = (
-        f"on the PCA map, k-NN distances are {_fmt(ratio)}× a same-covariance Gaussian's "
+        f"on the {'PCA map' if v.get('where', 'PC') == 'PC' else v['where']}, k-NN distances are "
+        f"{_fmt(ratio)}× a same-covariance Gaussian's "
         f"(full d: {_fmt(full)}×; the map holds {_fmt(frac, '.0%')} of the variance)"
     )
     if passed is None:
@@ -419,9 +495,9 @@ def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Threshol
     return table
 
 
-def _describe(island: dict[str, Any]) -> str:
+def _describe(island: dict[str, Any], where: str = "PC") -> str:
     return (
-        f"#{island['island']} at PC ({island['pc1']:.2g}, {island['pc2']:.2g}), "
+        f"#{island['island']} at {where} ({island['pc1']:.2g}, {island['pc2']:.2g}), "
         f"{island['fraction']:.0%} of the points: soft_bind {_fmt(island['soft_bind'])}, "
         f"lambda_bind {_fmt(island['lambda_bind'])}"
     )
@@ -503,6 +579,7 @@ def _reliability_criterion(
         rho_lam is not None and rho_lam <= -t.reliability_rho
     )
     rhos = f"ρ(density, soft_bind) = {_fmt(rho_soft)}, ρ(density, lambda_bind) = {_fmt(rho_lam)}"
+    where = geo["where"] if geo is not None else "PC"
     reliable = [i for i in islands if i["reliable"]]
     passed: bool | None = None
     if not judge or (rho_soft is None and rho_lam is None and len(islands) < 2):
@@ -528,7 +605,7 @@ def _reliability_criterion(
             reading = (
                 f"{len(reliable)} of {len(islands)} islands are reliable ({rule}), holding "
                 f"{share:.0%} of the points: "
-                + "; ".join(_describe(i) for i in reliable)
+                + "; ".join(_describe(i, where) for i in reliable)
                 + f"{between}; {rhos}"
                 + ("; every region binds alike, so the map doesn't single out reliable ones" if alike else "")
             )
@@ -536,7 +613,7 @@ def _reliability_criterion(
             best = max(islands, key=lambda i: i["soft_bind"] or 0.0)
             reading = (
                 f"none of the {len(islands)} islands is reliable (needs {rule}); "
-                f"the best is {_describe(best)}{between}; {rhos}"
+                f"the best is {_describe(best, where)}{between}; {rhos}"
             )
     else:
         # No islands: the rank correlation must hold, and the densest quarter must bind well in

@@ -74,18 +74,28 @@ class Picture:
 
 @dataclass(frozen=True)
 class View:
-    """How a map or trail is drawn beyond its own parameters: in the PCA basis of memory
-    `basis` (None: its own), with fixed colour limits `clim` (by field name)."""
+    """How a map, trail or the diagnostics see a memory beyond their own parameters: in the
+    basis of memory `basis` (None: its own), in `projection` ("pca", the map's principal
+    components, or "risk": a first axis that best predicts the risk target and the leading
+    principal component orthogonal to it), with fixed colour limits `clim` (by field name)."""
 
     basis: Memory | None = None
     clim: Limits = field(default_factory=dict)
+    projection: str = "pca"
 
     def key(self, cache: PictureCache) -> tuple[Hashable, ...]:
         basis = cache._key(self.basis, self.basis.version) if self.basis is not None else None
-        return (basis, tuple(sorted(self.clim.items())))
+        return (basis, tuple(sorted(self.clim.items())), self.projection)
 
     def basis_z(self) -> np.ndarray | None:
         return self.basis.snapshot().z if self.basis is not None else None
+
+    def basis_columns(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The basis memory's z [M, d] and risk targets [M] (None, None: the memory's own)."""
+        if self.basis is None:
+            return None, None
+        cols = self.basis.snapshot()
+        return cols.z, cols.risk_target
 
 
 @dataclass
@@ -162,6 +172,7 @@ class PictureCache:
 
         def job() -> Picture:
             cols = memory.snapshot()
+            basis_z, basis_rt = view.basis_columns()
             return Picture.of(
                 self._run(
                     render_map,
@@ -175,8 +186,10 @@ class PictureCache:
                     seed=seed,
                     dpi=dpi,
                     eps=memory.settings.risk.eps,
-                    basis_z=view.basis_z(),
+                    basis_z=basis_z,
                     clim=view.clim,
+                    projection=view.projection,
+                    basis_risk_target=basis_rt,
                 )
             )
 
@@ -198,6 +211,7 @@ class PictureCache:
 
         def job() -> Picture:
             cols = memory.snapshot()
+            basis_z, basis_rt = view.basis_columns()
             return Picture.of(
                 self._run(
                     render_trail,
@@ -209,8 +223,11 @@ class PictureCache:
                     max_points=max_points,
                     seed=seed,
                     dpi=dpi,
-                    basis_z=view.basis_z(),
+                    basis_z=basis_z,
                     clim=view.clim,
+                    projection=view.projection,
+                    risk_target=cols.risk_target,
+                    basis_risk_target=basis_rt,
                 )
             )
 
@@ -228,14 +245,16 @@ class PictureCache:
 
         return await self._get(self._key(memory, "risk", risk.size, digest, dpi), job)
 
-    async def diagnostics(self, memory: Memory) -> dict[str, Any]:
-        """The acceptance criteria (``diagnostics.evaluate``); the caller must not change the
-        returned dict (it is the cached one)."""
+    async def diagnostics(self, memory: Memory, view: View = View()) -> dict[str, Any]:
+        """The acceptance criteria (``diagnostics.evaluate``), on the 2-D map of `view`'s basis
+        and projection; the caller must not change the returned dict (it is the cached one)."""
         queries, digest = await asyncio.to_thread(_recorded, memory)
-        key = self._key(memory, memory.version, "diagnostics", digest)
+        basis_key = view.key(self)
+        key = self._key(memory, memory.version, "diagnostics", digest, basis_key[0], view.projection)
 
         def job() -> dict[str, Any]:
             cols = memory.snapshot()
+            basis_z, basis_rt = view.basis_columns()
             s = memory.settings
             return self._run(
                 evaluate,
@@ -248,6 +267,10 @@ class PictureCache:
                 k=s.k,
                 risk_target=cols.risk_target,
                 worker=cols.worker,
+                projection=view.projection,
+                basis_z=basis_z,
+                basis_risk_target=basis_rt,
+                basis_name=view.basis.name if view.basis is not None else None,
             )
 
         result: dict[str, Any] = await self._get(key, job)
@@ -330,7 +353,9 @@ def _recorded(memory: Memory) -> tuple[dict[str, np.ndarray], str]:
 
 def _title(name: str, cols: Columns, view: View = View()) -> str:
     n = len(cols)
-    basis = f" (PCA basis of {view.basis.name!r})" if view.basis is not None else ""
+    kind = "risk projection" if view.projection == "risk" else "PCA basis"
+    basis = f" ({kind} of {view.basis.name!r})" if view.basis is not None else ""
+    basis = basis or (" (risk projection)" if view.projection == "risk" else "")
     if n == 0:
         return f"{name}: no episodes{basis}"
     first, last = (

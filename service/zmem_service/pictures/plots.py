@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..diagnostics.criteria import find_spikes
+from ..diagnostics.projection import PROJECTIONS, risk_basis
 
 MAP_FIELDS = ("soft_bind", "log_cone_vol", "lambda_bind", "risk_target")
 """Names of the map's panels, as fixed colour limits name them."""
@@ -91,12 +92,29 @@ def pca_basis(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, comps
 
 
-def _projection(z: np.ndarray, basis_z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean [d], components [2, d] and the fraction of z's variance along each [2]: the PCA of
-    z itself, or of `basis_z` [M, d] (another buffer's map) when given."""
-    if basis_z is None:
+def _projection(
+    z: np.ndarray,
+    basis_z: np.ndarray | None,
+    projection: str = "pca",
+    risk_target: np.ndarray | None = None,
+    basis_risk_target: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean [d], axes [2, d] and the fraction of z's variance along each [2]: the PCA of z
+    itself, or of `basis_z` [M, d] (another buffer's map) when given; with projection "risk",
+    the risk projection (``diagnostics.projection.risk_basis``) of the same buffer instead."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
+    if projection == "risk":
+        src, target = (z, risk_target) if basis_z is None else (basis_z, basis_risk_target)
+        if target is None:
+            raise ValueError("the risk projection needs the risk targets of its basis")
+        mean, comps, frac = risk_basis(src, target)
+        if basis_z is None:
+            return mean, comps, frac
+    elif basis_z is None:
         return _pca(z)
-    mean, comps, _ = _pca(basis_z)
+    else:
+        mean, comps, _ = _pca(basis_z)
     centred = z - z.mean(axis=0, dtype=np.float64)
     total = float((centred**2).sum())
     along = ((centred @ comps.T) ** 2).sum(axis=0)
@@ -164,7 +182,13 @@ def _episodes(n: int) -> str:
     return f"{n} episode{'' if n == 1 else 's'}"
 
 
-def _pc_labels(ax: Axes, frac: np.ndarray) -> None:
+def _pc_labels(ax: Axes, frac: np.ndarray, projection: str = "pca") -> None:
+    if projection == "risk":
+        ax.set_xlabel(
+            f"risk axis: the direction that best predicts the risk target ({frac[0]:.1%} of variance)"
+        )
+        ax.set_ylabel(f"PC1 orthogonal to it ({frac[1]:.1%} of variance)")
+        return
     ax.set_xlabel(f"PC1 ({frac[0]:.1%} of variance)")
     ax.set_ylabel(f"PC2 ({frac[1]:.1%} of variance)")
 
@@ -206,6 +230,8 @@ def render_map(
     eps: float = 1e-8,
     basis_z: np.ndarray | None = None,
     clim: Limits | None = None,
+    projection: str = "pca",
+    basis_risk_target: np.ndarray | None = None,
 ) -> bytes:
     """The seed's 2×2 PCA map of the buffer, as PNG bytes (12×10 in at ``dpi``).
 
@@ -215,18 +241,24 @@ def render_map(
     subsample (``default_rng(seed)``, without replacement, in arrival order). Panels are
     coloured by soft_bind, log(cone_vol + eps), lambda_bind and the risk target, each on its
     1st–99th percentile unless ``clim`` fixes its (lo, hi) by name (``MAP_FIELDS``). With
-    fewer than 2 episodes the picture says so.
+    ``projection="risk"`` the axes are the risk projection of the buffer (or of the basis,
+    whose risk targets ``basis_risk_target`` [M] then come with ``basis_z``) instead of its
+    PCA. With fewer than 2 episodes the picture says so.
 
     Raises:
-        ValueError: max_points < 1.
+        ValueError: max_points < 1, or an unknown projection.
     """
     if max_points < 1:
         raise ValueError(f"max_points must be ≥ 1, got {max_points}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
     z = np.asarray(z)
     n = z.shape[0] if z.ndim == 2 else 0
     if n < 2:
         return _message(MAP_SIZE, dpi, title, f"no map yet ({_episodes(n)})")
-    mean, comps, frac = _projection(z, basis_z)
+    mean, comps, frac = _projection(
+        z, basis_z, projection, np.asarray(risk_target, dtype=np.float64), basis_risk_target
+    )
     idx = _sample(n, max_points, seed)
     xy = (z[idx] - mean) @ comps.T
     panels = [
@@ -244,7 +276,7 @@ def render_map(
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=c, s=10, alpha=0.5, vmin=lo, vmax=hi, lw=0)
         fig.colorbar(sc, ax=ax, label=name, extend=extend)
         ax.set_title(f"z-memory: {name}")
-        _pc_labels(ax, frac)
+        _pc_labels(ax, frac, projection)
     return _png(fig, dpi)
 
 
@@ -261,6 +293,9 @@ def render_trail(
     dpi: int = 100,
     basis_z: np.ndarray | None = None,
     clim: Limits | None = None,
+    projection: str = "pca",
+    risk_target: np.ndarray | None = None,
+    basis_risk_target: np.ndarray | None = None,
 ) -> bytes:
     """The last ``last`` z's as one time-coloured path per worker over the buffer's density.
 
@@ -271,13 +306,20 @@ def render_trail(
     its colour limits fixed by ``clim["density"]`` when given. On it, the last ``min(last, N)``
     z's (of worker ``only``, when given), each worker's in arrival order as its own faint line,
     never joined to another worker's, through points coloured by arrival order; each path's
-    start and end are marked. Fewer than 2 episodes: the picture says so.
+    start and end are marked. With ``projection="risk"`` the axes are the map's risk
+    projection (of z with its ``risk_target`` [N], or of ``basis_z`` with
+    ``basis_risk_target``). Fewer than 2 episodes: the picture says so.
 
     Raises:
-        ValueError: last < 1 or max_points < 1.
+        ValueError: last < 1 or max_points < 1, an unknown projection, or the risk projection
+            without its risk targets.
     """
     if last < 1 or max_points < 1:
         raise ValueError(f"last and max_points must be ≥ 1, got {last} and {max_points}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
+    if projection == "risk" and (risk_target if basis_z is None else basis_risk_target) is None:
+        raise ValueError("the risk projection needs the risk targets of its basis")
     z = np.asarray(z)
     n = z.shape[0] if z.ndim == 2 else 0
     if n < 2:
@@ -288,7 +330,7 @@ def render_trail(
     rows = np.arange(n) if only is None or names is None else np.flatnonzero(names == only)
     if rows.size == 0:
         return _message(MAP_SIZE, dpi, title, f"no episodes from worker {only!r}")
-    mean, comps, frac = _projection(z, basis_z)
+    mean, comps, frac = _projection(z, basis_z, projection, risk_target, basis_risk_target)
     bg = (z[_sample(n, max_points, seed)] - mean) @ comps.T
     order = rows[-last:]
     trail = (z[order] - mean) @ comps.T
@@ -327,7 +369,7 @@ def render_trail(
     if marked:
         ax.legend(loc="upper right", title="worker (○ start, ★ end)", fontsize="small")
     ax.set_title("z trail over the buffer's density")
-    _pc_labels(ax, frac)
+    _pc_labels(ax, frac, projection)
     return _png(fig, dpi)
 
 
