@@ -72,7 +72,8 @@ def risk_basis(z: np.ndarray, risk_target: np.ndarray) -> tuple[np.ndarray, np.n
         return mean, axes, frac
     w = np.linalg.solve(scatter + RIDGE * total / d * np.eye(d), cross)
     norm = float(np.linalg.norm(w))
-    if norm > 0 and np.isfinite(norm):
+    varies = float(np.std(y)) > 1e-9 * max(1.0, float(np.abs(y).max()))  # not rounding noise
+    if varies and norm > 0 and np.isfinite(norm):
         first = w / norm
     else:
         vals, vecs = np.linalg.eigh(scatter)
