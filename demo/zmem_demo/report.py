@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,50 @@ def _truth(run: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _dose_response(by_w: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The smallest w_mem whose late reliable share differs from w_mem = 0 beyond the seeds'
+    noise (2 standard errors of the difference, from the seed-to-seed spread), and the
+    strength below it: the interval where the regularizer starts to steer."""
+    ws = sorted(by_w)
+    shares = {w: np.array([r["stats"]["late_reliable"] for r in by_w[w]]) for w in ws}
+    base = shares[ws[0]]
+
+    def se(x: np.ndarray) -> float:
+        return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
+
+    rows = []
+    first = None
+    for w in ws[1:]:
+        diff = float(shares[w].mean() - base.mean())
+        noise = float(np.hypot(se(shares[w]), se(base)))
+        beyond = bool(np.isfinite(noise) and abs(diff) > 2 * noise)
+        rows.append({"w": w, "diff": diff, "se": noise, "beyond": beyond})
+        if beyond and first is None:
+            first = w
+    below = None if first is None else max([w for w in ws if w < first])
+    return {"rows": rows, "first": first, "below": below}
+
+
+def _dose_text(moves: dict[str, Any], by_w: dict[float, list[dict[str, Any]]]) -> str:
+    cells = "; ".join(
+        f"w_mem {r['w']:g}: {r['diff']:+.0%} ± {r['se']:.0%}" + (" (beyond noise)" if r["beyond"] else "")
+        for r in moves["rows"]
+    )
+    seeds = len(by_w[min(by_w)])
+    if moves["first"] is None:
+        where = (
+            "no strength here moved the late reliable share beyond its seed-to-seed noise "
+            "(2 standard errors; with one seed per strength there is no noise estimate)"
+        )
+    else:
+        where = (
+            f"the late reliable share first moves beyond its seed-to-seed noise between w_mem = "
+            f"{moves['below']:g} and {moves['first']:g} (2 standard errors of the difference from "
+            f"w_mem = 0, {seeds} seeds each)"
+        )
+    return f"Late reliable share against w_mem = 0: {cells}. So {where}."
+
+
 def _spread(values: list[float], fmt: str = ".0%") -> str:
     mean = float(np.mean(values))
     if len(values) == 1:
@@ -128,9 +173,10 @@ def write(
     by_w = {w: [r for r in runs if r["w"] == w] for w in ws}
     best = max(ws, key=lambda w: (np.mean([r["stats"]["late_reliable"] for r in by_w[w]]), -w))
     base = [r["stats"] for r in by_w[0.0]]
-    suggested = float(
-        np.median([s["g_task_all"] / s["g_risk_all"] for s in base if s["g_risk_all"] > 0] or [np.nan])
-    )
+    moves = _dose_response(by_w)
+    agree = sum(all(r["verdicts"][v]["passed"] is r["truth"][v] for v in VERDICTS) for r in runs)
+    offset = getattr(args, "seed_offset", 0)
+    print(f"zmem demo: every verdict agrees with its truth in {agree} of {len(runs)} runs", file=sys.stderr)
 
     lines = [
         "# zmem demo: does the memory regularizer steer z away from unreliable regions?",
@@ -139,7 +185,8 @@ def write(
         f"(≈ 0.1); the task prefers the unreliable side a little. {args.workers} worker processes per run "
         f"record into one memory through `ZMemClient` (pickled into each); {size['episodes']} episodes "
         "per run, "
-        f"min_size {size['min_size']}, k 64, sigma 1.0; seeds 0..{size['seeds'] - 1} for every w_mem. "
+        f"min_size {size['min_size']}, k 64, sigma 1.0; seeds {offset}..{offset + size['seeds'] - 1} "
+        "for every w_mem. "
         "Numbers are the mean over seeds with [min–max]; the arrival order across workers varies, "
         "so runs with the same seed are not bit-identical.",
         "",
@@ -179,14 +226,16 @@ def write(
         "workers together or for any one (the policy's spread anneals, so every run clusters more); "
         "kernel passes (d = 8).",
         "",
-        "## Force balance",
+        f"**Every verdict agrees with its truth in {agree} of {len(runs)} runs.**",
         "",
-        f"In the w_mem = 0 runs, once the memory is active, the median ‖∇task‖ is "
-        f"{np.median([s['g_task_all'] for s in base]):.3f} and the median ‖∇risk‖ "
-        f"{np.median([s['g_risk_all'] for s in base]):.4f}: the two forces are equal at "
-        f"w_mem ≈ {suggested:.2g}. "
+        "## Where w_mem starts to matter (dose-response)",
+        "",
+        _dose_text(moves, by_w),
         f"The best w_mem here was {best:g} (late reliable share "
-        f"{np.mean([r['stats']['late_reliable'] for r in by_w[best]]):.0%}).",
+        f"{np.mean([r['stats']['late_reliable'] for r in by_w[best]]):.0%}). For scale, in the w_mem = 0 "
+        f"runs the median per-sample ‖∇task‖ is {np.median([s['g_task_all'] for s in base]):.3f} and "
+        f"‖∇risk‖ {np.median([s['g_risk_all'] for s in base]):.4f}; their ratio is no estimate of the "
+        "crossing (per-sample risk gradients are mostly noise that averages out over a run).",
         "",
         "## Kernel check (larger d)",
         "",
@@ -208,9 +257,33 @@ def write(
         "",
     ]
 
-    pictures = _pictures(out, url, token, by_w[0.0][0]["name"], by_w[best][0]["name"], best)
-    lines += ["## Pictures (seed 0; both in the PCA basis of the best run, on shared colour scales)", ""]
+    base_name, best_name = by_w[0.0][0]["name"], by_w[best][0]["name"]
+    pictures = _pictures(out, url, token, base_name, best_name, best)
+    apart = _separation(url, token, base_name, best_name)
+    print(
+        f"zmem demo: late centroids of w_mem = 0 and {best:g} lie {apart['risk']:.2f} pooled SDs apart "
+        f"along the risk axis ({apart['pca']:.2f} along PC1 of the PCA map)",
+        file=sys.stderr,
+    )
+    lines += [
+        f"## Pictures (first seed; both on the risk projection of the best run `{best_name}`, "
+        "on shared colour scales)",
+        "",
+        "The x axis is the direction of z that best predicts the risk target (a ridge fit over the best "
+        "run's buffer), the y axis the leading principal component orthogonal to it: each zone's reliable "
+        "and unreliable sides, which lie off the PCA map, sit apart along x. The late episodes (the last "
+        f"quarter of each buffer) of w_mem = 0 and w_mem = {best:g} have centroids "
+        f"**{apart['risk']:.2f} pooled standard deviations apart along the risk axis** "
+        f"({apart['risk_0']:+.2f} vs {apart['risk_best']:+.2f}), against {apart['pca']:.2f} along PC1 of "
+        "the PCA map.",
+        "",
+    ]
     lines += [f"![{title}]({file})" for file, title in pictures]
+    lines += ["", "Readings on the same map (`?basis=" + best_name + "&projection=risk`):", ""]
+    for name, w in ((base_name, 0.0), (best_name, best)):
+        on_map = _diagnostics_on(url, token, name, best_name)
+        if on_map is not None:
+            lines.append(f"- w_mem = {w:g}, **reliability**: {on_map['reliability']['reading']}")
     lines += ["", "## Each run's verdict readings", ""]
     for r in runs:
         lines.append(f"### w_mem = {r['w']:g}, seed {r['seed']} (memory `{r['name']}`)")
@@ -246,8 +319,8 @@ def _pictures(
         ]
         made = []
         views: tuple[tuple[str, dict[str, Any]], ...] = (
-            ("map", {"basis": best, "clim": clim, "dpi": 60}),
-            ("trail", {"basis": best, "last": 600, "dpi": 60}),
+            ("map", {"basis": best, "projection": "risk", "clim": clim, "dpi": 60}),
+            ("trail", {"basis": best, "projection": "risk", "last": 600, "dpi": 60}),
             ("risk", {"dpi": 60}),
         )
         for kind, params in views:
@@ -260,6 +333,48 @@ def _pictures(
             _side_by_side(pngs, (f"w_mem = 0 ({base})", f"w_mem = {w_best:g} ({best})"), out / file)
             made.append((file, f"{kind}: w_mem = 0 (left) vs w_mem = {w_best:g} (right)"))
     return made
+
+
+def _separation(url: str, token: str | None, base: str, best: str) -> dict[str, float]:
+    """How far apart the late episodes (last quarter of each buffer) of two runs lie along the
+    risk axis of the best run's buffer and along its PCA map's first axis, in pooled standard
+    deviations of the late coordinates."""
+    from zmem_client import ZMemClient
+    from zmem_service.diagnostics.projection import risk_basis
+
+    data = {}
+    for name in (base, best):
+        with ZMemClient(url, memory=name, token=token, timeout=300) as client:
+            data[name] = client.export()
+    z_best, rt_best = data[best]["z"].astype(np.float64), data[best]["risk_target"].astype(np.float64)
+    mean, axes, _ = risk_basis(z_best, rt_best)
+    centred = z_best - z_best.mean(axis=0)
+    pc1 = np.linalg.svd(centred, full_matrices=False)[2][0]
+    out: dict[str, float] = {}
+    for key, origin, axis in (("risk", mean, axes[0]), ("pca", z_best.mean(axis=0), pc1)):
+        late = [data[n]["z"][-len(data[n]["z"]) // 4 :].astype(np.float64) for n in (base, best)]
+        coord = [(x - origin) @ axis for x in late]
+        pooled = float(np.sqrt((coord[0].var(ddof=1) + coord[1].var(ddof=1)) / 2))
+        out[key] = float(abs(coord[0].mean() - coord[1].mean()) / pooled) if pooled > 0 else float("nan")
+        if key == "risk":
+            out["risk_0"], out["risk_best"] = float(coord[0].mean()), float(coord[1].mean())
+    return out
+
+
+def _diagnostics_on(url: str, token: str | None, name: str, basis: str) -> dict[str, Any] | None:
+    """Memory `name`'s verdicts on the risk projection of `basis` (None if the service can't)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    r = httpx.get(
+        f"{url}/memories/{name}/diagnostics",
+        params={"basis": basis, "projection": "risk"},
+        headers=headers,
+        timeout=300,
+    )
+    if r.status_code != 200:
+        return None
+    return {c["name"]: c for c in r.json()["criteria"]}
 
 
 def _side_by_side(pngs: list[bytes], titles: tuple[str, str], path: Path) -> None:

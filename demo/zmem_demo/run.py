@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=count(1), default=None, help="how many seeds per w_mem (≥ 1)")
     parser.add_argument(
+        "--seed-offset",
+        type=count(0, 10**6),
+        default=0,
+        help="the first seed (seeds OFFSET.. OFFSET+SEEDS−1), for repeating the demo on fresh draws",
+    )
+    parser.add_argument(
         "--episodes", type=count(1), default=None, help="episodes per run (all workers together; ≥ 1)"
     )
     parser.add_argument(
@@ -219,7 +225,7 @@ def _train_all(url: str, args: argparse.Namespace, size: dict[str, int]) -> list
     progress = Progress(len(args.w_mem) * size["seeds"] + 1)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.workers, initializer=_quiet_worker) as pool:
-        for seed in range(size["seeds"]):
+        for seed in range(args.seed_offset, args.seed_offset + size["seeds"]):
             for w in args.w_mem:
                 name = memory_name(w, seed)
                 client = ZMemClient(url, memory=name, token=args.token, timeout=300)
