@@ -13,6 +13,7 @@ import collections
 import logging
 import threading
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -122,6 +123,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # the labelled children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,8 +143,14 @@ class MetricsMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
-            m = self.metrics
-            m.requests.labels(route, scope["method"], str(status)).inc()
-            m.latency.labels(route, scope["method"]).observe(elapsed)
-            if not m.access.add(scope["method"], scope["path"], status, elapsed):
-                m.access_dropped.inc()
+            method = scope["method"]
+            series = self._series.get((route, method, status))
+            if series is None:
+                m = self.metrics
+                series = m.requests.labels(route, method, str(status)), m.latency.labels(route, method)
+                if len(self._series) < 10_000:  # routes × methods × statuses: a few hundred
+                    self._series[(route, method, status)] = series
+            series[0].inc()
+            series[1].observe(elapsed)
+            if not self.metrics.access.add(method, scope["path"], status, elapsed):
+                self.metrics.access_dropped.inc()

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from zmem_service.errors import Unavailable
 from zmem_service.http import jsonchunks, streaming
-from zmem_service.http.pools import AnswerSlots
+from zmem_service.http.pools import Slots
 from zmem_service.index_thread import SearchJob
 from zmem_service.memory import Neighbors
 
@@ -51,7 +51,7 @@ def test_large_answers_take_their_slot_before_the_search_so_no_search_is_wasted(
     client: TestClient = make_client(min_size=1, durability="none")
     z = fill(client, 300, 32)
     state = client.app.state  # type: ignore[attr-defined]
-    state.codecs.answers = AnswerSlots(4, wait=0.05)  # two per peer
+    state.codecs.answers = Slots(4, wait=0.05)  # two per peer
     thread = state.zmem.index_thread
     searched: list[int] = []
     search = thread.search
@@ -90,7 +90,7 @@ def test_large_answers_take_their_slot_before_the_search_so_no_search_is_wasted(
 
 def test_one_peer_holds_at_most_half_the_answer_slots() -> None:
     async def scenario() -> None:
-        slots = AnswerSlots(8, wait=0.05)
+        slots = Slots(8, wait=0.05)
         mine = [await slots.take("10.0.0.1") for _ in range(4)]
         with pytest.raises(Unavailable):
             await slots.take("10.0.0.1")
@@ -115,7 +115,7 @@ def test_a_request_waits_for_a_slot_while_slots_keep_coming_back() -> None:
     that happens (past `wait`), and gives up `wait` after the last slot came back."""
 
     async def scenario() -> float:
-        slots = AnswerSlots(4, wait=0.05)
+        slots = Slots(4, wait=0.05)
         held = [slots.force(p) for p in ("b", "b", "c", "c")]
 
         async def turnover() -> None:

@@ -90,6 +90,9 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
         title="zmem",
         version=__version__,
         lifespan=lifespan,
+        # The service counts and times requests itself (/metrics); FastAPI's own OpenTelemetry
+        # hooks would only add work to every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         dependencies=[Depends(guard)],
         openapi_url=None,  # served by routes/admin.py, behind the tokens
         docs_url=None,

@@ -10,6 +10,7 @@ These are plain functions over bytes and arrays; `exchange.py` decides where the
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -347,30 +348,49 @@ _DTYPES = {
 
 
 def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
-    """`zmem_core.wire.encode(arrays, meta)` written directly: the header is one `json.dumps`
-    (padded to 8 bytes, as safetensors writes it) and the arrays' bytes follow in order,
-    without the library's per-tensor bookkeeping. Raises ValueError on a NaN or infinity
-    in `meta`."""
+    """`zmem_core.wire.encode(arrays, meta)`, written directly: the header assembled from its
+    parts (padded to 8 bytes, as safetensors writes it) and the arrays' bytes in order, without
+    the library's per-tensor bookkeeping. Raises ValueError on a NaN or infinity in `meta`."""
     if any(a.dtype.newbyteorder("=") not in _DTYPES for a in arrays.values()):
         return core_wire.encode(arrays, meta)
-    header: dict[str, Any] = {}
+    fields = []
     if meta:
-        header["__metadata__"] = {k: json.dumps(v, allow_nan=False) for k, v in meta.items()}
+        literals = ",".join(f"{json.dumps(k)}:{json.dumps(_literal(v))}" for k, v in meta.items())
+        fields.append(f'"__metadata__":{{{literals}}}')
     parts: list[Any] = []
     offset = 0
     for name, a in arrays.items():
-        data = np.ascontiguousarray(a, a.dtype.newbyteorder("<"))
+        data = (
+            a
+            if a.flags.c_contiguous and a.dtype.byteorder in "<=|"
+            else np.ascontiguousarray(a, "<" + a.dtype.str[1:])
+        )
         end = offset + data.nbytes
-        header[name] = {
-            "dtype": _DTYPES[a.dtype.newbyteorder("=")],
-            "shape": list(a.shape),
-            "data_offsets": [offset, end],
-        }
+        shape = ",".join(map(str, a.shape))
+        dtype = _DTYPES[a.dtype.newbyteorder("=")]
+        fields.append(
+            f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[{offset},{end}]}}'
+        )
         parts.append(data.data)
         offset = end
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = ("{" + ",".join(fields) + "}").encode()
     text += b" " * (-len(text) % 8)
     return b"".join([struct.pack("<Q", len(text)), text, *parts])
+
+
+def _literal(value: Any) -> str:
+    """`json.dumps(value, allow_nan=False)`, without the encoder for the common scalars."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    if type(value) is float and math.isfinite(value):
+        return repr(value)
+    return json.dumps(value, allow_nan=False)
 
 
 def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
@@ -379,12 +399,16 @@ def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int
     return 8 + header + sum(a.nbytes for a in arrays.values())
 
 
-def encode_json(meta: dict[str, Any], arrays: dict[str, np.ndarray], limit: int, st_size: int) -> bytes:
+def encode_json(
+    meta: dict[str, Any], arrays: dict[str, np.ndarray], limit: int, st_size: int | None = None
+) -> bytes:
     """The JSON answer, at most `limit` bytes (else a 422 on `k` saying whether the safetensors
-    answer, `st_size` bytes, would fit)."""
+    answer, `st_size` bytes when measured already, would fit)."""
     try:
         return jsonchunks.encode_arrays(meta, arrays, limit)
     except jsonchunks.TooLarge:
+        if st_size is None:
+            st_size = safetensors_size(arrays, meta)
         hint = (
             f"the safetensors answer ({st_size} bytes) fits: send Accept: {SAFETENSORS}"
             if st_size <= limit

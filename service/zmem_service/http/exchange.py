@@ -43,6 +43,8 @@ INLINE_SAFETENSORS_BYTES = 256 * 1024
 INLINE_JSON_FLOATS = 256
 LARGE_ANSWER_BYTES = 1 << 20
 """Answers above this hold one of the answer slots until they are sent (`respond`)."""
+SMALL_HEADER_BYTES = 64 * 1024
+"""More than any header of a small answer: its metadata are a few scalars."""
 BYTES_PER_JSON_NUMBER = 48
 """Room for one JSON number, its separator and some indentation (a float64 in full takes ~25)."""
 
@@ -173,8 +175,15 @@ async def respond(
     `ticket` taken before the work, else one taken now: 503 when none comes free) until
     its last byte is handed over, and goes out in chunks under the connection's flow
     control (`SentInChunks`): answers nobody reads can't pile up in memory."""
-    st_size = safetensors_size(arrays, meta)
     codecs: Codecs = call.state.codecs
+    data = sum(a.nbytes for a in arrays.values())
+    if data + SMALL_HEADER_BYTES <= LARGE_ANSWER_BYTES:
+        # Small whatever its header: no slot, and the exact size only if a limit needs it.
+        if ticket is not None:
+            ticket.release()
+        body, media_type = await _encode(call, settings, codecs, arrays, meta, None)
+        return Answer(body, media_type)
+    st_size = safetensors_size(arrays, meta)
     if st_size <= LARGE_ANSWER_BYTES:
         if ticket is not None:
             ticket.release()
@@ -198,15 +207,18 @@ async def _encode(
     codecs: Codecs,
     arrays: dict[str, np.ndarray],
     meta: dict[str, Any],
-    st_size: int,
+    st_size: int | None,
 ) -> tuple[bytes, str]:
-    """(body, media type) of an answer whose safetensors form takes `st_size` bytes. The answer
-    is already computed: the encode pool queues it rather than refusing it."""
+    """(body, media type) of an answer whose safetensors form takes `st_size` bytes (None: not
+    measured, the answer is small). The answer is already computed: the encode pool queues it
+    rather than refusing it."""
     limit = settings.max_response_bytes
     if call.head.wants(SAFETENSORS):
+        if st_size is None or st_size <= INLINE_SAFETENSORS_BYTES:
+            body = encode_safetensors(arrays, meta)
+            check_safetensors_size(len(body), limit)
+            return body, SAFETENSORS
         check_safetensors_size(st_size, limit)
-        if st_size <= INLINE_SAFETENSORS_BYTES:
-            return encode_safetensors(arrays, meta), SAFETENSORS
         return await codecs.encode.run(encode_safetensors, arrays, meta), SAFETENSORS
     if sum(a.size for a in arrays.values()) <= INLINE_JSON_FLOATS:
         return encode_json(meta, arrays, limit, st_size), JSON

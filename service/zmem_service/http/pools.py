@@ -1,12 +1,13 @@
 """Admission: the bounded pools and slots that large bodies and answers need, shared fairly.
 
 Large bodies are decoded, and large answers encoded, on thread pools of their own
-(`Pool`); large answers then hold one of the answer slots (`AnswerSlots`) until their
+(`Pool`); large answers then hold one of the answer slots (`Slots`) until their
 last byte is handed over, which bounds the memory that answers nobody reads can pin.
 Every slot is taken before the work it bounds (a body's slot before the body is read,
 a search's answer slot before the search), and nobody can keep them: one client (a peer
-address) holds at most half of a kind, and a holder that falls behind the minimum
-transfer rate loses its slot (`exchange.read_body`, `streaming.SentInChunks`).
+address) holds at most half of a kind (of those a read token can reach), and a holder
+that falls behind the minimum transfer rate loses its slot (`exchange.read_body`,
+`streaming.SentInChunks`).
 """
 
 from __future__ import annotations
@@ -50,23 +51,21 @@ class Shares:
 
 class Pool:
     """A thread pool of its own for one kind of work, bounded: `workers` threads and at most
-    `slots` jobs admitted at once (running, queued or reading their body), half of them per
-    peer; past that a 503."""
+    `slots` jobs admitted at once (running, queued or reading their body), `per_peer` of them
+    for one peer (half unless said); past that, after a short wait (`Slots`), a 503."""
 
-    def __init__(self, name: str, workers: int, slots: int) -> None:
+    def __init__(self, name: str, workers: int, slots: int, per_peer: int | None = None) -> None:
         self.name = name
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"zmem-{name}")
-        self.shares = Shares(slots)
+        self.slots = Slots(slots, per_peer, busy=f"too many large requests are {name}; retry shortly")
 
     @asynccontextmanager
     async def admitted(self, peer: str) -> AsyncIterator[None]:
-        if not self.shares.free_for(peer):
-            raise Unavailable(f"too many large requests are {self.name}; retry shortly")
-        self.shares.take(peer)
+        ticket = await self.slots.take(peer)
         try:
             yield
         finally:
-            self.shares.give(peer)
+            ticket.release()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on a pool thread (call inside `admitted()`)."""
@@ -79,8 +78,8 @@ class Pool:
 class Ticket:
     """One answer slot held for `peer`; `release` gives it back (once, whatever calls it)."""
 
-    def __init__(self, slots: AnswerSlots, peer: str) -> None:
-        self._slots: AnswerSlots | None = slots
+    def __init__(self, slots: Slots, peer: str) -> None:
+        self._slots: Slots | None = slots
         self.peer = peer
 
     def release(self) -> None:
@@ -92,20 +91,30 @@ class Ticket:
         self.release()
 
 
-class AnswerSlots:
-    """At most `slots` large answers held at once (being searched, encoded or sent), half of them
-    per peer. A request waits for a slot while slots keep coming back (answers to fast readers
-    take milliseconds): up to `wait` seconds after the later of its arrival and the last slot
-    given back, `max_wait` seconds in all, with at most `4 × slots` requests waiting; then a 503.
-    Slots that nobody gives back (answers nobody reads) are not waited for long."""
+class Slots:
+    """At most `slots` things of one kind held at once, `per_peer` of them (half unless said) by
+    one peer. A request waits for a slot while slots keep coming back (answers to fast readers,
+    bodies that arrive at speed: milliseconds): up to `wait` seconds after the later of its
+    arrival and the last slot given back, `max_wait` seconds in all, with at most `4 × slots`
+    requests waiting; then a 503 (`busy`). Slots that nobody gives back (answers nobody reads,
+    bodies that stall) are not waited for long."""
 
     WAIT = 0.25
     MAX_WAIT = 5.0
 
-    def __init__(self, slots: int, wait: float = WAIT, max_wait: float = MAX_WAIT) -> None:
-        self.shares = Shares(slots)
+    def __init__(
+        self,
+        slots: int,
+        per_peer: int | None = None,
+        *,
+        wait: float = WAIT,
+        max_wait: float = MAX_WAIT,
+        busy: str = "too many large answers are being sent; retry shortly",
+    ) -> None:
+        self.shares = Shares(slots, per_peer)
         self.wait = wait
         self.max_wait = max_wait
+        self.busy = busy
         self._given_back = float("-inf")  # monotonic time a slot last came back
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -116,7 +125,7 @@ class AnswerSlots:
             now = time.monotonic()
             left = min(start + self.max_wait, max(start, self._given_back) + self.wait) - now
             if left <= 0 or len(self._waiters) >= 4 * self.shares.slots:
-                raise Unavailable("too many large answers are being sent; retry shortly")
+                raise Unavailable(self.busy)
             woken: asyncio.Future[None] = loop.create_future()
             self._waiters.append(woken)
             try:
@@ -151,18 +160,20 @@ class Codecs:
     decode: Pool
     decode_writes: Pool
     encode: Pool
-    answers: AnswerSlots
+    answers: Slots
 
     @classmethod
     def create(cls) -> Codecs:
         # 2 threads each: JSON work holds the GIL, so more threads would only queue on it.
         # 8 slots per decode pool bound the large bodies held in memory at once
         # (16 × max_body_bytes in all).
+        # Writes need the write token: their pool is not shared out per peer (one host often
+        # runs every training worker); reads are, as a read token may be anyone's.
         return cls(
             decode=Pool("being decoded", 2, 8),
-            decode_writes=Pool("being written", 2, 8),
+            decode_writes=Pool("being written", 2, 8, per_peer=8),
             encode=Pool("being encoded", 2, 8),
-            answers=AnswerSlots(8),  # 8 × max_response_bytes of large answers at most
+            answers=Slots(8),  # 8 × max_response_bytes of large answers at most
         )
 
     def close(self) -> None:
