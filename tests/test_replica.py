@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from zmem_client import NoSuchMemory, Timeout, ZMemClient, kernel_risk
+from zmem_client import Lag, NoSuchMemory, Timeout, ZMemClient, kernel_risk
 from zmem_client._replica import Replica, ReplicaError, ReplicaLagWarning, query_stats
 from zmem_core.kernel import kernel_stats
 
@@ -500,3 +500,28 @@ def test_cuda_risk_path_never_synchronises(feed: FakeFeed, make_replica: Callabl
     assert zq.grad is not None
     torch.testing.assert_close(zq.grad.cpu(), want["grad"], rtol=1e-5, atol=1e-7)
     assert rep.flush_records(10)
+
+
+def test_a_replica_follows_nothing_until_its_first_query(feed: FakeFeed) -> None:
+    """A client made only to be pickled into workers (the parent's) never opens the feed."""
+    rng = np.random.default_rng(12)
+    feed.create(capacity=50, min_size=5)
+    feed.append(*rows(rng, 20))
+    with ZMemClient("http://zmem.test", transport=feed.transport, replica=True) as mem:
+        assert mem.replica is not None and not mem.replica.started
+        time.sleep(0.2)
+        assert feed.requests == 0 and mem.replica_lag == Lag(0.0, 0)
+        mem.risk(torch.zeros(D))
+        assert mem.replica.started and feed.requests > 0
+
+
+def test_flush_delivers_the_replica_s_query_records(feed: FakeFeed) -> None:
+    rng = np.random.default_rng(13)
+    feed.create(capacity=50, min_size=5)
+    feed.append(*rows(rng, 20))
+    with ZMemClient("http://zmem.test", transport=feed.transport, replica=True) as mem:
+        for _ in range(3):
+            mem.risk(torch.from_numpy(rng.standard_normal((2, D))).float())
+        mem.risk(torch.zeros(D), record=False)
+        mem.flush(timeout=10)
+        assert sum(len(q["risk"]) for q in feed.queries) == 6
