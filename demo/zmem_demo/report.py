@@ -62,15 +62,17 @@ def _gets_worse(progress: np.ndarray, expected: np.ndarray, scale: float) -> boo
 
 def _truth(run: dict[str, Any]) -> dict[str, bool]:
     """What each verdict should say about a toy run, in the verdict's own terms, from the toy's
-    noise-free outcomes (``toy.expected_soft_bind`` at each episode's side coordinate)."""
-    from .toy import expected_risk_target, expected_soft_bind
+    noise-free outcomes: for convergence the policy's expected risk target at each step
+    (``toy.policy_soft_bind``: no outcome noise and no sampling noise of the policy's draws),
+    for reliability the noise-free soft_bind at each stored episode's side coordinate."""
+    from .toy import expected_soft_bind, policy_soft_bind
 
     e = run["episodes"]
     # the service's risk targets with the default weights (a, b, c, eps) = (1, 0.2, 0.05, 1e-8)
     actual = (1 - e["soft_bind"]) + 0.2 * np.log(e["cone_vol"] + 1e-8) + 0.05 * e["lambda_bind"]
     p10, p90 = np.percentile(actual, [10, 90])
     scale = float(p90 - p10)
-    expected = expected_risk_target(e["side"])
+    expected = 1.4 * (1 - policy_soft_bind(e["policy_side"], e["policy_std"])) - 0.2
     worse = _gets_worse(e["progress"], expected, scale) or any(
         _gets_worse(e["progress"][e["worker"] == w], expected[e["worker"] == w], scale)
         for w in np.unique(e["worker"])
@@ -174,9 +176,11 @@ def write(
     best = max(ws, key=lambda w: (np.mean([r["stats"]["late_reliable"] for r in by_w[w]]), -w))
     base = [r["stats"] for r in by_w[0.0]]
     moves = _dose_response(by_w)
-    agree = sum(all(r["verdicts"][v]["passed"] is r["truth"][v] for v in VERDICTS) for r in runs)
+    agreeing = sum(all(r["verdicts"][v]["passed"] is r["truth"][v] for v in VERDICTS) for r in runs)
     offset = getattr(args, "seed_offset", 0)
-    print(f"zmem demo: every verdict agrees with its truth in {agree} of {len(runs)} runs", file=sys.stderr)
+    print(
+        f"zmem demo: every verdict agrees with its truth in {agreeing} of {len(runs)} runs", file=sys.stderr
+    )
 
     lines = [
         "# zmem demo: does the memory regularizer steer z away from unreliable regions?",
@@ -226,7 +230,7 @@ def write(
         "workers together or for any one (the policy's spread anneals, so every run clusters more); "
         "kernel passes (d = 8).",
         "",
-        f"**Every verdict agrees with its truth in {agree} of {len(runs)} runs.**",
+        f"**Every verdict agrees with its truth in {agreeing} of {len(runs)} runs.**",
         "",
         "## Where w_mem starts to matter (dose-response)",
         "",

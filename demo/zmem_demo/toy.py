@@ -46,6 +46,16 @@ def expected_soft_bind(s: np.ndarray) -> np.ndarray:
         return np.asarray(1 / (1 + np.exp(-3 * np.asarray(s, dtype=np.float64))))
 
 
+def policy_soft_bind(mean_side: np.ndarray, std: np.ndarray | float) -> np.ndarray:
+    """The policy's expected noise-free soft_bind E[sigmoid(3s)] over its draws s ~ N(mean_side,
+    std²) (the side coordinate of z = μ + std·ε): what a step's episodes bind on average,
+    without the sampling noise of any one draw (Gauss–Hermite, 32 nodes)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(32)
+    m = np.asarray(mean_side, dtype=np.float64)[..., None]
+    sd = np.asarray(std, dtype=np.float64)[..., None]
+    return np.asarray((expected_soft_bind(m + sd * nodes) * weights).sum(axis=-1) / weights.sum())
+
+
 def expected_risk_target(s: np.ndarray) -> np.ndarray:
     """The noise-free risk target at side coordinate s [n], with the default weights
     (a, b, c) = (1, 0.2, 0.05): a·(1 − p) + b·(−1 + 1.5·(1 − p)) + c·2·(1 − p)."""
@@ -77,8 +87,9 @@ class Job:
 
 def train(job: Job) -> dict[str, np.ndarray]:
     """Run one worker; returns per-episode arrays (progress in [0, 1), zone, side s, the
-    recorded soft_bind, cone_vol and lambda_bind, the worker's index) and per-step gradient
-    norms of the task loss and of the risk (before w_mem)."""
+    policy's mean side coordinate and spread at that step, the recorded soft_bind, cone_vol
+    and lambda_bind, the worker's index) and per-step gradient norms of the task loss and of
+    the risk (before w_mem)."""
     import httpx
     import torch
 
@@ -95,12 +106,14 @@ def train(job: Job) -> dict[str, np.ndarray]:
     mu = torch.nn.Parameter(c + torch.tensor(start, dtype=torch.float32))
     opt = torch.optim.SGD([mu], lr=LEARNING_RATE)
     headers = {"authorization": f"Bearer {job.token}"} if job.token else {}
-    names = ("progress", "zone", "side", "soft_bind", "cone_vol", "lambda_bind", "worker", "g_task", "g_risk")
+    names = ("progress", "zone", "side", "policy_side", "policy_std", "soft_bind", "cone_vol", "lambda_bind")
+    names = (*names, "worker", "g_task", "g_risk")
     out: dict[str, list[Any]] = {k: [] for k in names}
     with httpx.Client(headers=headers, timeout=30) as http:
         for step in range(job.steps):
             zone = torch.randint(ZONES, (BATCH,), generator=gen)
             std = POLICY_STD[0] + (POLICY_STD[1] - POLICY_STD[0]) * step / max(job.steps - 1, 1)
+            mean_side = ((mu[zone] - c[zone]) * u[zone]).sum(dim=1).detach().numpy()
             z = mu[zone] + std * torch.randn(BATCH, Z_DIM, generator=gen)
             z_leaf = z.detach().requires_grad_(True)
             side = ((z_leaf - c[zone]) * u[zone]).sum(dim=1)
@@ -135,6 +148,8 @@ def train(job: Job) -> dict[str, np.ndarray]:
             out["progress"].extend([step / job.steps] * BATCH)
             out["zone"].extend(zone.tolist())
             out["side"].extend(s.tolist())
+            out["policy_side"].extend(mean_side.tolist())
+            out["policy_std"].extend([std] * BATCH)
             out["soft_bind"].extend(metrics["soft_bind"].tolist())
             out["cone_vol"].extend(metrics["cone_vol"].tolist())
             out["lambda_bind"].extend(metrics["lambda_bind"].tolist())
