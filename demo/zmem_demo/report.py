@@ -52,12 +52,13 @@ def _fifths(progress: np.ndarray, x: np.ndarray) -> list[float]:
     return [float(x[(progress >= f / FIFTHS) & (progress < (f + 1) / FIFTHS)].mean()) for f in range(FIFTHS)]
 
 
-def _gets_worse(progress: np.ndarray, expected: np.ndarray, scale: float) -> bool:
-    """Whether a noise-free risk-target series [n] over progress [n] rises by the minimum
-    effect: its newest fifth above its best earlier fifth, or its least-squares line over the run."""
+def _rise(progress: np.ndarray, expected: np.ndarray, scale: float) -> float:
+    """How much a noise-free risk-target series [n] over progress [n] rises, in units of
+    `scale`: its newest fifth above its best earlier fifth, or its least-squares line over the
+    run, whichever is more (the run gets worse from MIN_EFFECT on)."""
     f = _fifths(progress, expected)
     slope = float(np.polyfit(progress, expected, 1)[0])
-    return f[-1] - min(f[:-1]) >= MIN_EFFECT * scale or slope >= MIN_EFFECT * scale
+    return max(f[-1] - min(f[:-1]), slope) / scale
 
 
 def _truth(run: dict[str, Any]) -> dict[str, bool]:
@@ -73,10 +74,12 @@ def _truth(run: dict[str, Any]) -> dict[str, bool]:
     p10, p90 = np.percentile(actual, [10, 90])
     scale = float(p90 - p10)
     expected = 1.4 * (1 - policy_soft_bind(e["policy_side"], e["policy_std"])) - 0.2
-    worse = _gets_worse(e["progress"], expected, scale) or any(
-        _gets_worse(e["progress"][e["worker"] == w], expected[e["worker"] == w], scale)
+    rises = [_rise(e["progress"], expected, scale)] + [
+        _rise(e["progress"][e["worker"] == w], expected[e["worker"] == w], scale)
         for w in np.unique(e["worker"])
-    )
+    ]
+    run["truth_rise"] = (rises[0], max(rises[1:]))
+    worse = max(rises) >= MIN_EFFECT
     # the zones are the map's islands; the sides of a zone lie off the map
     p = expected_soft_bind(e["side"])
     lam = 2.0 * (1 - p)
@@ -293,7 +296,14 @@ def write(
         lines.append(f"### w_mem = {r['w']:g}, seed {r['seed']} (memory `{r['name']}`)")
         for v in VERDICTS:
             c = r["verdicts"][v]
-            lines.append(f"- **{v}**: {_word(c['passed'])} (truth: {_word(r['truth'][v])}) — {c['reading']}")
+            truth = _word(r["truth"][v])
+            if v == "convergence":
+                overall, worker = r["truth_rise"]
+                truth += (
+                    f"; the policy's expected risk target rises by {overall:+.1%} of the range overall, "
+                    f"{worker:+.1%} for its worst worker"
+                )
+            lines.append(f"- **{v}**: {_word(c['passed'])} (truth: {truth}) — {c['reading']}")
         lines.append("")
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
 
