@@ -38,6 +38,7 @@ from zmem_client import (
     TransportError,
     ZMemClient,
     ZMemError,
+    _backoff,
     _sender,
 )
 
@@ -164,7 +165,7 @@ def test_retry_after_is_honoured_and_bounded(monkeypatch: pytest.MonkeyPatch) ->
     assert mock.times[1] - mock.times[0] >= 0.95
     mem.close()
     # A Retry-After of a day is cut to MAX_RETRY_AFTER.
-    monkeypatch.setattr(_sender, "MAX_RETRY_AFTER", 0.1)
+    monkeypatch.setattr(_backoff, "MAX_RETRY_AFTER", 0.1)
     mock = Mock(fails(1, 503, **{"Retry-After": "86400"}))
     mem = mock.client()
     record(mem, names(1))

@@ -11,6 +11,7 @@ can be imported without the HTTP client's dependencies.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
     from ._risk import Regularizer, kernel_risk
     from ._sources import Lag
 
-__version__ = "0.1.0"
+from zmem_core import __version__ as __version__
+
+# Retries, feed errors and dropped records go to this logger; configure logging to see them.
+logging.getLogger("zmem_client").addHandler(logging.NullHandler())
 
 __all__ = [
     "ClientClosed",

@@ -11,6 +11,7 @@ memory.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from typing import Any
@@ -24,7 +25,10 @@ from zmem_core.kernel import kernel_stats
 from zmem_core.limits import MAX_BATCH
 from zmem_core.wire import SAFETENSORS
 
+from ._backoff import backoff
 from ._http import read_error
+
+log = logging.getLogger("zmem_client")
 
 
 def record_event(device: torch.device) -> Any:
@@ -136,10 +140,12 @@ class QueryPoster:
                 self._post(query_stats(batch))
                 self.sent += rows
                 failures = 0
-            except Exception:  # the service is away or refuses: drop, count, back off
+            except Exception as e:  # the service is away or refuses: drop, count, back off
                 self.dropped += rows
                 failures += 1
-                time.sleep(min(2.0, 0.05 * 2 ** min(failures, 6)))
+                if failures == 1:  # once per outage; `dropped` counts every record
+                    log.warning("query records dropped: posting them failed (%s); they are diagnostics", e)
+                time.sleep(backoff(failures, 0.1, 2.0))
             finally:
                 with self._cond:
                     self._busy = False

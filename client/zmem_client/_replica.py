@@ -12,7 +12,7 @@ to the service from their own thread (`_records`).
 
 from __future__ import annotations
 
-import random
+import logging
 import threading
 import time
 import warnings
@@ -26,6 +26,7 @@ import torch
 from zmem_core import params
 from zmem_core.limits import MAX_K, MAX_SIGMA, MIN_SIGMA
 
+from ._backoff import backoff
 from ._exceptions import ReplicaError, ReplicaLagWarning, RequestRejected, Timeout, ZMemError
 from ._http import missing, rejected
 from ._mirror import Mirror, Snapshot
@@ -34,6 +35,7 @@ from ._records import QueryPoster, query_stats, record_event
 from ._sources import Found, Lag, NeighborSource
 
 __all__ = ["Lag", "Replica", "ReplicaError", "ReplicaLagWarning", "query_stats"]
+log = logging.getLogger("zmem_client")
 
 AUTO_RETRY = 1.0
 """Seconds during which, after asking the service for the value of sigma "auto" failed, the
@@ -453,9 +455,12 @@ class Replica(NeighborSource):
         self.last_feed_error = error
         self._failures += 1
         self._caught_up = False
-        self._stop.wait(min(2.0, 0.05 * 2 ** min(self._failures, 6)) * random.uniform(0.5, 1.5))
+        if self._failures == 1:  # once per outage; `feed_errors` counts every one
+            log.warning("%s: a feed request failed (%s); retrying with backoff", self._where, error)
+        self._stop.wait(backoff(self._failures, 0.1, 2.0))
 
     def _fail(self, error: ZMemError) -> None:
+        log.error("%s stops following the service: %s", self._where, error)
         self._error = error
         self._synced.set()  # a waiting first risk() raises the error instead of timing out
 

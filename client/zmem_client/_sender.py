@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import random
+import logging
 import sys
 import threading
 import time
@@ -48,6 +48,7 @@ import numpy as np
 
 from zmem_core import wire
 
+from ._backoff import MAX_RETRY_AFTER, backoff
 from ._exceptions import (
     ClientClosed,
     EpisodesDropped,
@@ -56,12 +57,14 @@ from ._exceptions import (
     QueueFull,
     SendFailed,
     TransportError,
+    ZMemError,
 )
 from ._http import checked, mapped
 
 FIELDS = ("soft_bind", "cone_vol", "lambda_bind", "E_T", "lambda_T", "Hr")
-MAX_RETRY_AFTER = 60.0  # a longer Retry-After (or a proxy's nonsense) is cut to this
 MAX_REASONS = 5  # reasons an EpisodesDropped lists; the count covers the rest
+__all__ = ["MAX_RETRY_AFTER", "Sender", "columns", "named_episodes"]
+log = logging.getLogger("zmem_client")
 
 
 class Sender:
@@ -185,6 +188,12 @@ class Sender:
 
     def _drop(self, episodes: list[dict[str, Any]], reasons: list[str], cause: BaseException) -> None:
         """Count `episodes` as dropped, `reasons[i]` saying why of the i-th (lock not held)."""
+        log.warning(
+            "%d recorded episodes for %s dropped: the service refused them for good (%s)",
+            len(episodes),
+            self.where,
+            reasons[0] if reasons else cause,
+        )
         with self._cond:
             self.dropped += len(episodes)
             self._unreported += len(episodes)
@@ -232,13 +241,14 @@ class Sender:
         """Post `part` until it is stored (→ []), or split or partly dropped (→ the parts left)."""
         attempt = 0
         while True:
+            cause: ZMemError
             try:
                 self._post(part)
-            except TransportError:
-                wait = None
+            except TransportError as e:
+                wait, cause = None, e
             except HTTPError as e:
                 if e.status in (408, 429) or e.status >= 500:
-                    wait = e.retry_after
+                    wait, cause = e.retry_after, e
                 else:
                     return self._refused(part, e)
             else:
@@ -248,11 +258,16 @@ class Sender:
                 return []
             attempt += 1
             self.retries += 1
-            backoff = min(self._max_backoff, self._first_backoff * 2 ** min(attempt - 1, 20))
-            backoff *= random.uniform(0.5, 1.5)
-            # Never sooner than the service asked, nor than the backoff: a "Retry-After: 0"
-            # answered forever must not become a busy loop.
-            time.sleep(backoff if wait is None else max(backoff, min(wait, MAX_RETRY_AFTER)))
+            pause = backoff(attempt, self._first_backoff, self._max_backoff, wait)
+            log.info(
+                "%d episodes for %s not stored (%s); retry %d in %.2fs",
+                len(part),
+                self.where,
+                cause,
+                attempt,
+                pause,
+            )
+            time.sleep(pause)
 
     def _refused(self, part: list[dict[str, Any]], e: HTTPError) -> list[list[dict[str, Any]]]:
         """What is left to send of `part` after a 4xx other than 408/429."""
@@ -326,12 +341,15 @@ def _flush_at_exit() -> None:
         try:
             sender.close(left)
         except FlushTimeout:
-            print(
-                f"zmem: {sender.pending} recorded episodes were never delivered to {sender.where} "
+            # Printed as well as logged: a library's log may go nowhere, and losing episodes
+            # must never be silent.
+            lost = (
+                f"{sender.pending} recorded episodes were never delivered to {sender.where} "
                 f"and are LOST: the service did not take them within {sender.exit_timeout:g}s and "
-                "the process is ending",
-                file=sys.stderr,
+                "the process is ending"
             )
+            log.error(lost)
+            print(f"zmem: {lost}", file=sys.stderr)
         except SendFailed as e:
             print(f"zmem: {sender.where}: {e}", file=sys.stderr)
         except Exception as e:  # at exit there is no one left to raise to

@@ -14,5 +14,13 @@
 import-linter contract in pyproject.toml says so). Importing `zmem_core` loads numpy
 only: modules that need more (`wire`: safetensors; `knn`: FAISS; `knn_torch`,
 `knn_grouped`, `knn_graphs`: torch) are imported by name where they are used, never
-from here.
+from here. `__version__` is the installed distribution's.
 """
+
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("zmem")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
+"""The installed distribution's version (pyproject.toml's, the one place it is written)."""

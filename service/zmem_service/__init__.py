@@ -1,6 +1,6 @@
 """zmem service: a nearest-neighbour memory of RL episodes, served over HTTP."""
 
-__version__ = "0.1.0"
+from zmem_core import __version__
 
 __all__ = ["__version__", "create_app"]
 
