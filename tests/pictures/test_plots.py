@@ -111,6 +111,7 @@ def test_risk_marks_spikes_and_handles_empty() -> None:
     assert png_size(data) == (1200, 500)
     assert render_risk(risk, title="t") == data
     assert render_risk(risk, title="t", mad_k=1000.0) != data
+    assert render_risk(risk, title="t", scale=1.0) != data  # the risk targets' scale sets the level
     assert png_size(render_risk(np.zeros(0), title="t")) == (1200, 500)
     assert png_size(render_risk(np.array([0.1]), title="t")) == (1200, 500)
 

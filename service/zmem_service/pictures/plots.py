@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..diagnostics.criteria import find_spikes
+from ..diagnostics import trends
 from ..diagnostics.projection import PROJECTIONS, risk_basis
 
 MAP_FIELDS = ("soft_bind", "log_cone_vol", "lambda_bind", "risk_target")
@@ -382,21 +383,32 @@ def _extent(xy: np.ndarray) -> tuple[float, float, float, float]:
 
 @said_if_undrawable(RISK_SIZE)
 def render_risk(
-    risk: np.ndarray, *, title: str, mad_k: float = 5.0, window: int = 21, dpi: int = 100
+    risk: np.ndarray,
+    *,
+    title: str,
+    scale: float | None = None,
+    margin: float = 0.25,
+    mad_k: float = 5.0,
+    dpi: int = 100,
 ) -> bytes:
     """Kernel risk of the recorded queries over query index, as PNG bytes (12×5 in at dpi).
 
-    risk is [Q] in arrival order. Spikes (more than mad_k MADs above a centred rolling median
-    of ``window`` queries, the diagnostics' ``find_spikes``) are red; the rolling median is
-    drawn and the series' median is a horizontal line; a vertical line splits the older and
-    newer halves that the convergence criterion compares, with each half's spike rate.
-    Empty: the picture says so.
+    risk is [Q] in arrival order, cut into the fifths the convergence verdict compares. Its
+    spikes are the verdict's: values above a fixed level, the median of the earlier fifth with
+    the lowest median plus ``margin`` × ``scale`` (the risk targets' 10th–90th percentile
+    range; the series' own when None) or ``mad_k`` of that fifth's MADs, whichever is more
+    (``diagnostics.trends.exceedances``). They are red, the level is a dashed line, and each
+    fifth shows its share of spikes; the series' median is a grey line. Too short a series
+    for fifths has no spike level. Empty: the picture says so.
     """
     r = np.asarray(risk, dtype=np.float64).ravel()
     q = r.size
     if q == 0:
         return _message(RISK_SIZE, dpi, title, "no recorded queries yet")
-    spikes, base = find_spikes(r, mad_k, window)
+    s = float(np.subtract(*np.percentile(r, [90, 10]))) if scale is None else float(scale)
+    found = trends.exceedances(r, max(s, 1e-12), margin=margin, spread=mad_k, min_effect=0.0, z=0.0)
+    level = None if found is None else found[1]
+    spikes = r > level if level is not None else np.zeros(q, bool)
     med = float(np.median(r))
     x = np.arange(q)
 
@@ -404,8 +416,9 @@ def render_risk(
     fig.suptitle(title)
     ax = fig.subplots()
     ax.plot(x, r, color="tab:blue", lw=0.7, alpha=0.8, label="risk of a recorded query")
-    ax.axhline(med, color="0.3", ls="--", lw=1, label=f"median {med:.3g}")
-    ax.plot(x, base, color="tab:orange", lw=1, label=f"rolling median ({window} queries)")
+    ax.axhline(med, color="0.3", ls="-", lw=1, alpha=0.6, label=f"median {med:.3g}")
+    if level is not None:
+        ax.axhline(level, color="tab:red", ls="--", lw=1, label=f"spike level {level:.3g}")
     ax.scatter(
         x[spikes],
         r[spikes],
@@ -414,15 +427,15 @@ def render_risk(
         zorder=3,
         label=f"spikes: {int(spikes.sum())} ({spikes.mean():.1%})",
     )
-    h = q // 2
-    if h:
-        ax.axvline(h - 0.5, color="0.6", lw=1)
-        rates = (spikes[:h].mean(), spikes[h:].mean())
-        for xpos, name, rate in ((0.25, "older half", rates[0]), (0.75, "newer half", rates[1])):
+    if level is not None:
+        edges = np.linspace(0, q, trends.WINDOWS + 1).round().astype(int)
+        for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+            if i:
+                ax.axvline(lo - 0.5, color="0.6", lw=1)
             ax.text(
-                xpos,
+                (i + 0.5) / trends.WINDOWS,
                 0.97,
-                f"{name}: {rate:.1%} spikes",
+                f"{spikes[lo:hi].mean():.1%} spikes",
                 transform=ax.transAxes,
                 ha="center",
                 va="top",
