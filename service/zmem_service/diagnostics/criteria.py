@@ -1,25 +1,31 @@
 """The seed's acceptance criteria and a kernel check, as numbers with a verdict each (SPEC §6).
 
-Pure functions over numpy arrays; kNN by exact ``faiss.knn`` on a seeded subsample, in the
-map's own PCA-2 projection (the picture the seed's criteria talk about).
+Pure functions over numpy arrays; kNN by exact ``faiss.knn`` on a seeded subsample, on a
+2-D map: the sample's own PCA-2 projection by default (the picture the seed's criteria talk
+about), or the map a picture is drawn on (another buffer's basis, the risk projection of
+``projection``).
 
 1. *density*: mean k-NN distance of the projected buffer vs. a Gaussian sample with the
    same mean, covariance and count (ratio < 1 = clumpier than a blob); the full-d ratio and
-   the fraction of variance in the first two principal components as extra values.
+   the fraction of variance in the map's two axes as extra values.
 2. *reliability*: Spearman ρ of local density (1 / mean distance to the k nearest, full d)
    with ``soft_bind`` (expect > 0) and with ``lambda_bind`` (expect < 0); and, when the map
    shows at least two islands (``islands.find_islands``), each island's size and mean
    soft_bind / lambda_bind. With islands the verdict asks whether any island is reliable
    (mean soft_bind ≥ 0.5) and names them, so a correlation carried by the sparse
-   exploration between unreliable islands no longer passes.
+   exploration between unreliable islands no longer passes. Without islands the densest
+   quarter must also bind well in absolute terms, beyond noise, not only correlate.
 3. *convergence*: the projected k-NN distance of the older vs. the newer half of the buffer,
    each against the same reference blob (the whole sample's Gaussian, sized like a half);
-   the level (median) of the recorded query risk in the older vs. newer half of the
-   queries, which must not rise; and risk spikes (outliers against a centred rolling median,
-   so a level shift is not a spike), whose rate must not grow.
+   and the run not getting worse (``trends``): the risk targets' newest fifth against their
+   best earlier fifth and their fitted line, the recorded risk's fitted line, the share of
+   recorded risks above a fixed spike level, and each worker's risk targets, each against a
+   minimum effect of 5% of the risk targets' range and 3 standard errors.
 4. *kernel*: among the recent recorded queries, the fraction whose unnormalised weight sum
    Σw fell below the 1e-8 guard (risk ≈ 0 and no gradient), the median effective number of
-   neighbours 1/Σw_norm², and the σ that would keep the nearest stored z's in reach.
+   neighbours 1/Σw_norm², the σ that would keep the nearest stored z's in reach, and how much
+   of the risk targets' local slope reaches the kernel's gradient (``slope``), with a σ that
+   passes it.
 
 Every number in the result is a plain Python ``float``/``int``/``bool`` or ``None`` (never
 NaN), so it can go straight into JSON.
@@ -87,36 +93,6 @@ class Thresholds:
     many share points and by ``change_z`` standard errors."""
     kernel_underflow: float = 0.1
     kernel_recent: int = 1000
-
-
-def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
-    """Centred rolling median of x [n] over ``window`` points (fewer at the ends) → [n]."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    n = x.size
-    half = max(window, 1) // 2
-    if n == 0:
-        return x.copy()
-    padded = np.pad(x, half, mode="constant", constant_values=np.nan)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1)
-    return np.asarray(np.nanmedian(windows, axis=1))
-
-
-def find_spikes(risk: np.ndarray, mad_k: float = 5.0, window: int = 21) -> tuple[np.ndarray, np.ndarray]:
-    """Spikes of a risk series [n]: (mask [n] bool, rolling median [n]).
-
-    A spike sits more than ``mad_k`` MADs above the centred rolling median; the MAD is that of
-    the residuals over the whole series, floored at 1e-3 · max(1, |median risk|) so that noise
-    in a near-constant or underflowed (≈ 0) series is never called a spike. A level shift moves
-    the rolling median with it, so it makes no spikes.
-    """
-    r = np.asarray(risk, dtype=np.float64).ravel()
-    if r.size == 0:
-        return np.zeros(0, bool), r.copy()
-    base = rolling_median(r, window)
-    resid = r - base
-    floor = 1e-3 * max(1.0, abs(float(np.median(r))))
-    mad = max(float(np.median(np.abs(resid - np.median(resid)))), floor)
-    return resid > mad_k * mad, base
 
 
 def _float(x: Any) -> float | None:
