@@ -19,7 +19,14 @@ def test_a_reduced_demo_writes_its_report(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "report in" in done.stderr and "[" in done.stderr  # the progress bar
     summary = (out / "summary.md").read_text()
-    for needle in ("| 0 |", "| 20 |", "## Where w_mem starts to matter", "## Kernel check", "density", "kernel"):
+    for needle in (
+        "| 0 |",
+        "| 20 |",
+        "## Where w_mem starts to matter",
+        "## Kernel check",
+        "density",
+        "kernel",
+    ):
         assert needle in summary, needle
     for kind in ("map", "trail", "risk"):
         png = out / f"{kind}_w0_vs_w20.png"

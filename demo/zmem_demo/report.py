@@ -296,14 +296,14 @@ def write(
         lines.append(f"### w_mem = {r['w']:g}, seed {r['seed']} (memory `{r['name']}`)")
         for v in VERDICTS:
             c = r["verdicts"][v]
-            truth = _word(r["truth"][v])
+            said = _word(r["truth"][v])
             if v == "convergence":
                 overall, worker = r["truth_rise"]
-                truth += (
+                said += (
                     f"; the policy's expected risk target rises by {overall:+.1%} of the range overall, "
                     f"{worker:+.1%} for its worst worker"
                 )
-            lines.append(f"- **{v}**: {_word(c['passed'])} (truth: {truth}) — {c['reading']}")
+            lines.append(f"- **{v}**: {_word(c['passed'])} (truth: {said}) — {c['reading']}")
         lines.append("")
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
 

@@ -106,8 +106,8 @@ def train(job: Job) -> dict[str, np.ndarray]:
     mu = torch.nn.Parameter(c + torch.tensor(start, dtype=torch.float32))
     opt = torch.optim.SGD([mu], lr=LEARNING_RATE)
     headers = {"authorization": f"Bearer {job.token}"} if job.token else {}
-    names = ("progress", "zone", "side", "policy_side", "policy_std", "soft_bind", "cone_vol", "lambda_bind")
-    names = (*names, "worker", "g_task", "g_risk")
+    names = ["progress", "zone", "side", "policy_side", "policy_std", "soft_bind", "cone_vol", "lambda_bind"]
+    names += ["worker", "g_task", "g_risk"]
     out: dict[str, list[Any]] = {k: [] for k in names}
     with httpx.Client(headers=headers, timeout=30) as http:
         for step in range(job.steps):
