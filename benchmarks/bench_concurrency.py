@@ -12,6 +12,11 @@ the workers' own CPU per query (getrusage in each worker: the client, the kernel
 forward and backward), and the rate the machine's cores allow at those two costs.
 The targets of issue 10 are printed next to the figures; nothing asserts them.
 
+Every answer is checked: a worker's answers to the same query agree call after call,
+and after the load each query is asked again alone, with nothing else in flight, and
+must get the bit-identical risk (batched or inline, an answer depends only on the
+buffer). The server's CPU per query is printed against its floor (below).
+
 Clients and server share this machine's cores, so the figures are those of one
 box running both (as a training node would). `--url URL --pid PID` measures an
 already running server instead (e.g. one under a profiler).
@@ -32,7 +37,8 @@ import numpy as np
 
 TARGET_QPS = 2000
 TARGET_CPU_US = 400
-Results = mp.Queue  # (rank, start, end, latencies, cpu seconds) from each worker
+Results = mp.Queue  # (rank, start, end, latencies, cpu seconds, answers, mismatches) from each worker
+QUERIES = 64  # distinct queries per worker, asked in turn
 
 
 def cpu_seconds(pid: int) -> float:
@@ -49,8 +55,10 @@ def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Bar
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(100 + rank)
-    queries = torch.from_numpy(rng.standard_normal((64, rows, d)) * 0.3).float()
+    queries = torch.from_numpy(rng.standard_normal((QUERIES, rows, d)) * 0.3).float()
     times = []
+    answers: dict[int, torch.Tensor] = {}
+    mismatches = 0
     with ZMemClient(url, timeout=60) as mem:
         for i in range(5):  # warm-up: connection, first allocations
             mem.risk(queries[i].clone().requires_grad_(True)).sum().backward()
@@ -64,13 +72,37 @@ def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Bar
             if t0 >= deadline:
                 break
             q = queries[i % len(queries)].clone().requires_grad_(True)
-            mem.risk(q).sum().backward()
+            risk = mem.risk(q, squeeze=False)
+            risk.sum().backward()
             times.append(time.monotonic() - t0)
+            seen = answers.setdefault(i % len(queries), risk.detach())
+            mismatches += not torch.equal(seen, risk.detach())
             i += 1
         end = time.monotonic()
         after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-    out.put((rank, start, end, np.array(times), cpu))
+    got = np.stack([answers[j].numpy() for j in sorted(answers)]) if answers else np.zeros((0, rows))
+    out.put((rank, start, end, np.array(times), cpu, got, mismatches))
+
+
+def exact(url: str, results: list[tuple], rows: int, d: int) -> tuple[int, int]:
+    """(answers checked, answers that differ) between the load's answers and each query asked
+    alone afterwards, one at a time."""
+    import torch
+
+    from zmem_client import ZMemClient
+
+    checked = differ = 0
+    with ZMemClient(url, timeout=60) as mem:
+        for rank, *_, got, mismatches in results:
+            rng = np.random.default_rng(100 + rank)
+            queries = torch.from_numpy(rng.standard_normal((QUERIES, rows, d)) * 0.3).float()
+            for j, answer in enumerate(got):
+                alone = mem.risk(queries[j], squeeze=False).numpy()
+                checked += 1
+                differ += not np.array_equal(alone, answer)
+            differ += mismatches
+    return checked, differ
 
 
 @dataclass
@@ -82,6 +114,8 @@ class Result:
     server_cpu: float
     client_cpu: float
     latencies: list[np.ndarray]
+    checked: int = 0
+    differ: int = 0
 
     @property
     def calls_per_s(self) -> float:
@@ -121,10 +155,13 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
     end = max(g[2] for g in got)
     lat = [g[3] for g in got]
     client_cpu = sum(g[4] for g in got)
-    return Result(rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, client_cpu, lat)
+    checked, differ = exact(url, got, rows, d)
+    return Result(
+        rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, client_cpu, lat, checked, differ
+    )
 
 
-def report(res: Result) -> list[str]:
+def report(res: Result, floor_us: float) -> list[str]:
     unit = "queries" if res.rows == 1 else f"calls of B={res.rows}"
     lines = [
         f"\n{res.workers} processes × risk(z) B={res.rows} fwd+bwd, {res.wall:.1f} s: "
@@ -137,8 +174,13 @@ def report(res: Result) -> list[str]:
     if res.rows > 1:
         lines.append(f"{'total query rows/s':34} {res.calls_per_s * res.rows:12,.0f}")
     lines.append(f"{'server CPU per call (µs)':34} {res.cpu_us_per_call:12,.0f}  {cpu_target}")
+    if res.rows == 1:
+        ratio = res.cpu_us_per_call / floor_us
+        lines.append(f"{'  × the server CPU floor':34} {ratio:12.2f}  ≤ 1.0×")
     if res.rows > 1:
         lines.append(f"{'server CPU per query row (µs)':34} {res.cpu_us_per_call / res.rows:12,.1f}")
+    verdict = "every answer exact" if res.differ == 0 else f"{res.differ} MISMATCHES"
+    lines.append(f"{'answers checked against lone asks':34} {res.checked:12,}  {verdict}")
     lines.append(f"{'server CPU busy (cores)':34} {res.server_cpu / res.wall:12.2f}")
     lines.append(f"{'worker CPU per call (µs)':34} {res.client_cpu_us_per_call:12,.0f}")
     lines.append(f"{'worker CPU busy (cores)':34} {res.client_cpu / res.wall:12.2f}")
@@ -156,7 +198,7 @@ def report(res: Result) -> list[str]:
     return lines
 
 
-def floors(url: str, pid: int, n: int, d: int, k: int, calls: int = 500) -> list[str]:
+def floors(url: str, pid: int, n: int, d: int, k: int, calls: int = 500) -> tuple[list[str], float]:
     """What a query can't cost less than here, measured one call at a time before the load:
     the server's CPU for a request that does no search (GET /healthz over one keep-alive
     connection), and one FAISS search of the same size in this process (1 thread)."""
@@ -196,7 +238,7 @@ def floors(url: str, pid: int, n: int, d: int, k: int, calls: int = 500) -> list
         f"{'server CPU per GET /healthz (HTTP stack, no search)':52} {http_us:7,.0f}",
         f"{'faiss.knn B=1, 1 thread, in-process (p50)':52} {search_us:7,.0f}",
         f"{'sum: the server CPU floor of one query here':52} {http_us + search_us:7,.0f}",
-    ]
+    ], http_us + search_us
 
 
 def main() -> None:
@@ -216,7 +258,7 @@ def main() -> None:
     if args.url:
         if args.pid is None:
             ap.error("--url needs --pid (the server's process, for its CPU time)")
-        floor = floors(args.url, args.pid, args.n, args.d, args.k)
+        floor, floor_us = floors(args.url, args.pid, args.n, args.d, args.k)
         results = [run(args.url, args.pid, args.workers, rows, args.d, args.duration) for rows in variants]
     else:
         from .bench_risk import Data, fill, start_server
@@ -226,7 +268,7 @@ def main() -> None:
             try:
                 fill(srv.url, Data.random(args.n, args.d))
                 assert srv.proc is not None
-                floor = floors(srv.url, srv.proc.pid, args.n, args.d, args.k)
+                floor, floor_us = floors(srv.url, srv.proc.pid, args.n, args.d, args.k)
                 results = [
                     run(srv.url, srv.proc.pid, args.workers, rows, args.d, args.duration) for rows in variants
                 ]
@@ -239,7 +281,7 @@ def main() -> None:
     for line in floor:
         print(line)
     for res in results:
-        for line in report(res):
+        for line in report(res, floor_us):
             print(line)
 
 

@@ -15,6 +15,8 @@ connection and before the application sees anything:
   is closed at once, so slow clients can't use up the process's file descriptors.
 
 Idle keep-alive connections close after `keep_alive_timeout` s (uvicorn's own timer).
+A response's head waits for its first body bytes and leaves with them in one write
+(`OneWrite`): a small answer is one segment and one system call, not two.
 """
 
 from __future__ import annotations
@@ -79,6 +81,37 @@ def problem_bytes(status: int, title: str, detail: str, retry_after: int | None 
     if retry_after is not None:
         head.append(b"retry-after: %d\r\n" % retry_after)
     return b"".join([*head, b"\r\n", body])
+
+
+class OneWrite:
+    """A transport that holds a response's head back until the response's first body bytes,
+    then writes both at once; anything else passes through (an interim `100 Continue` too).
+    One per request/response cycle."""
+
+    __slots__ = ("_head", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if not self._started and not data.startswith(b"HTTP/1.1 100 "):
+            self._started = True
+            self._head = data
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:  # a head whose body never came: sent as it is
+            self._transport.write(self._head)
+            self._head = None
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -179,6 +212,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        if self.cycle is not None:  # its task starts later, on the loop: before any write
+            self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
