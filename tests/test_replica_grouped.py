@@ -50,14 +50,20 @@ def test_the_window_slides_through_groups_and_every_answer_is_exact(
 def test_a_huge_tie_group_is_counted_as_uncertified(
     feed: FakeFeed, make_replica: Callable[..., Replica], caplog: pytest.LogCaptureFixture
 ) -> None:
-    feed.create(capacity=300, min_size=5, k=8)
+    """Counted, and said once in the log by the feed thread (which reads the count without
+    waiting for the device) even if nobody reads the count."""
+    feed.create(capacity=400, min_size=5, k=8)
     z = np.ones((300, 4), np.float32)  # 300 equal z's: far past the candidates' margin
     feed.append(z, np.linspace(0, 1, 300).astype(np.float32))
     rep = grouped(make_replica())
     rep.sync()
-    rep.risk_and_size(torch.ones(2, 4))
     with caplog.at_level(logging.WARNING, logger="zmem_client"):
-        assert rep.uncertified == 2
+        rep.risk_and_size(torch.ones(2, 4))
+        for _ in range(3):  # pages after the query: the feed thread checks after each
+            feed.append(np.zeros((1, 4), np.float32), np.zeros(1, np.float32))
+            rep.sync()
+        said = [r.getMessage() for r in caplog.records if "could not certify" in r.getMessage()]
+        assert len(said) == 1 and "2 query rows" in said[0]
         assert rep.uncertified == 2
     assert sum("could not certify" in r.getMessage() for r in caplog.records) == 1
 

@@ -17,7 +17,8 @@ The search is the core's, as in the service:
 - on a GPU, the fixed-shape grouped search (`zmem_core.knn_grouped`) over the window, its
   edges masked where they fall inside a group, never synchronising: a row it cannot
   certify (huge tie groups, near-ties within float32's error) keeps its re-ranked answer
-  and is counted in `uncertified` (read it, or see the log's one warning), never silently.
+  and is counted in `uncertified` (read it; the feed thread also warns once in the
+  `zmem_client` log, reading the count without waiting for the device), never silently.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from zmem_core.knn_grouped import GROUP, GroupedBase, device_query, grouped_knn,
 from zmem_core.knn_torch import unit_roundoff
 
 from ._exceptions import ReplicaError
+from ._records import record_event
 
 log = logging.getLogger("zmem_client")
 
@@ -96,22 +98,43 @@ class Mirror:
         self._uncertified = torch.zeros((), dtype=torch.int64, device=device)
         self._warned = False
         self._views: tuple[Snapshot, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._reading: tuple[torch.Tensor, Any] | None = None  # a count on its way to the host
 
     @property
     def uncertified(self) -> int:
         """Query rows the GPU search answered without its certificate (each exact unless a tie
         group or a float32 near-tie ran past its candidates). Reading it waits for the device."""
         count = int(self._uncertified)
+        self._warn(count)
+        return count
+
+    def check(self) -> None:
+        """Warn (once) when rows went uncertified, without waiting for the device: the count is
+        copied to pinned memory behind an event, and read at a later call once the event is
+        done. The feed thread calls it after each page."""
+        if self._warned:
+            return
+        if self.device.type != "cuda":
+            self._warn(int(self._uncertified))
+            return
+        if self._reading is not None and self._reading[1].query():
+            self._warn(int(self._reading[0]))
+            self._reading = None
+        if self._reading is None:
+            host = torch.zeros((), dtype=torch.int64, pin_memory=True)
+            host.copy_(self._uncertified, non_blocking=True)
+            self._reading = (host, record_event(self.device))
+
+    def _warn(self, count: int) -> None:
         if count and not self._warned:
             self._warned = True
             log.warning(
                 "the replica answered %d query rows on %s that its search could not certify exact "
                 "(huge groups of equal z's, or near-ties within float32's error); replica=False "
-                "answers them exactly",
+                "answers them exactly (mem.replica.uncertified counts them)",
                 count,
                 self.device,
             )
-        return count
 
     def empty(self, settings: dict[str, Any] | None, generation: str | None) -> Snapshot:
         d = int(settings.get("z_dim") or 0) if settings else 0

@@ -431,6 +431,7 @@ class Replica(NeighborSource):
                     self._stop.wait(min(1.0, self._poll_wait))  # nothing to long-poll on yet
                     continue
                 self._apply_page(*page)
+                self._mirror.check()  # uncertified GPU answers are said, never silent
                 self._failures = 0
                 if len(page[0]["seq"]) and page[1]["complete"]:
                     self._stop.wait(self._min_interval - (time.monotonic() - sent))
