@@ -127,3 +127,18 @@ def test_every_route_declares_its_access_and_an_undeclared_one_is_refused(
     monkeypatch.delattr(memory_routes.get_stats, ATTRIBUTE)
     with pytest.raises(TypeError, match="declares no access"):
         app_module.create_app(ServiceSettings(data_dir=tmp_path / "b"))
+
+
+def test_the_dashboard_cookie_is_read_among_other_cookies(tmp_path: Path) -> None:
+    from zmem_service.http.auth import COOKIE, cookie_value
+
+    c = make(tmp_path, True)
+    try:
+        mine = f"{COOKIE}={cookie_value('r-secret')}"
+        for header in (mine, f'theme={{"dark": true}}; {mine}; lang=en', f"a=b c; {mine}"):
+            assert c.get("/stats", headers={"cookie": header}).status_code == 200, header
+            assert c.post("/risk", json=Z, headers={"cookie": header}).status_code == 200, header
+            assert c.post("/episodes", json={"episodes": []}, headers={"cookie": header}).status_code == 403
+        assert c.get("/stats", headers={"cookie": "theme=dark"}).status_code == 401
+    finally:
+        c.__exit__(None, None, None)

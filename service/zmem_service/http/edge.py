@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import Request
 from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
+from starlette.requests import cookie_parser
 from starlette.types import Receive, Scope
 
 from zmem_core.wire import SAFETENSORS
@@ -152,16 +152,9 @@ class Head:
         return header[7:].strip() if header.lower().startswith("bearer ") else None
 
     def cookie(self, name: str) -> str | None:
+        """A cookie's value, parsed as starlette parses them (leniently, as browsers send them)."""
         raw = self.header(b"cookie")
-        if not raw:
-            return None
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(raw)
-        except Exception:  # a malformed cookie header carries no credential
-            return None
-        morsel = jar.get(name)
-        return morsel.value if morsel is not None else None
+        return cookie_parser(raw).get(name) if raw else None
 
 
 @dataclass
