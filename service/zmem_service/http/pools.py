@@ -13,6 +13,7 @@ that falls behind the minimum transfer rate loses its slot (`exchange.read_body`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -76,18 +77,29 @@ class Pool:
 
 
 class Ticket:
-    """One answer slot held for `peer`; `release` gives it back (once, whatever calls it)."""
+    """One slot held for `peer`; `release` gives it back once, whatever calls it, from any thread
+    (a ticket dropped unreleased is released when it is collected, wherever that happens)."""
 
     def __init__(self, slots: Slots, peer: str) -> None:
         self._slots: Slots | None = slots
+        self._loop = asyncio.get_running_loop()  # the slots live on this loop
         self.peer = peer
 
     def release(self) -> None:
-        if self._slots is not None:
-            slots, self._slots = self._slots, None
-            slots.give(self.peer)
+        if self._slots is None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not self._loop:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the slot
+                self._loop.call_soon_threadsafe(self.release)
+            return
+        slots, self._slots = self._slots, None
+        slots.give(self.peer)
 
-    def __del__(self) -> None:  # a ticket dropped unreleased (a request cut short): the slot comes back
+    def __del__(self) -> None:  # a request cut short: the slot comes back
         self.release()
 
 
