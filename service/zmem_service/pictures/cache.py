@@ -239,16 +239,16 @@ class PictureCache:
         queries, digest = await asyncio.to_thread(_recorded, memory)
         risk = queries["risk"]
 
-        version = memory.version
-
         def job() -> Picture:
             title = f"{memory.name}: kernel risk of the last {risk.size} recorded queries"
             targets = memory.snapshot().risk_target
-            # spikes are measured on the risk targets' scale, as the convergence verdict does
+            # Spikes are measured on the risk targets' scale, as the convergence verdict does;
+            # the picture is keyed by the queries alone (writes don't redraw it), so the scale
+            # is the buffer's as of the last new query.
             scale = float(np.subtract(*np.percentile(targets, [90, 10]))) if targets.size >= 2 else None
             return Picture.of(self._run(render_risk, risk, title=title, scale=scale, dpi=dpi))
 
-        return await self._get(self._key(memory, version, "risk", risk.size, digest, dpi), job)
+        return await self._get(self._key(memory, "risk", risk.size, digest, dpi), job)
 
     async def diagnostics(self, memory: Memory, view: View = View()) -> dict[str, Any]:
         """The acceptance criteria (``diagnostics.evaluate``), on the 2-D map of `view`'s basis
