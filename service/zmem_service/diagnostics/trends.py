@@ -30,6 +30,8 @@ WINDOWS = 5
 TREND_BLOCKS = 10
 SUB_BLOCKS = 16
 """Blocks per window for its standard error."""
+MIN_WINDOW = 20
+"""A window holds at least this many values (100 recorded queries make five)."""
 TRIM = 0.25
 """The recorded risk's levels are interquartile means (without the lowest and highest
 quarter): a query's kernel risk depends on what the buffer held around it at the time, so
@@ -105,8 +107,8 @@ def trend(x: np.ndarray, scale: float, *, min_effect: float, z: float, trim: flo
 def window(x: np.ndarray, scale: float, *, min_effect: float, z: float, trim: float = 0.0) -> Change | None:
     """The newest of WINDOWS windows of x [n] against the earlier one with the lowest mean
     (``trim``-trimmed; winsorized at the 1st–99th percentiles when trim is 0; None if a window
-    would hold fewer than 2 × SUB_BLOCKS values)."""
-    if x.size < WINDOWS * 2 * SUB_BLOCKS:
+    would hold fewer than MIN_WINDOW values)."""
+    if x.size < WINDOWS * MIN_WINDOW:
         return None
     x = x if trim else winsorize(x)
     parts = [mean_se(b, trim) for b in _blocks(x, WINDOWS)]
@@ -127,9 +129,9 @@ def exceedances(
     ``margin`` × scale or ``spread`` MADs of that window, whichever is more: it sits above the
     settled regime's noise and does not move with whichever regime most values are in. The
     shares are proportions (``min_effect`` is in share points); their standard errors are the
-    spread of sub-block shares, never below the binomial one. None below WINDOWS × 2 × SUB_BLOCKS.
+    spread of sub-block shares, never below the binomial one. None below WINDOWS × MIN_WINDOW.
     """
-    if x.size < WINDOWS * 2 * SUB_BLOCKS:
+    if x.size < WINDOWS * MIN_WINDOW:
         return None
     windows = _blocks(x, WINDOWS)
     medians = [float(np.median(w)) for w in windows[:-1]]
