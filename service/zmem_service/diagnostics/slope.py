@@ -23,6 +23,7 @@ import numpy as np
 from zmem_core.kernel import GUARD
 
 PROBES = 256
+MAX_ENTRIES = 1 << 22
 RIDGE = 0.1
 """The local fit's ridge penalty, as a fraction of the neighbourhood's mean squared offset:
 with k ≤ d a plain fit would pass through every neighbour's noise."""
@@ -37,14 +38,17 @@ SIGMA_STEPS = np.sqrt(2.0) ** np.arange(-10, 7)
 def neighbourhoods(
     x: np.ndarray, y: np.ndarray, k: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(offsets [P, k, d], centred targets [P, k], squared distances [P, k]) of up to PROBES
-    probe rows of x [n, d] to their k nearest other rows; None when n ≤ k or k < 2."""
+    """(offsets [P, k, d], their targets [P, k], squared distances [P, k]) of up to PROBES
+    probe rows of x [n, d] (fewer when P × k × d would pass MAX_ENTRIES) to their k nearest
+    other rows; None when fewer than 3 rows."""
     n = x.shape[0]
     k = min(k, n - 1)
     if k < 2:
         return None
     rng = np.random.default_rng([seed, 5])
-    probes = np.sort(rng.choice(n, size=min(PROBES, n), replace=False))
+    # offsets take P × k × d floats: fewer probes at large d (32 MiB at most, 16 probes at least)
+    count = min(PROBES, n, max(16, MAX_ENTRIES // (k * x.shape[1])))
+    probes = np.sort(rng.choice(n, size=count, replace=False))
     xf = np.ascontiguousarray(x, dtype=np.float32)
     _, idx = faiss.knn(xf[probes], xf, k + 1)
     own = idx == probes[:, None]
