@@ -65,11 +65,19 @@ def wait_ready(port: int) -> None:
 def timed(
     conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None, headers: dict
 ) -> float:
-    t0 = time.perf_counter()
-    conn.request(method, path, body=body, headers=headers)
-    resp = conn.getresponse()
-    resp.read()
-    elapsed = time.perf_counter() - t0
+    for attempt in (0, 1):
+        t0 = time.perf_counter()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if attempt:
+                raise
+            conn.close()  # the server closed it while it idled (keep-alive timeout): a new one
+            continue
+        resp.read()
+        elapsed = time.perf_counter() - t0
+        break
     assert resp.status == 200, resp.status
     return elapsed
 
