@@ -752,9 +752,24 @@ def _convergence_criterion(
     if passed is None:
         reading = _too_little(n, need) if not judge else f"cannot compare the halves: {cluster}"
     elif passed:
-        reading = f"converging (clustering more, and not getting worse): {cluster}; " + "; ".join(
-            parts.values()
+        # A rise past the minimum effect that stays within its noise is said as such, never
+        # as "not rising": this much data can't tell it from noise.
+        unclear = [
+            name
+            for name, c in [*tests.items(), ("worker", worst_worker[1] if worst_worker else None)]
+            if c is not None
+            and not c.worse
+            and c.value >= (t.spike_rise if name == "spikes" else t.min_effect * scale)
+        ]
+        verdict = (
+            f"converging, though not proven safe: clustering more and no rise beyond its noise, but "
+            f"{len(unclear)} of the rises below reach the minimum effect within their noise (more "
+            "data would tell)"
+            if unclear
+            else f"converging (clustering more; no rise of {t.min_effect:.0%} of the risk targets' range "
+            "or more)"
         )
+        reading = f"{verdict}: {cluster}; " + "; ".join(parts.values())
     else:
         problems = []
         bad = [k for k in parts if k in failing or (k == "worker" and worker_worse)]
