@@ -204,14 +204,19 @@ def test_below_min_size_the_risk_is_exactly_zero(make: Callable[..., ZMemClient]
     q = torch.from_numpy(rng.standard_normal((2, D)).astype(np.float32)).requires_grad_(True)
     risk, size = mem.risk_and_size(q)
     assert size == 10 and risk.tolist() == [0.0, 0.0]
+    risk.sum().backward()  # a zero that still takes part in the loss
+    assert q.grad is not None and q.grad.abs().sum() == 0
     nb = mem.neighbors(q.detach().numpy())
     assert (nb["k"], nb["active"], nb["z"].shape) == (0, False, (2, 0, D))
 
 
 def test_a_memory_nobody_wrote_to(make: Callable[..., ZMemClient]) -> None:
     mem = make()
-    risk, size = mem.risk_and_size(torch.zeros(2, D))
+    q = torch.zeros(2, D, requires_grad=True)
+    risk, size = mem.risk_and_size(q)
     assert size == 0 and risk.tolist() == [0.0, 0.0]
+    risk.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() == 0
     with pytest.raises(NoSuchMemory):
         mem.neighbors(np.zeros(D, np.float32))
 

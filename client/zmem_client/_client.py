@@ -366,10 +366,13 @@ class ZMemClient:
             # A memory nobody wrote to yet is empty: below min_size, the risk is 0 (the seed's rule).
             # Only this 404: one from a wrong URL prefix or a proxy must not switch the term off.
             found = None
+        work = kernel_dtype(rows.dtype)
         if found is None or found.k == 0:
-            risk = torch.zeros(rows.shape[:-1], device=rows.device, dtype=rows.dtype)
+            # The kernel over no neighbours: exactly 0, and still a function of z, so that
+            # `risk.backward()` works (with a zero gradient) before min_size as after it.
+            none = torch.zeros((*rows.shape[:-1], 0, rows.shape[-1]), device=rows.device, dtype=work)
+            risk = kernel_risk(rows.to(work), none, none[..., 0], 1.0).to(rows.dtype)
         else:
-            work = kernel_dtype(rows.dtype)
             nz = found.z.to(rows.device, work)
             rt = found.risk_target.to(rows.device, work)
             risk = kernel_risk(rows.to(work), nz, rt, found.sigma).to(rows.dtype)
