@@ -342,7 +342,7 @@ def test_missing_memory_is_empty_and_inactive(feed: FakeFeed, make_replica: Call
     rep = make_replica("/memories/later/")
     q = torch.ones(1, D, requires_grad=True)
     risk, size = rep.risk_and_size(q)
-    assert size == 0 and float(risk) == 0.0
+    assert size == 0 and float(risk.detach()) == 0.0
     with pytest.raises(NoSuchMemory):
         rep.neighbors(q.detach().numpy()[0])
     rng = np.random.default_rng(5)

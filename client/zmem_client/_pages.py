@@ -40,18 +40,27 @@ class PageRefused(ReplicaError):
 
 
 def get_page(
-    http: httpx.Client, prefix: str, memory: str, params: dict[str, Any], timeout: float, max_bytes: int
+    http: httpx.Client,
+    prefix: str,
+    memory: str,
+    params: dict[str, Any],
+    timeout: float,
+    max_bytes: int,
+    *,
+    fresh: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """One checked feed page (`read_page`), None when the memory does not exist.
+    """One checked feed page (`read_page`), None when the memory does not exist. `fresh`: the
+    service's own answer, never a cache's (`Cache-Control: no-cache`; what `sync` asks).
 
     Raises TransportError (unreachable, or not answered within `timeout`), HTTPError (an
     error answer) or PageRefused.
     """
     url = prefix + "changes"
     deadline = time.monotonic() + timeout
+    headers = {**FEED_HEADERS, "cache-control": "no-cache"} if fresh else FEED_HEADERS
     with (
         mapped(f"GET {url}", timeout, lambda: http.is_closed),
-        http.stream("GET", url, params=params, headers=FEED_HEADERS, timeout=timeout) as r,
+        http.stream("GET", url, params=params, headers=headers, timeout=timeout) as r,
     ):
         if r.status_code >= 400:
             error = read_error(r, deadline, memory)

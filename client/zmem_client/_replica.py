@@ -329,7 +329,8 @@ class Replica(NeighborSource):
             timeout=timeout,
             transport=self._transport,
         ) as http:
-            page = get_page(http, self._prefix, self.memory, params, timeout, self.max_bytes)
+            # Fresh: a cache between here and the service (a fan-out proxy) must not answer this.
+            page = get_page(http, self._prefix, self.memory, params, timeout, self.max_bytes, fresh=True)
         if page is None:
             target: tuple[str | None, int] = (None, 1)
         else:
@@ -433,7 +434,7 @@ class Replica(NeighborSource):
                 self._apply_page(*page)
                 self._mirror.check()  # uncertified GPU answers are said, never silent
                 self._failures = 0
-                if len(page[0]["seq"]) and page[1]["complete"]:
+                if page[1]["complete"]:  # paced: a cache may answer a long poll at once
                     self._stop.wait(self._min_interval - (time.monotonic() - sent))
             except PageRefused as e:  # the service may mend (a proxy's glitch): keep the last state
                 self._feed_failed(e)
