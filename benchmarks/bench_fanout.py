@@ -1,0 +1,204 @@
+"""Many followers of the changes feed: what they cost the service, direct and through nginx.
+
+    python -m benchmarks.bench_fanout [--followers 0,8,100,400] [--seconds 10] [--rate 1000]
+
+For each number of followers, twice (straight to `zmem serve`, then through a real nginx
+with the shipped fan-out config, `docker/nginx/zmem-fanout.conf.template`), for `--seconds`:
+
+- light followers in a process of their own (asyncio): long polls from the newest seq as a
+  caught-up replica makes them (`wait=10`), without the kNN; each page's lag is the time since
+  the service acknowledged its last row;
+- a writer posting `--rate` episodes a second in batches of 10 (write latency per batch);
+- a `risk()` caller, B=1, 50 a second (latency per call), and `/healthz` every 100 ms (max);
+- the service process's CPU time (from /proc).
+
+One table: write p50/p99, risk() p50/p99, /healthz max, service CPU (% of one core), follower
+lag p99, pages followers got. Ratios against the no-follower row of the same run matter; the
+followers share this machine's cores with the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.nginx import Nginx
+from tests.server import Server
+from zmem_client import ZMemClient
+from zmem_core import wire
+
+D = 16
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def follow(url: str, n: int, start_after: int, until: float, acks: Any, out: Any) -> None:
+    lags: list[float] = []
+    pages = 0
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=40, limits=limits) as http:
+
+        async def one() -> None:
+            nonlocal pages
+            after = start_after
+            while time.monotonic() < until:
+                params = {"after": after, "limit": 10_000, "wait": 10}
+                try:
+                    r = await http.get("/changes", params=params, headers={"accept": wire.SAFETENSORS})
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.05)
+                    continue
+                if r.status_code != 200:
+                    await asyncio.sleep(0.05)
+                    continue
+                _, meta = wire.decode(r.content)
+                pages += 1
+                last = meta.get("last_seq")
+                if last is not None:
+                    acked = acks.get(int(last))
+                    if acked is not None:
+                        lags.append(time.time() - acked)
+                    after = int(last)
+                else:
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    out.put({"lags": lags, "pages": pages})
+
+
+def followers_process(url: str, n: int, start_after: int, until_wall: float, acks: Any, out: Any) -> None:
+    until = time.monotonic() + (until_wall - time.time())
+    asyncio.run(follow(url, n, start_after, until, acks, out))
+
+
+def run(srv: Server, url: str, followers: int, seconds: float, rate: int) -> dict[str, Any]:
+    rng = np.random.default_rng(followers)
+    http = httpx.Client(base_url=srv.url, timeout=30)
+    newest = http.get("/changes", params={"after": 0, "limit": 1}, headers={"accept": wire.SAFETENSORS})
+    head = wire.decode(newest.content)[1]["next_seq"] - 1
+    manager = mp.Manager()
+    acks = manager.dict()
+    out = manager.Queue()
+    until = time.time() + seconds
+    proc = mp.get_context("spawn").Process(
+        target=followers_process, args=(url, followers, head, until, acks, out), daemon=True
+    )
+    if followers:
+        proc.start()
+        time.sleep(1.0)  # followers connected and polling
+    writes: list[float] = []
+    risks: list[float] = []
+    health: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        batch = 10
+        interval = batch / rate
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            z = rng.standard_normal((batch, D)).astype(np.float32)
+            episodes = [
+                {"z": row.tolist(), "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for row in z
+            ]
+            r = http.post("/episodes", json={"episodes": episodes})
+            writes.append(time.perf_counter() - t0)
+            if r.status_code == 200:
+                now = time.time()
+                for seq in range(r.json()["first_seq"], r.json()["last_seq"] + 1):
+                    acks[seq] = now
+            stop.wait(max(0.0, interval - (time.perf_counter() - t0)))
+
+    def risker() -> None:
+        with ZMemClient(srv.url, timeout=30) as mem:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                mem.risk(rng.standard_normal(D).astype(np.float32))
+                risks.append(time.perf_counter() - t0)
+                stop.wait(0.02)
+
+    def healthz() -> None:
+        with httpx.Client(base_url=srv.url, timeout=30) as h:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                h.get("/healthz")
+                health.append(time.perf_counter() - t0)
+                stop.wait(0.1)
+
+    assert srv.proc is not None
+    cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
+    threads = [threading.Thread(target=f, daemon=True) for f in (writer, risker, healthz)]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, until - time.time()))
+    stop.set()
+    for t in threads:
+        t.join(30)
+    cpu = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
+    got: dict[str, Any] = {"lags": [], "pages": 0}
+    if followers:
+        got = out.get(timeout=60)
+        proc.join(30)
+    manager.shutdown()
+    http.close()
+    ms = lambda xs, q: f"{np.percentile(np.array(xs) * 1e3, q):.1f}" if xs else "-"  # noqa: E731
+    return {
+        "write p50": ms(writes, 50),
+        "write p99": ms(writes, 99),
+        "risk p50": ms(risks, 50),
+        "risk p99": ms(risks, 99),
+        "healthz max": ms(health, 100),
+        "cpu %": f"{100 * cpu:.0f}",
+        "lag p99 ms": ms(got["lags"], 99),
+        "pages": str(got["pages"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--followers", default="0,8,100,400")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rate", type=int, default=1000, help="episodes written per second")
+    args = ap.parse_args()
+    counts = [int(x) for x in args.followers.split(",")]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = Server(Path(tmp) / "data", "--durability", "none", "--capacity", "50000", "--min-size", "10")
+        srv.start()
+        proxy = Nginx(Path(tmp) / "nginx", f"127.0.0.1:{srv.port}").start()
+        try:
+            with ZMemClient(srv.url) as mem:
+                for z in np.random.default_rng(0).standard_normal((500, D)).astype(np.float32):
+                    mem.record(z, soft_bind=0.5, cone_vol=1.0, lambda_bind=0.1)
+            for n in counts:
+                for where, url in (("direct", srv.url), ("nginx", proxy.url)):
+                    if n == 0 and where == "nginx":
+                        continue
+                    rows.append((f"{n} followers, {where}", run(srv, url, n, args.seconds, args.rate)))
+                    print(f"{rows[-1][0]}: {json.dumps(rows[-1][1])}", flush=True)
+        finally:
+            proxy.stop()
+            srv.stop()
+    keys = list(rows[0][1])
+    cores = os.cpu_count()
+    print(f"\nchanges-feed followers, {args.rate} episodes/s written, {args.seconds:g} s each, {cores} cores")
+    print(f"{'':26}" + "".join(f"{k:>13}" for k in keys))
+    for name, row in rows:
+        print(f"{name:26}" + "".join(f"{row[k]:>13}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
