@@ -24,6 +24,7 @@ The search is the core's, as in the service:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -237,7 +238,7 @@ class Mirror:
             rows.to("cpu", torch.float32).numpy(),
             k,
             base_sqnorm_max=float(st.sqnorm_max),
-            threads=torch.get_num_threads(),
+            threads=os.cpu_count() or 1,  # a batch spreads over the cores; a small query takes one
         )
         return (
             torch.from_numpy(hd2),

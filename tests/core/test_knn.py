@@ -372,3 +372,24 @@ def test_importing_the_core_kNN_loads_neither_faiss_nor_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_single_query_path_is_the_general_one(dtype: type) -> None:
+    """One query row with FAISS takes a shorter path (`_single_query`): the same float64
+    distances bit for bit, the same rows in the same order, the same certificate."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    xb[1000:1100] = xb[0]  # a tie group past the margin: uncertified either way
+    seq = rng.permutation(10_000)[:3000].astype(np.int64)
+    sqmax = float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max())
+    for i in range(60):
+        xq = (xb[i : i + 1] if i % 3 == 0 else rng.standard_normal((1, 16))).astype(dtype)
+        for k in (1, 7, 64):
+            fast = knn.knn_certified(xb, seq, xq, k, base_sqnorm_max=sqmax, use_faiss=True)
+            general = knn.knn_certified(xb, seq, xq, k, use_faiss=True)  # no bound given: the general path
+            assert fast[0].dtype == general[0].dtype == np.float64
+            np.testing.assert_array_equal(fast[0], general[0])
+            np.testing.assert_array_equal(fast[1], general[1])
+            np.testing.assert_array_equal(fast[2], general[2])
