@@ -46,12 +46,13 @@ def fill(client: TestClient, n: int, d: int) -> np.ndarray:
 
 def test_large_answers_take_their_slot_before_the_search_so_no_search_is_wasted(make_client) -> None:  # type: ignore[no-untyped-def]
     """Twelve concurrent 1.6 MB answers from one client, which may hold two answer slots: the
-    requests that get no slot are refused (503, Retry-After) before they search; every search
-    that ran was answered 200, and every slot is back afterwards."""
+    requests that get no slot (the two holders' searches are held up past the longest wait)
+    are refused (503, Retry-After) before they search; every search that ran was answered 200,
+    and every slot is back afterwards."""
     client: TestClient = make_client(min_size=1, durability="none")
     z = fill(client, 300, 32)
     state = client.app.state  # type: ignore[attr-defined]
-    state.codecs.answers = Slots(4, wait=0.05)  # two per peer
+    state.codecs.answers = Slots(4, wait=0.05, max_wait=0.3)  # two per peer
     thread = state.zmem.index_thread
     searched: list[int] = []
     search = thread.search
@@ -91,13 +92,13 @@ def test_large_answers_take_their_slot_before_the_search_so_no_search_is_wasted(
 def test_one_peer_holds_at_most_half_the_answer_slots() -> None:
     async def scenario() -> None:
         slots = Slots(8, wait=0.05)
-        mine = [await slots.take("10.0.0.1") for _ in range(4)]
+        mine = [await slots.take("10.0.0.1", working=False) for _ in range(4)]
         with pytest.raises(Unavailable):
             await slots.take("10.0.0.1")
-        theirs = [await slots.take("10.0.0.2") for _ in range(4)]
+        theirs = [await slots.take("10.0.0.2", working=False) for _ in range(4)]
         with pytest.raises(Unavailable):
             await slots.take("10.0.0.3")  # all eight are held
-        waiting = asyncio.ensure_future(slots.take("10.0.0.3"))
+        waiting = asyncio.ensure_future(slots.take("10.0.0.3", working=False))
         await asyncio.sleep(0.01)
         mine[0].release()
         mine[0].release()  # a ticket gives its slot back once
@@ -112,17 +113,18 @@ def test_one_peer_holds_at_most_half_the_answer_slots() -> None:
 
 def test_a_request_waits_for_a_slot_while_slots_keep_coming_back() -> None:
     """Answers to fast readers free their slots within milliseconds: a waiter keeps waiting while
-    that happens (past `wait`), and gives up `wait` after the last slot came back."""
+    that happens (past `wait`), and gives up `wait` after the last slot came back; a holder
+    that is working (a search) is waited for as long as `max_wait`."""
 
     async def scenario() -> float:
         slots = Slots(4, wait=0.05)
-        held = [slots.force(p) for p in ("b", "b", "c", "c")]
+        held = [slots.force(p, working=False) for p in ("b", "b", "c", "c")]
 
         async def turnover() -> None:
             for _ in range(10):  # a slot comes back and is taken again every 20 ms, for 0.2 s
                 await asyncio.sleep(0.02)
                 held.pop().release()
-                held.insert(0, slots.force("c"))
+                held.insert(0, slots.force("c", working=False))
             await asyncio.sleep(0.02)
             held.pop().release()  # and then one stays free
 
@@ -134,7 +136,16 @@ def test_a_request_waits_for_a_slot_while_slots_keep_coming_back() -> None:
         ticket.release()
         with pytest.raises(Unavailable):  # nothing comes back now: refused after `wait`
             for _ in range(3):
-                held.append(await slots.take("d"))
+                held.append(await slots.take("d", working=False))
+        for ticket in held:
+            ticket.release()
+        searching = [slots.force("e") for _ in range(4)]  # working: e.g. searches
+        assert slots.working == 4
+        later = asyncio.get_running_loop().call_later(0.3, searching[0].release)
+        start = time.monotonic()
+        await slots.take("f")  # waited for past `wait`: the holders were working
+        assert time.monotonic() - start > 0.25
+        later.cancel()
         return waited
 
     assert asyncio.run(scenario()) > 0.15

@@ -117,8 +117,9 @@ async def decode_body(
         return decode(await read_body(call, limit))
     codecs: Codecs = call.state.codecs
     pool = codecs.decode_writes if write else codecs.decode
-    async with pool.admitted(head.peer):
+    async with pool.admitted(head.peer) as ticket:
         body = await read_body(call, limit, settings.min_transfer_rate)
+        ticket.work()
         return decode(body) if len(body) <= inline else await pool.run(decode, body)
 
 
@@ -196,8 +197,14 @@ async def respond(
     except BaseException:
         ticket.release()
         raise
+    ticket.transfer()
     return SentInChunks(
-        body, media_type, done=ticket.release, stall=settings.body_timeout, rate=settings.min_transfer_rate
+        body,
+        media_type,
+        done=ticket.release,
+        progressed=ticket.progressed,
+        stall=settings.body_timeout,
+        rate=settings.min_transfer_rate,
     )
 
 

@@ -61,10 +61,11 @@ class Pool:
         self.slots = Slots(slots, per_peer, busy=f"too many large requests are {name}; retry shortly")
 
     @asynccontextmanager
-    async def admitted(self, peer: str) -> AsyncIterator[None]:
-        ticket = await self.slots.take(peer)
+    async def admitted(self, peer: str) -> AsyncIterator[Ticket]:
+        """A slot while the block runs; its ticket transfers (a body arriving) until `work()`."""
+        ticket = await self.slots.take(peer, working=False)
         try:
-            yield
+            yield ticket
         finally:
             ticket.release()
 
@@ -77,13 +78,33 @@ class Pool:
 
 
 class Ticket:
-    """One slot held for `peer`; `release` gives it back once, whatever calls it, from any thread
-    (a ticket dropped unreleased is released when it is collected, wherever that happens)."""
+    """One slot held for `peer`, working (its holder computes: a search, a decode, an encode) or
+    transferring (its holder waits on a client: a body arriving, an answer being read).
+    `release` gives it back once, whatever calls it, from any thread (a ticket dropped
+    unreleased is released when it is collected, wherever that happens)."""
 
-    def __init__(self, slots: Slots, peer: str) -> None:
+    def __init__(self, slots: Slots, peer: str, working: bool) -> None:
         self._slots: Slots | None = slots
         self._loop = asyncio.get_running_loop()  # the slots live on this loop
         self.peer = peer
+        self.working = False
+        if working:
+            self.work()
+
+    def work(self) -> None:
+        if self._slots is not None and not self.working:
+            self.working = True
+            self._slots.working += 1
+
+    def transfer(self) -> None:
+        if self._slots is not None and self.working:
+            self.working = False
+            self._slots.working -= 1
+
+    def progressed(self) -> None:
+        """The client took more of a transfer (an answer's chunk)."""
+        if self._slots is not None:
+            self._slots.progress = time.monotonic()
 
     def release(self) -> None:
         if self._slots is None:
@@ -96,6 +117,7 @@ class Ticket:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the slot
                 self._loop.call_soon_threadsafe(self.release)
             return
+        self.transfer()
         slots, self._slots = self._slots, None
         slots.give(self.peer)
 
@@ -105,11 +127,12 @@ class Ticket:
 
 class Slots:
     """At most `slots` things of one kind held at once, `per_peer` of them (half unless said) by
-    one peer. A request waits for a slot while slots keep coming back (answers to fast readers,
-    bodies that arrive at speed: milliseconds): up to `wait` seconds after the later of its
-    arrival and the last slot given back, `max_wait` seconds in all, with at most `4 × slots`
-    requests waiting; then a 503 (`busy`). Slots that nobody gives back (answers nobody reads,
-    bodies that stall) are not waited for long."""
+    one peer. A request waits for a slot while the holders get on: as long as one of them is
+    working (a search, a decode: it gives its slot back when done), else up to `wait` seconds
+    after the later of its arrival and the last sign of progress (a slot given back, a chunk
+    of an answer taken by its client); `max_wait` seconds in all, with at most `4 × slots`
+    requests waiting; then a 503 (`busy`). Slots held by transfers that don't move (answers
+    nobody reads, bodies that stall) are not waited for long."""
 
     WAIT = 0.25
     MAX_WAIT = 5.0
@@ -127,36 +150,41 @@ class Slots:
         self.wait = wait
         self.max_wait = max_wait
         self.busy = busy
-        self._given_back = float("-inf")  # monotonic time a slot last came back
+        self.working = 0  # tickets held by work in progress
+        self.progress = float("-inf")  # monotonic time of the last slot given back or chunk taken
         self._waiters: list[asyncio.Future[None]] = []
 
-    async def take(self, peer: str) -> Ticket:
+    async def take(self, peer: str, *, working: bool = True) -> Ticket:
+        """A slot for `peer`, its ticket `working` or (False) transferring."""
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         while not self.shares.free_for(peer):
             now = time.monotonic()
-            left = min(start + self.max_wait, max(start, self._given_back) + self.wait) - now
+            until = start + self.max_wait
+            if not self.working:
+                until = min(until, max(start, self.progress) + self.wait)
+            left = until - now
             if left <= 0 or len(self._waiters) >= 4 * self.shares.slots:
                 raise Unavailable(self.busy)
             woken: asyncio.Future[None] = loop.create_future()
             self._waiters.append(woken)
             try:
-                await asyncio.wait_for(woken, left)
+                await asyncio.wait_for(woken, min(left, self.wait))  # then look at progress again
             except TimeoutError:
                 pass
             finally:
                 self._waiters.remove(woken)
-        return self.force(peer)
+        return self.force(peer, working=working)
 
-    def force(self, peer: str) -> Ticket:
+    def force(self, peer: str, *, working: bool = True) -> Ticket:
         """A slot even past the bound: for an answer already computed, which is never thrown away
         (its size was estimated before the search, and the memory grew meanwhile)."""
         self.shares.take(peer)
-        return Ticket(self, peer)
+        return Ticket(self, peer, working)
 
     def give(self, peer: str) -> None:
         self.shares.give(peer)
-        self._given_back = time.monotonic()
+        self.progress = time.monotonic()
         for woken in self._waiters:  # each looks again; those still over a bound wait on
             if not woken.done():
                 woken.set_result(None)

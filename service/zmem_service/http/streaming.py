@@ -52,15 +52,24 @@ class SentInChunks(Response):
     """A whole answer sent a chunk at a time: each chunk waits for the connection to drain
     (uvicorn's flow control). The answer and its connection are dropped when the client reads
     nothing for `stall` seconds, or falls more than GRACE seconds behind `rate` bytes/s since
-    the first byte. `done` runs once, when the answer is handed over or dropped."""
+    the first byte. `progressed` runs after each chunk handed over; `done` runs once, when the
+    answer is handed over or dropped."""
 
     CHUNK = 256 * 1024
 
     def __init__(
-        self, body: bytes, media_type: str, *, done: Callable[[], None], stall: float, rate: float
+        self,
+        body: bytes,
+        media_type: str,
+        *,
+        done: Callable[[], None],
+        stall: float,
+        rate: float,
+        progressed: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(body, media_type=media_type)
         self._done: Callable[[], None] | None = done
+        self._progressed = progressed
         self._stall = stall
         self._rate = rate
 
@@ -84,6 +93,8 @@ class SentInChunks(Response):
                     "more_body": offset + self.CHUNK < len(view),
                 }
                 await asyncio.wait_for(send(message), left)
+                if self._progressed is not None:
+                    self._progressed()
         except TimeoutError:
             log.info(
                 "dropped an answer whose client read too slowly (nothing for %g s, or under %g bytes/s)",
