@@ -104,7 +104,8 @@ class ZMemClient:
         # Separate connections: the sender's retries never queue up behind a training step's
         # query. `transport` (e.g. httpx.MockTransport) is for tests; it is not pickled. Both
         # take the lean http.client transport: its timeout is a deadline for each whole call.
-        query_transport = transport or lean_transport(self.url, timeout) or httpx.HTTPTransport()
+        # None (https, or a proxy in the environment): httpx's default, which honours the proxy.
+        query_transport = transport or lean_transport(self.url, timeout)
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=query_transport
         )

@@ -80,10 +80,10 @@ class RemoteSource(NeighborSource):
     """Neighbours from the service (see the module docstring)."""
 
     def __init__(
-        self, url: str, prefix: str, memory: str, http: httpx.Client, transport: httpx.BaseTransport
+        self, url: str, prefix: str, memory: str, http: httpx.Client, transport: httpx.BaseTransport | None
     ) -> None:
         """`http`: the client's connection (its headers; closed with the client); `transport`: its
-        transport, which this source calls directly."""
+        transport, which this source calls directly (None: through `http`, e.g. to a proxy)."""
         self.memory = memory
         self.timeout = float(http.timeout.read or 0.0)
         self._http = http
@@ -112,12 +112,15 @@ class RemoteSource(NeighborSource):
             extensions={"timeout": self._timeouts},
         )
         with mapped(self._where, self.timeout, lambda: self._http.is_closed):
-            r = self._transport.handle_request(request)
-            r.request = request
-            try:
-                r.read()
-            finally:
-                r.close()
+            if self._transport is None:
+                r = self._http.send(request)
+            else:
+                r = self._transport.handle_request(request)
+                r.request = request
+                try:
+                    r.read()
+                finally:
+                    r.close()
         arrays, info = decode(checked(r, self._where, self.memory))
         return Found(
             d2=torch.from_numpy(np.asarray(arrays["d2"])),

@@ -12,6 +12,9 @@ each socket operation gets only the time left, so a server or proxy that dribble
 byte at a time can't stretch a call past it (a per-read timeout would be reset by
 every byte).
 
+Behind a proxy (`HTTP_PROXY`, `ALL_PROXY`, unless `NO_PROXY` names the host) the client takes
+httpx's own transport instead, which honours them as httpx always does.
+
 A 503 with `Retry-After` (the service is briefly full: no answer slot, a decode pool
 busy) is sent again after the delay it names, as long as the call's deadline leaves
 time for it; otherwise the 503 is the answer.
@@ -25,6 +28,7 @@ import io
 import socket
 import threading
 import time
+import urllib.request
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -173,8 +177,19 @@ def retry_after(response: httpx.Response) -> float | None:
 
 
 def lean_transport(url: str, timeout: float) -> httpx.BaseTransport | None:
-    """The lean transport for an http:// URL (None for https: httpx's own handles TLS)."""
+    """The lean transport for an http:// URL; None for https (httpx's own handles TLS) and for
+    a URL that the environment sends through a proxy (`HTTP_PROXY`/`ALL_PROXY` not bypassed by
+    `NO_PROXY`, the variables httpx reads): httpx's default transport then honours them."""
     parsed = httpx.URL(url)
-    if parsed.scheme != "http" or not parsed.host:
+    if parsed.scheme != "http" or not parsed.host or proxied(parsed.host):
         return None
     return HTTPClientTransport(parsed.host, parsed.port or 80, timeout)
+
+
+def proxied(host: str) -> bool:
+    """Whether the environment's proxy variables send plain-HTTP requests for `host` to a proxy."""
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get("http") or proxies.get("all")):
+        return False
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # stdlib, untyped
+    return not bypass(host, proxies)
