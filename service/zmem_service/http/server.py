@@ -101,7 +101,7 @@ class OneWrite:
             self._head = data
             return
         if self._head is not None:
-            data, self._head = self._head + data, None
+            data, self._head = b"".join((self._head, data)), None  # data may be any bytes-like
         self._transport.write(data)
 
     def close(self) -> None:
