@@ -347,35 +347,47 @@ _DTYPES = {
 }
 
 
+_TENSOR_HEADERS: dict[tuple[tuple[str, str, tuple[int, ...]], ...], str] = {}
+"""The tensor part of a header by (name, dtype, shape) of each array: the hot answers' shapes
+repeat, so their headers are built once."""
+
+
 def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
-    """`zmem_core.wire.encode(arrays, meta)`, written directly: the header assembled from its
-    parts (padded to 8 bytes, as safetensors writes it) and the arrays' bytes in order, without
-    the library's per-tensor bookkeeping. Raises ValueError on a NaN or infinity in `meta`."""
+    """`zmem_core.wire.encode(arrays, meta)`, written directly: the header from its parts (the
+    tensors' part built once per shape, padded to 8 bytes as safetensors writes it) and the
+    arrays' bytes in order, without the library's per-tensor bookkeeping. Raises ValueError on
+    a NaN or infinity in `meta`."""
     if any(a.dtype.newbyteorder("=") not in _DTYPES for a in arrays.values()):
         return core_wire.encode(arrays, meta)
-    fields = []
+    key = tuple((name, a.dtype.str, a.shape) for name, a in arrays.items())
+    tensors = _TENSOR_HEADERS.get(key)
+    if tensors is None:
+        fields, offset = [], 0
+        for name, a in arrays.items():
+            end = offset + a.nbytes
+            shape = ",".join(map(str, a.shape))
+            dtype = _DTYPES[a.dtype.newbyteorder("=")]
+            fields.append(
+                f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[{offset},{end}]}}'
+            )
+            offset = end
+        tensors = ",".join(fields)
+        if len(_TENSOR_HEADERS) >= 256:
+            _TENSOR_HEADERS.clear()
+        _TENSOR_HEADERS[key] = tensors
+    parts: list[Any] = [
+        a
+        if a.flags.c_contiguous and a.dtype.byteorder in "<=|"
+        else np.ascontiguousarray(a, "<" + a.dtype.str[1:])
+        for a in arrays.values()
+    ]
     if meta:
         literals = ",".join(f"{json.dumps(k)}:{json.dumps(_literal(v))}" for k, v in meta.items())
-        fields.append(f'"__metadata__":{{{literals}}}')
-    parts: list[Any] = []
-    offset = 0
-    for name, a in arrays.items():
-        data = (
-            a
-            if a.flags.c_contiguous and a.dtype.byteorder in "<=|"
-            else np.ascontiguousarray(a, "<" + a.dtype.str[1:])
-        )
-        end = offset + data.nbytes
-        shape = ",".join(map(str, a.shape))
-        dtype = _DTYPES[a.dtype.newbyteorder("=")]
-        fields.append(
-            f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[{offset},{end}]}}'
-        )
-        parts.append(data.data)
-        offset = end
-    text = ("{" + ",".join(fields) + "}").encode()
+        text = f'{{"__metadata__":{{{literals}}}{"," if tensors else ""}{tensors}}}'.encode()
+    else:
+        text = f"{{{tensors}}}".encode()
     text += b" " * (-len(text) % 8)
-    return b"".join([struct.pack("<Q", len(text)), text, *parts])
+    return b"".join([struct.pack("<Q", len(text)), text, *(a.data for a in parts)])
 
 
 def _literal(value: Any) -> str:
