@@ -39,6 +39,7 @@ from ._exceptions import ReplicaError
 from ._records import record_event
 
 log = logging.getLogger("zmem_client")
+CORES = os.cpu_count() or 1  # read once: asking costs a query tens of microseconds
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class Mirror:
             rows.to("cpu", torch.float32).numpy(),
             k,
             base_sqnorm_max=float(st.sqnorm_max),
-            threads=os.cpu_count() or 1,  # a batch spreads over the cores; a small query takes one
+            threads=CORES,  # a batch spreads over the cores; a small query takes one
         )
         return (
             torch.from_numpy(hd2),
