@@ -6,83 +6,62 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 
-def byte_size(text: str) -> int:
-    """A size in bytes: a plain integer, or a number with a unit (KiB, MiB, GiB, KB, MB, GB)."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    clean = text.strip().lower().replace(" ", "")
-    for unit, factor in units.items():
-        if clean.endswith(unit):
-            try:
-                return int(float(clean.removesuffix(unit)) * factor)
-            except ValueError:
-                break
-    try:
-        return int(clean.removesuffix("b"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4294967296, 4GiB, 512MiB)") from None
+def serve_flags() -> dict[str, tuple[str, dict[str, Any]]]:
+    """`zmem serve`'s flags, one per `ServiceSettings` field with a description: field name →
+    (flag, `add_argument` keywords). Values stay strings; the settings model parses them,
+    as it parses the `ZMEM_*` variables."""
+    from .settings import ServiceSettings, is_byte_size
+
+    flags: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, field in ServiceSettings.model_fields.items():
+        if not field.description:
+            continue
+        env = f"ZMEM_{name.upper()}"
+        default = "" if field.default is None else f" (default: {shown(field.default, is_byte_size(field))})"
+        text = f"{field.description}{default} [{env}]".replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            flags[name] = (flag, {"action": argparse.BooleanOptionalAction, "default": None, "help": text})
+            continue
+        options: dict[str, Any] = {"help": text, "dest": name}
+        choices = get_args(get_args(field.annotation)[0]) if get_origin(field.annotation) is Annotated else ()
+        choices = choices or (get_args(field.annotation) if get_origin(field.annotation) is Literal else ())
+        if choices:
+            options["metavar"] = "{" + ",".join(choices) + "}"
+        elif is_byte_size(field):
+            options["metavar"] = "SIZE"
+        flags[name] = (flag, options)
+    return flags
 
 
-SERVE_FLAGS: list[tuple[str, Any, str]] = [
-    ("host", str, "address to bind (default 127.0.0.1)"),
-    ("port", int, "port (default 8000)"),
-    ("data-dir", str, "where the SQLite store lives (default ./zmem-data)"),
-    (
-        "durability",
-        str,
-        "full (fsync every commit), normal (survives a crash of the process, "
-        "not of the machine) or none (no disk: a restart starts empty)",
-    ),
-    ("capacity", int, "default capacity of new memories (50000)"),
-    ("min-size", int, "default min_size of new memories (min(500, capacity))"),
-    ("k", int, "default k of new memories (64)"),
-    ("sigma", str, "default sigma of new memories: a number or 'auto' (1.0)"),
-    ("device", str, "kNN device: auto (a GPU when usable, else CPU), cpu, cuda or cuda:N"),
-    (
-        "cuda-graphs",
-        str,
-        "on a GPU, replay the fixed-shape search from CUDA graphs: on (default) or off; "
-        "eager where capture fails, said once in the log",
-    ),
-    ("knn-threads", int, "OpenMP threads for batched searches (0 = all cores)"),
-    ("max-memory-bytes", byte_size, "budget for all memories: rings, ids, recorded queries (4 GiB)"),
-    ("max-body-bytes", byte_size, "largest request body (32 MiB)"),
-    ("max-import-bytes", byte_size, "largest import file, streamed to a temporary file (16 GiB)"),
-    ("max-concurrent-exports", int, "exports built at once; a few more wait, the rest get 503 (2)"),
-    ("recorded-queries", int, "recorded queries kept per memory for the diagnostics (100000)"),
-    ("max-response-bytes", byte_size, "largest answer body (64 MiB); past it a 422"),
-    ("max-header-bytes", byte_size, "largest request line + headers (16 KiB); past it a 431"),
-    ("header-timeout", float, "seconds a request's headers may take to arrive (10)"),
-    ("body-timeout", float, "seconds a request body may send nothing before the connection closes (30)"),
-    ("keep-alive-timeout", int, "seconds an idle keep-alive connection stays open (5)"),
-    (
-        "min-transfer-rate",
-        byte_size,
-        "bytes/s a large body or answer must keep up, 2 s of grace, while it holds one of the "
-        "slots they share (1 MiB); slower ones are dropped",
-    ),
-    ("max-connections", int, "open connections at once (1000, less if the open-file limit is lower)"),
-    ("token-file", str, "file holding the read+write bearer token"),
-    ("read-token-file", str, "file holding the read-only bearer token"),
-]
+def shown(value: Any, byte_size: bool = False) -> str:
+    """A default as the help shows it: sizes in their largest whole binary unit."""
+    if byte_size:
+        for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if value % factor == 0:
+                return f"{value // factor} {unit}"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zmem", description="zmem: an RL z-memory service")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The `zmem` command line: `serve`, `backup` and `demo`."""
+    command = argparse.ArgumentParser(prog="zmem", description="zmem: an RL z-memory service")
+    sub = command.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service (every flag also has a ZMEM_* variable)")
-    for flag, kind, text in SERVE_FLAGS:
-        env = "ZMEM_" + flag.upper().replace("-", "_")
-        serve.add_argument(f"--{flag}", type=kind, help=f"{text} [{env}]")
-    serve.add_argument(
-        "--log-level",
-        type=str.lower,
-        default=os.environ.get("ZMEM_LOG_LEVEL", "info").lower(),
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="how much the service logs: critical, error, warning, info (default) or debug [ZMEM_LOG_LEVEL]",
-    )
+    try:
+        flags = serve_flags()
+    except ModuleNotFoundError:  # a client-only install: `serve` says what is missing when run
+        serve.add_argument("flags", nargs=argparse.REMAINDER)
+        flags = {}
+    for flag, options in flags.values():
+        serve.add_argument(flag, **options)
     backup = sub.add_parser("backup", help="copy a live data dir's store consistently")
     backup.add_argument("--data-dir", default=None, help="the service's data dir [ZMEM_DATA_DIR]")
     backup.add_argument("dest", help="file to write (a SQLite database)")
@@ -92,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     from zmem_demo import add_arguments
 
     add_arguments(demo)
-    args = parser.parse_args(argv)
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
@@ -129,7 +112,6 @@ def _cannot_listen(host: str, port: int) -> str | None:
 
 def _backup(args: argparse.Namespace) -> int:
     """SQLite's online backup: a consistent copy while the service keeps writing."""
-    import os
     import sqlite3
     from pathlib import Path
 
@@ -164,9 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .settings import ServiceSettings
 
-    given: dict[str, Any] = {
-        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in SERVE_FLAGS
-    }
+    given = {name: getattr(args, name) for name in serve_flags()}
     try:
         settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -196,9 +176,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"zmem serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    serve(app, settings, args.log_level, on_exit=app.state.zmem.signal.close_soon)
+    serve(app, settings, settings.log_level, on_exit=app.state.zmem.signal.close_soon)
     return 0
 
 
