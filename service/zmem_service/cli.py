@@ -169,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from .http.app import create_app
     from .http.server import serve
+    from .metrics import configure_access_log
 
     try:
         app = create_app(settings)
@@ -178,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    configure_access_log(settings.access_log or settings.log_level == "debug")
     serve(app, settings, settings.log_level, on_exit=app.state.zmem.signal.close_soon)
     return 0
 

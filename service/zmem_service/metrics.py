@@ -1,14 +1,19 @@
-"""Prometheus metrics (a registry per app, so apps in one process don't share counters)
-and the access log, which drops query strings so a `?token=` never reaches a log and
-escapes control and other non-printable characters so a request can't forge a line.
+"""Prometheus metrics (a registry per app, so apps in one process don't share counters),
+the log's periodic summary, and the access log, which drops query strings so a `?token=`
+never reaches a log and escapes control and other non-printable characters so a request
+can't forge a line.
 
-The access log is written by a thread of its own (`AccessLog`): a request only appends
-a tuple to a bounded queue, so formatting and writing the line (~60 µs) stay off the
-hot path. Lines past the queue's bound are dropped and counted in /metrics.
+The default log says what happened in summary lines (`LogSummary`: requests, errors,
+writes and queries since the last line); a line per request is the access log's, on
+request (`--access-log`, or `--log-level debug`). It is written by a thread of its own
+(`AccessLog`): a request only appends a tuple to a bounded queue, so formatting and
+writing the line (~60 µs) stay off the hot path. Lines past the queue's bound are dropped
+and counted in /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -19,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("zmem.access")
+summary_log = logging.getLogger("zmem.summary")
 
 
 class Metrics:
@@ -115,6 +121,75 @@ class AccessLog:
 
 ACCESS = AccessLog()
 """The process's access log writer (the `zmem.access` logger is process-wide too)."""
+
+
+class LogSummary:
+    """What the metrics counted since the last summary line, as one INFO line.
+
+    Read from the counters themselves (nothing on the request path); a series that went
+    away (a deleted memory's) counts from zero when it comes back, and one that went down
+    came back: its value is its increase, as Prometheus reads a counter reset. Nothing
+    happened: no line.
+    """
+
+    QUERY_ROUTES = ("/neighbors", "/risk")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._seen: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._since = time.monotonic()
+        self.line()  # what came before the first summary counts in none
+
+    def line(self) -> str | None:
+        """The summary of what happened since the last call, or None when nothing did."""
+        now = time.monotonic()
+        requests = client_errors = server_errors = queries = 0
+        for labels, count in self._deltas(self.metrics.requests, ("route", "status")):
+            route, status = labels
+            requests += count
+            client_errors += count if status.startswith("4") else 0
+            server_errors += count if status.startswith("5") else 0
+            queries += count if route.endswith(self.QUERY_ROUTES) else 0
+        written = sum(count for _, count in self._deltas(self.metrics.episodes, ("memory",)))
+        seconds, self._since = now - self._since, now
+        if not requests and not written:
+            return None
+        return (
+            f"last {seconds:.0f} s: {requests} requests ({server_errors} 5xx, {client_errors} 4xx), "
+            f"{written} episodes written, {queries} queries"
+        )
+
+    def _deltas(self, metric: Any, names: tuple[str, ...]) -> list[tuple[tuple[str, ...], int]]:
+        """(the `names` labels, increase) of each of a counter's series that grew since the last call."""
+        out = []
+        for family in metric.collect():
+            before = self._seen.get(family.name, {})
+            now = {}
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = tuple(sorted(sample.labels.items()))
+                    now[key] = sample.value
+                    last = before.get(key, 0.0)
+                    grew = sample.value - last if sample.value >= last else sample.value  # a reset
+                    if grew > 0:
+                        out.append((tuple(sample.labels[n] for n in names), int(grew)))
+            self._seen[family.name] = now
+        return out
+
+
+async def log_summaries(metrics: Metrics, every: float) -> None:
+    """Log a `LogSummary` line every `every` seconds (at INFO, logger `zmem.summary`), until cancelled."""
+    summary = LogSummary(metrics)
+    while True:
+        await asyncio.sleep(every)
+        line = summary.line()
+        if line is not None:
+            summary_log.info("%s", line)
+
+
+def configure_access_log(enabled: bool) -> None:
+    """A line per request or none: the access log's logger at INFO or above it."""
+    access_log.setLevel(logging.INFO if enabled else logging.WARNING)
 
 
 class MetricsMiddleware:

@@ -236,6 +236,12 @@ class ServiceSettings(BaseSettings):
 
     # The log.
     log_level: LogLevel = Field("info", description="how much the service logs")
+    access_log: bool = Field(False, description="a line per request (always on at --log-level debug)")
+    log_summary_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="seconds between the log's summary lines (requests, errors, writes, queries); 0: none",
+    )
 
     token: SecretStr | None = None  # secrets have no flag: they would show in `ps`
     read_token: SecretStr | None = None

@@ -105,7 +105,7 @@ def test_tokens_from_files_and_never_in_the_log(tmp_path) -> None:
         str(tmp_path / "r"),
         env={"ZMEM_LOG_LEVEL": "info"},
     )
-    srv.args += ["--log-level", "info"]
+    srv.args += ["--log-level", "info", "--access-log"]
     srv.start()
     try:
         assert httpx.get(srv.url + "/stats").status_code == 401

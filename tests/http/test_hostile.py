@@ -483,7 +483,7 @@ def test_simple_request_bodies_get_415(make_client, content_type: str) -> None: 
 @pytest.mark.e2e
 def test_control_characters_in_paths_are_escaped_in_the_access_log(tmp_path: Path) -> None:
     srv = Server(tmp_path / "data")
-    srv.args += ["--log-level", "info"]
+    srv.args += ["--log-level", "info", "--access-log"]
     srv.start()
     try:
         fake = "/x%0A2026-11-26 12:00:00,000 INFO zmem.access: DELETE /memories/prod 204 1.0ms%1B[2K"

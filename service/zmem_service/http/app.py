@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..errors import MAX_ERRORS, ZMemError, problem
-from ..metrics import Metrics, MetricsMiddleware
+from ..metrics import Metrics, MetricsMiddleware, log_summaries
 from ..pictures.cache import PictureCache
 from ..service import ZMem
 from ..settings import ServiceSettings
@@ -78,7 +78,11 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
         loading.add_done_callback(_report_load_failure)
         # Its render process starts with the first picture (about a second of imports).
         app.state.pictures = PictureCache()
+        every = settings.log_summary_seconds
+        summaries = asyncio.create_task(log_summaries(metrics, every)) if every > 0 else None
         yield
+        if summaries is not None:
+            summaries.cancel()
         zmem.signal.close()  # long polls of the changes feed answer now
         await asyncio.wait([loading])
         await asyncio.to_thread(app.state.pictures.close)
