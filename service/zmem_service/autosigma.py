@@ -34,6 +34,14 @@ class AutoSigma:
             return True
         return self._kept is not None and self._kept[0] == _window(next_seq, settings)[0]
 
+    def kept(self, ring: Ring | None, active: bool, next_seq: int, settings: MemorySettings) -> float | None:
+        """The value `value` would return now if it needs no search, else None (never searches)."""
+        if not active or ring is None or ring.size < 2:
+            return params.INACTIVE_SIGMA
+        if self._kept is not None and self._kept[0] == _window(next_seq, settings)[0]:
+            return self._kept[1]
+        return None
+
     def value(
         self, ring: Ring | None, index: Index | None, active: bool, next_seq: int, settings: MemorySettings
     ) -> float:

@@ -1,17 +1,28 @@
-"""A memory's changes feed: its pages, and the signal that wakes long polls for them.
+"""A memory's changes feed: its pages, shared by every follower at one position, and the
+signal that wakes long polls for them.
 
 A page is cut from the ring by `page`, which its owning `Memory` calls with its lock held
-(`Memory.changes`, on the index thread: resolving `sigma: "auto"` for the page may search).
-`ChangeSignal` wakes the long polls waiting on the event loop when the writer has applied
-rows.
+(`Memory.changes`, on a worker thread: it never searches, so it never waits for the index
+thread; `sigma: "auto"` comes from the memory's kept value). `Pages` keeps one page per
+(memory, generation, after, limit, auto) until the memory changes, computes it once for every
+poller that asks meanwhile, and keeps its encoded bodies (one per format) with it.
+`ChangeSignal` wakes the long polls waiting on the event loop, at most once per
+`wake_interval` per memory, however many rows were applied meanwhile.
+
+What a page says of the memory as a whole (`next_seq`, `size`, `oldest_seq`, `sigma_auto`)
+is as of the page: the state it was cut from. A page's rows are a prefix of the history
+after `after` of its generation, whenever and from wherever (an HTTP cache) it is served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .ring import Columns, Ring
@@ -31,6 +42,40 @@ class Changes:
     sigma_auto: float | None
     rows: Columns
     complete: bool  # the page reaches the newest row
+    sigma_missing: bool = False  # "auto" was wanted but no value is kept: the owner computes one
+    token: Hashable = None  # the memory's `feed_token` the page was cut at
+    encoded: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+    """What the edge made of this page (its encoded bodies, one per format), shared by every
+    poller the page is served to."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the page and its encoded bodies hold."""
+        rows = sum(getattr(self.rows, f).nbytes for f in ("z", "risk_target", "seq"))
+        return rows + sum(len(v[0]) for v in self.encoded.values() if isinstance(v, tuple))
+
+    def etag(self, after: int, limit: int, form: str) -> str:
+        """A weak validator of the page asked for with `after` and `limit`, encoded as `form`
+        (a media type): equal for pages with the same generation, reset, rows, settings, σ and
+        `complete`. `next_seq`, `size` and `oldest_seq` of a page below the head are as of
+        the page, so two pages with one validator may differ there: hence weak."""
+        n = len(self.rows)
+        last = int(self.rows.seq[-1]) if n else None
+        first = int(self.rows.seq[0]) if n else None
+        what = [self.generation, self.reset, after, limit, first, last, n, self.complete, self.sigma_auto]
+        if self.complete:  # the tail also says where the head is
+            what += [self.next_seq, self.size, self.oldest_seq]
+        what += [self.settings, form]
+        digest = hashlib.blake2b(json.dumps(what, sort_keys=True).encode(), digest_size=12).hexdigest()
+        return f'W/"{digest}"'
+
+    def immutable(self, asked_generation: str | None) -> bool:
+        """Whether the page may be cached indefinitely: a page of the generation asked for, no
+        reset, wholly below the head. Its rows are then the first `limit` rows after `after` of
+        that generation's history, which never changes (the rows may be evicted later: the page
+        is still a valid prefix, and the follower's next page says reset). A page asked for
+        without a generation, a reset, or the tail (whose next answer grows) is not."""
+        return asked_generation == self.generation and not self.reset and not self.complete
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -85,8 +130,74 @@ def page(
     return Changes(generation, reset, next_seq, oldest, ring.size, dumped, None, rows, complete)
 
 
-GATHER_SECONDS = 0.005
-"""A long poll woken by a write waits this long for more rows before answering."""
+class Pages:
+    """One page per (memory, position) shared by every poller that asks for it: computed once
+    (concurrent askers await the same computation), kept until the memory changes.
+
+    At most `max_pages` pages and `max_bytes` bytes of pages and encoded bodies are kept,
+    the least recently asked for dropped first; a larger page is shared by those asking
+    meanwhile, not kept. Event loop only."""
+
+    def __init__(self, max_pages: int = 1024, max_bytes: int = 64 * 2**20) -> None:
+        self.max_pages = max_pages
+        self.max_bytes = max_bytes
+        self.computed = 0  # pages computed (not served from here): what followers cost
+        self._kept: collections.OrderedDict[Hashable, tuple[Hashable, asyncio.Future[Changes]]]
+        self._kept = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    async def get(self, key: Hashable, token: Hashable, compute: Callable[[], Awaitable[Changes]]) -> Changes:
+        """The page at `key` while the memory is at `token` (what changes it: writes, a new
+        value of sigma "auto"); `compute()` makes it otherwise, in a task of its own that
+        every asker awaits (one leaving early cancels nothing)."""
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] == token and _usable(kept[1]):
+            self._kept.move_to_end(key)
+            return await asyncio.shield(kept[1])
+        task = asyncio.ensure_future(compute())
+        self._kept[key] = (token, task)
+        self._kept.move_to_end(key)
+        self.computed += 1
+        task.add_done_callback(lambda done: self._settled(key, done))
+        return await asyncio.shield(task)
+
+    def _settled(self, key: Hashable, task: asyncio.Future[Changes]) -> None:
+        if not _usable(task):
+            kept = self._kept.get(key)
+            if kept is not None and kept[1] is task:
+                del self._kept[key]
+            return
+        kept = self._kept.get(key)
+        if kept is not None and kept[1] is task:  # kept for the state it was cut at, not asked at
+            self._kept[key] = (task.result().token, task)
+        total = 0
+        for k, (_, t) in reversed(list(self._kept.items())):
+            if t.done():
+                total += t.result().nbytes
+                if len(self._kept) > self.max_pages or total > self.max_bytes:
+                    del self._kept[k]
+
+
+def _usable(task: asyncio.Future[Changes]) -> bool:
+    return not task.done() or (not task.cancelled() and task.exception() is None)
+
+
+WAKE_INTERVAL = 0.01
+"""Seconds from a change to the wake-up of the long polls waiting for it, with few of them."""
+WAKE_PER_POLL = 0.002
+"""Seconds the wake-up interval grows per long poll waiting on the memory: woken pollers each
+get an answer, so wake-ups come at most every `WAKE_PER_POLL × pollers` seconds, and the
+answers they cost stay under 1 / WAKE_PER_POLL = 500 a second however many follow."""
+MAX_WAKE_INTERVAL = 0.25
+"""The longest wake-up interval: a follower sees a change within about this long."""
+
+
+def wake_interval(polls: int) -> float:
+    """Seconds from a change to the wake-up it causes, with `polls` long polls waiting: the
+    changes meanwhile join the same wake-up (and the same page)."""
+    return min(MAX_WAKE_INTERVAL, max(WAKE_INTERVAL, polls * WAKE_PER_POLL))
 
 
 class _Watch:
@@ -102,13 +213,17 @@ class _Watch:
 class ChangeSignal:
     """Wakes the long polls of a memory's changes feed when the writer has applied rows.
 
-    `changed` may be called from any thread; waiting happens on the event loop. An event
-    is kept only while a poll holds it (`watch`), so the names kept are those of memories
-    someone is polling right now, never every name ever asked for."""
+    `changed` may be called from any thread; waiting happens on the event loop. Wake-ups
+    are coalesced: a change schedules one `wake_interval` later (unless one is scheduled
+    already), and every change until then joins it, so pollers wake at most once per
+    interval per memory, together, and ask for the same page. An event is kept only while
+    a poll holds it (`watch`), so the names kept are those of memories someone is polling
+    right now, never every name ever asked for."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, _Watch] = {}
+        self._scheduled: dict[str, asyncio.TimerHandle] = {}  # names with a wake-up to come
         self.closed = False
 
     def __len__(self) -> int:
@@ -119,10 +234,23 @@ class ChangeSignal:
         self._loop = loop
 
     def changed(self, name: str) -> None:
-        if self._loop is not None and name in self._events:
-            self._loop.call_soon_threadsafe(self._wake, name)
+        """`name` has changed: its pollers wake within `wake_interval` (any thread)."""
+        if self._loop is not None and name not in self._scheduled:  # a racy read: `_schedule` checks
+            self._loop.call_soon_threadsafe(self._schedule, name)
+
+    def pending(self, name: str) -> bool:
+        """Whether a change of `name` has a wake-up to come (event loop only)."""
+        return name in self._scheduled
+
+    def _schedule(self, name: str) -> None:
+        if name in self._scheduled or self._loop is None:
+            return
+        watch = self._events.get(name)
+        delay = wake_interval(watch.holders if watch is not None else 0)
+        self._scheduled[name] = self._loop.call_later(delay, self._wake, name)
 
     def _wake(self, name: str) -> None:
+        self._scheduled.pop(name, None)
         watch = self._events.pop(name, None)
         if watch is not None:
             watch.event.set()
@@ -155,6 +283,9 @@ class ChangeSignal:
     def close(self) -> None:
         """Wake every waiter now (shutdown); later waits return at once."""
         self.closed = True
+        for handle in self._scheduled.values():
+            handle.cancel()
+        self._scheduled.clear()
         for name in list(self._events):
             self._wake(name)
 

@@ -142,6 +142,7 @@ class Memory:
     _id_bytes: int = 0  # ids and distinct worker names: what the budget counts for text
     _auto: AutoSigma = field(default_factory=AutoSigma)  # sigma "auto": kept value, whether asked
     _stats_cache: tuple[int, dict[str, Any]] | None = None  # (version, summaries)
+    _sigma_refreshes: int = 0  # values of sigma "auto" computed for the feed
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -469,22 +470,42 @@ class Memory:
         """Whether "auto" resolves without a search right now (lock held)."""
         return self._auto.fresh(self.ring, self.active, self.next_seq, self.settings)
 
+    @property
+    def feed_token(self) -> tuple[int, int, bool]:
+        """What a page of the feed depends on besides its position: it changes with every
+        write and every new value of sigma "auto" (a lock-free read: a page kept for an older
+        token is cut again, one kept for this one is as of a state no older)."""
+        return self.version, self._sigma_refreshes, self._auto.asked
+
     def changes(self, after: int, generation: str | None, limit: int, auto: bool = False) -> Changes:
-        """The rows with seq > `after` still held, oldest first, at most `limit` (index thread:
-        resolving `sigma: "auto"` may search the index); `feed.page` says when it is a reset.
+        """The rows with seq > `after` still held, oldest first, at most `limit`; `feed.page`
+        says when it is a reset. Any thread: it never searches.
 
         A page that reaches the newest row carries the value of `sigma: "auto"` when the
         memory's sigma is "auto" or anyone (this follower included, with `auto`) has asked for
-        "auto": resolving it costs a search per capacity/10 writes, which nobody should pay
-        for unasked."""
+        "auto", and only the value kept for the page's state (`AutoSigma.kept`): when none is,
+        the page says null and `sigma_missing`, and its caller has the index thread compute
+        it (`refresh_sigma_auto`) before cutting the page again, once for every follower."""
         with self._lock:
             changes = feed.page(
                 self.ring, self.generation, self.next_seq, self.settings, after, generation, limit
             )
-            wanted = auto or self._auto.asked or self.settings.sigma == "auto"
+            if auto:
+                self._auto.asked = True
+            wanted = self._auto.asked or self.settings.sigma == "auto"
             if changes.complete and wanted and self.active:
-                changes.sigma_auto = self._sigma(params.AUTO)
+                changes.sigma_auto = self._auto.kept(self.ring, self.active, self.next_seq, self.settings)
+                changes.sigma_missing = changes.sigma_auto is None
+            changes.token = self.feed_token
             return changes
+
+    def refresh_sigma_auto(self) -> None:
+        """Compute the value of `sigma: "auto"` for the current window unless it is kept (index
+        thread: it searches), so that the feed's next page carries it."""
+        with self._lock:
+            if self.active and not self._auto_fresh():
+                self._sigma(params.AUTO)
+            self._sigma_refreshes += 1  # a query may have computed it meanwhile: pages cut again
 
     def record_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
         """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n]), e.g.

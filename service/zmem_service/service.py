@@ -10,7 +10,6 @@ flight), file building on a worker thread.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import tempfile
@@ -27,7 +26,7 @@ from zmem_core import params
 
 from .episodes import EpisodeBatch, validate
 from .errors import Conflict, InsufficientStorage, PayloadTooLarge, Unavailable, ValidationFailed
-from .feed import GATHER_SECONDS, Changes, ChangeSignal
+from .feed import Changes, ChangeSignal, Pages
 from .index import CpuEngine, make_engine
 from .index_thread import INLINE_WORK, IndexThread, SearchJob
 from .memory import Memory, Neighbors
@@ -67,6 +66,9 @@ class ZMem:
         # Small searches on a CPU index run inline: a thread hop costs more than they do.
         self.index_thread = IndexThread(INLINE_WORK if isinstance(self.engine, CpuEngine) else 0)
         self.signal = ChangeSignal()
+        self.pages = Pages()  # the feed's pages, one per position, shared by its followers
+        self.long_polls = 0  # changes-feed requests waiting now (at most `max_long_polls`)
+        self._sigma_jobs: dict[Memory, asyncio.Future[None]] = {}  # sigma "auto" for the feed
         self._exports = asyncio.Semaphore(settings.max_concurrent_exports)
         self._exports_waiting = 0
         self._imports = 0  # imports being received or unpacked (at most MAX_CONCURRENT_IMPORTS)
@@ -254,22 +256,65 @@ class ZMem:
     async def changes(
         self, name: str, after: int, generation: str | None, limit: int, wait: float, auto: bool = False
     ) -> Changes:
-        """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`."""
-        deadline = time.monotonic() + wait
-        while True:
-            self.memory(name)  # an unknown or invalid name is refused before anything is kept
-            with self.signal.watch(name) as changed:
-                memory = self.memory(name)  # after the watch: a re-creation since is seen too
-                z_dim = memory.settings.z_dim or 1
-                rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
-                page = await asyncio.wrap_future(
-                    self.index_thread.call(functools.partial(memory.changes, after, generation, rows, auto))
-                )
-                left = deadline - time.monotonic()
-                if len(page.rows) or page.reset or left <= 0 or self.signal.closed:
-                    return page
-                await self.signal.wait(changed, left)
-            await asyncio.sleep(GATHER_SECONDS)  # let a busy memory's next writes join this page
+        """A page of `name`'s changes feed; with `wait`, a long poll for rows after `after`.
+
+        Followers at one position share one page (`Pages`), cut on a worker thread, never
+        queued behind searches (but for sigma "auto": when a page would carry it and no value
+        is kept for the page's state, the page waits for one index-thread job computing it,
+        shared by every page that needs it: once per capacity/10 writes). At most
+        `max_long_polls` long polls wait at once; past that they answer at once, as with
+        `wait=0`, so long polls never hold what writes, queries and `/healthz` need. A long
+        poll that finds rows answers at once, unless they are the newest and a wake-up for
+        them is coming (`ChangeSignal`): then it waits for it, so that caught-up followers
+        ask again together, from one position."""
+        polling = wait > 0 and self.long_polls < self.settings.max_long_polls
+        deadline = time.monotonic() + (wait if polling else 0)
+        self.long_polls += polling
+        try:
+            woken = False
+            while True:
+                self.memory(name)  # an unknown or invalid name is refused before anything is kept
+                with self.signal.watch(name) as changed:
+                    memory = self.memory(name)  # after the watch: a re-creation since is seen too
+                    page = await self._page(memory, after, generation, limit, auto)
+                    left = deadline - time.monotonic()
+                    if page.reset or left <= 0 or self.signal.closed:
+                        return page
+                    if len(page.rows) and (woken or not page.complete or not self.signal.pending(name)):
+                        return page
+                    await self.signal.wait(changed, left)
+                    woken = True
+        finally:
+            self.long_polls -= polling
+
+    async def _page(
+        self, memory: Memory, after: int, generation: str | None, limit: int, auto: bool
+    ) -> Changes:
+        z_dim = memory.settings.z_dim or 1
+        rows = max(1, min(limit, self.settings.max_response_floats // z_dim))
+
+        async def compute() -> Changes:
+            page = await asyncio.to_thread(memory.changes, after, generation, rows, auto)
+            if page.sigma_missing:  # a replica keeps its value until a page brings the next
+                await self._refresh_sigma(memory)
+                page = await asyncio.to_thread(memory.changes, after, generation, rows, auto)
+            return page
+
+        return await self.pages.get((memory, generation, after, rows, auto), memory.feed_token, compute)
+
+    async def _refresh_sigma(self, memory: Memory) -> None:
+        """Have the index thread compute sigma "auto" of `memory`'s current window: one job for
+        every page that waits for it (a new value is needed once per capacity/10 writes)."""
+        job = self._sigma_jobs.get(memory)
+        if job is None:
+            job = self._sigma_jobs[memory] = asyncio.wrap_future(
+                self.index_thread.call(memory.refresh_sigma_auto)
+            )
+            job.add_done_callback(lambda _: self._sigma_jobs.pop(memory, None))
+        try:
+            await asyncio.shield(job)
+        except Exception:  # the page says null; the next one asks again
+            log.exception("computing sigma 'auto' of memory %r for the changes feed failed", memory.name)
 
     async def stats(self, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.memory(name).stats)

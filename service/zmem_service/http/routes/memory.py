@@ -7,6 +7,7 @@ FastAPI's routing, the same one the FastAPI routes call.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import numpy as np
@@ -17,11 +18,13 @@ from starlette.background import BackgroundTask
 
 from zmem_core.wire import SAFETENSORS
 
+from ...feed import Changes
 from ...memory import Neighbors
 from ...service import ZMem
 from ..edge import JSON, NPZ, QUERY_BODIES, Call, declare
 from ..exchange import answer_bytes, answer_ticket, body_chunks, read_episodes, read_query, respond
 from ..schemas import EpisodesIn, QueryIn
+from ..streaming import Answer
 from .deps import NameDep, ZMemDep
 
 router = APIRouter()
@@ -97,10 +100,63 @@ async def get_changes(
     ] = False,
 ) -> Response:
     """The rows after `after` in seq order (z, risk_target, seq) and what a replica needs to mirror
-    the memory exactly; `reset` says to drop the mirrored state first."""
+    the memory exactly; `reset` says to drop the mirrored state first.
+
+    Cacheable (`ETag`, `Cache-Control`: `Changes.immutable` pages for a year, others a
+    second); `If-None-Match` naming the page's validator gets 304. Every follower at one
+    position gets the same page, encoded once per format."""
+    call = Call.of(request)
     page = await zmem.changes(name, after, generation, limit, wait, auto)
+    form = SAFETENSORS if call.head.wants(SAFETENSORS) else JSON
+    etag = page.etag(after, limit, form)
+    headers = {
+        "etag": etag,
+        "cache-control": IMMUTABLE if page.immutable(generation) else TAIL,
+        "vary": "Accept, Authorization",
+    }
+    if _matches(call.head.header(b"if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return await _encoded(call, zmem, page, form, headers)
+
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+TAIL = "public, max-age=1"
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """Whether an `If-None-Match` value names `etag` (weak comparison, RFC 9110 §13.1.2)."""
+    if not if_none_match:
+        return False
+    ours = etag.removeprefix("W/")
+    return any(t.strip() == "*" or t.strip().removeprefix("W/") == ours for t in if_none_match.split(","))
+
+
+async def _encoded(call: Call, zmem: ZMem, page: Changes, form: str, headers: dict[str, str]) -> Response:
+    """The page's answer in `form`, encoded once for every poller it is served to (a large
+    answer, sent in chunks under an answer slot, is encoded per request)."""
+    kept = page.encoded.get(form)
+    if isinstance(kept, asyncio.Future):
+        kept = await asyncio.shield(kept)
+    if kept is not None:
+        return Answer(kept[0], kept[1], headers=headers)
+    encoding: asyncio.Future[tuple[bytes, str] | None] = asyncio.get_running_loop().create_future()
+    page.encoded[form] = encoding
     arrays = {"z": page.rows.z, "risk_target": page.rows.risk_target, "seq": page.rows.seq}
-    return await respond(Call.of(request), zmem.settings, arrays, page.meta)
+    try:
+        answer = await respond(call, zmem.settings, arrays, page.meta)
+    except BaseException:
+        del page.encoded[form]
+        encoding.set_result(None)  # the others encode (and fail) themselves
+        raise
+    if isinstance(answer, Answer):
+        page.encoded[form] = (answer.body, answer.media_type)
+        encoding.set_result(page.encoded[form])
+        answer.raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        return answer
+    del page.encoded[form]
+    encoding.set_result(None)
+    answer.raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+    return answer
 
 
 @router.get("/stats")
