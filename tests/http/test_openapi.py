@@ -68,6 +68,20 @@ def test_schema_declares_names_bodies_problems_and_media(tmp_path: Path) -> None
     assert set(by_path["/map.png"]["get"]["responses"]["200"]["content"]) == {"image/png"}
 
 
+def test_schema_declares_the_bearer_tokens_on_every_operation_that_needs_one(tmp_path: Path) -> None:
+    open_ops = {("/healthz", "get"), ("/readyz", "get")}
+    secured = create_app(ServiceSettings(data_dir=tmp_path, token="w", read_token="r")).openapi()
+    scheme = secured["components"]["securitySchemes"]["bearer"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    without = create_app(ServiceSettings(data_dir=tmp_path / "open")).openapi()
+    assert without["components"]["securitySchemes"] == secured["components"]["securitySchemes"]
+    for spec, needs in ((secured, [{"bearer": []}]), (without, [{"bearer": []}, {}])):
+        ops = {(path, method): op for path, item in spec["paths"].items() for method, op in item.items()}
+        assert open_ops <= ops.keys() and len(ops) >= 27
+        for key, op in ops.items():
+            assert op["security"] == ([] if key in open_ops else needs), key
+
+
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data = tmp_path_factory.mktemp("fuzz") / "data"

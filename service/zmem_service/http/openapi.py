@@ -6,8 +6,10 @@ as problem+json from one handler, so FastAPI's generated schema misses all of
 that. `openapi(app)` post-processes it: the `{name}` path parameter on every
 `/memories/{name}/…` operation, request bodies as each route declares them
 (`edge.declare`: media types, the JSON body's model), every error as
-`application/problem+json`, and the media types of PNG, npz, HTML and Prometheus
-answers.
+`application/problem+json`, the media types of PNG, npz, HTML and Prometheus
+answers, and the bearer tokens (`securitySchemes`) on every operation that isn't open,
+as each route declares its access. A service started without tokens says so: the
+token is optional there (an empty alternative, `{}`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ MEDIA = {
     "map.png": ("image/png", BINARY),
     "trail.png": ("image/png", BINARY),
     "risk.png": ("image/png", BINARY),
+}
+BEARER = "bearer"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "`Authorization: Bearer <token>`: the write token (ZMEM_TOKEN, --token-file) "
+    "for every route, or the read token (ZMEM_READ_TOKEN, --read-token-file) for the reads: GET "
+    "routes, neighbors, risk and queries. Browsers: `GET /?token=...` sets a cookie that reads carry.",
 }
 PROBLEM_SCHEMA = {
     "type": "object",
@@ -80,6 +90,11 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = PROBLEM_SCHEMA
+    schema["components"]["securitySchemes"] = {BEARER: BEARER_SCHEME}
+    tokens = getattr(app.state, "tokens", None)
+    secured: list[dict[str, list[str]]] = [{BEARER: []}]
+    if tokens is None or not tokens.enabled:
+        secured.append({})  # this service takes no token
     edges = {(d.path, method.lower()): d.edge for d in declared_routes(app.routes) for method in d.methods}
     for path, operations in schema["paths"].items():
         last = path.rstrip("/").rsplit("/", 1)[-1]
@@ -87,6 +102,8 @@ def openapi(app: FastAPI) -> dict[str, Any]:
             if "{name}" in path:
                 _name_parameter(op)
             edge = edges.get((path, method))
+            if edge is not None:
+                op["security"] = [] if edge.access == "open" else [*secured]
             if edge is not None and edge.bodies and "requestBody" not in op:
                 op["requestBody"] = _body(edge, components)
             responses = op.setdefault("responses", {})
