@@ -136,8 +136,8 @@ def test_metrics_count_requests_and_episodes(client) -> None:
     text = client.get("/metrics").text
     assert 'zmem_episodes_accepted_total{memory="default"} 5.0' in text
     assert 'zmem_episodes_duplicate_total{memory="default"} 5.0' in text
-    assert 'zmem_requests_total{method="POST",route="/episodes",status="200"} 2.0' in text
-    assert 'zmem_memory_size{memory="default"} 5.0' in text
+    assert 'zmem_http_requests_total{method="POST",route="/episodes",status="200"} 2.0' in text
+    assert 'zmem_memory_size_episodes{memory="default"} 5.0' in text
 
 
 def test_a_read_answers_while_many_writes_are_in_flight(tmp_path) -> None:

@@ -18,39 +18,60 @@ import collections
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .registry import Memories
 
 access_log = logging.getLogger("zmem.access")
 summary_log = logging.getLogger("zmem.summary")
 
 
 class Metrics:
+    """The service's Prometheus registry: request counts and durations, per-memory counters,
+    gauges read at scrape time (`StateCollector`), the process's own (CPU, memory, open files,
+    GC) and `zmem_build_info`."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # First in the registry: it forgets deleted memories' counter series before anything is read.
+        self.state = StateCollector(self)
+        self.registry.register(self.state)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info("zmem_build", "the running zmem", registry=self.registry).info({"version": __version__})
         self.requests = Counter(
-            "zmem_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+            "zmem_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "zmem_request_seconds",
-            "HTTP request latency",
+            "zmem_http_request_duration_seconds",
+            "HTTP request duration, from the request's head to its answer's last byte",
             ["route", "method"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
-        self.episodes = Counter(
-            "zmem_episodes_accepted_total", "episodes stored", ["memory"], registry=self.registry
-        )
+        # Per memory, read through `state` (which leaves deleted memories out), not the registry.
+        self.episodes = Counter("zmem_episodes_accepted_total", "episodes stored", ["memory"], registry=None)
         self.duplicates = Counter(
-            "zmem_episodes_duplicate_total",
-            "episodes skipped as duplicates",
-            ["memory"],
-            registry=self.registry,
+            "zmem_episodes_duplicate_total", "episodes skipped as duplicates", ["memory"], registry=None
         )
-        self.size = Gauge("zmem_memory_size", "episodes held", ["memory"], registry=self.registry)
-        self.ring_bytes = Gauge("zmem_ring_bytes", "bytes held by all rings", registry=self.registry)
         self.access_dropped = Counter(
             "zmem_access_log_dropped_total",
             "access log lines dropped because the log's writer fell behind",
@@ -58,13 +79,52 @@ class Metrics:
         )
         self.access = ACCESS
 
-    def forget_deleted(self, names: set[str]) -> None:
-        """Drop the series of memories not in `names` (deleted ones), so /metrics doesn't grow
-        with every memory ever created."""
-        for metric in (self.size, self.episodes, self.duplicates):
-            labelled = {s.labels["memory"] for family in metric.collect() for s in family.samples}
-            for gone in labelled - names:
-                metric.remove(gone)
+    def watch(self, memories: Memories) -> None:
+        """Read the gauges from `memories` at each scrape."""
+        self.state.memories = memories
+
+
+class StateCollector(Collector):
+    """What the memories hold, read when /metrics is scraped (a deleted memory leaves no series
+    behind), and the per-memory counters of the memories that exist."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.memories: Memories | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # families vary with the memories; registering must not collect
+
+    def collect(self) -> Iterator[Metric]:
+        if self.memories is None:
+            return
+        memories = self.memories.all()
+        size = GaugeMetricFamily("zmem_memory_size_episodes", "episodes held", labels=["memory"])
+        capacity = GaugeMetricFamily(
+            "zmem_memory_capacity_episodes", "episodes a memory keeps", labels=["memory"]
+        )
+        held = GaugeMetricFamily(
+            "zmem_memory_bytes",
+            "bytes a memory holds, as --max-memory-bytes counts them (ring, index, ids, recorded queries)",
+            labels=["memory"],
+        )
+        for memory in memories:
+            size.add_metric([memory.name], memory.size)
+            capacity.add_metric([memory.name], memory.settings.capacity)
+            held.add_metric([memory.name], memory.nbytes)
+        yield size
+        yield capacity
+        yield held
+        budget = self.memories.settings.max_memory_bytes
+        yield GaugeMetricFamily(
+            "zmem_memory_budget_bytes", "--max-memory-bytes: all memories together", budget
+        )
+        names = {memory.name for memory in memories}
+        for counter in (self.metrics.episodes, self.metrics.duplicates):
+            families = list(counter.collect())
+            for gone in {s.labels["memory"] for f in families for s in f.samples} - names:
+                counter.remove(gone)
+            yield from counter.collect()
 
 
 def printable(text: str) -> str:

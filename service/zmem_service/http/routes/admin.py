@@ -36,13 +36,9 @@ async def readyz(zmem: ZMemDep) -> JSONResponse:
 
 @router.get("/metrics")
 @declare("read")
-async def get_metrics(request: Request, zmem: ZMemDep) -> Response:
-    metrics = request.app.state.metrics
-    metrics.forget_deleted({memory.name for memory in zmem.memories.all()})
-    for memory in zmem.memories.all():
-        metrics.size.labels(memory.name).set(memory.size)
-    metrics.ring_bytes.set(zmem.memories.total_bytes())
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def get_metrics(request: Request) -> Response:
+    # The memories' gauges are read as the registry is collected (metrics.StateCollector).
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/memories")
