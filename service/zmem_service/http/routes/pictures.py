@@ -18,7 +18,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable
 from importlib import resources
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Query as QueryParam  # a query-string parameter, not a kNN query
@@ -83,9 +83,12 @@ async def get_map(
     dpi: Dpi = 100,
     basis: Basis = None,
     clim: MapClim = None,
+    projection: Annotated[
+        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
+    ] = "pca",
 ) -> Response:
     memory = zmem.memory(name)
-    view = View(_basis(zmem, memory, basis), _limits(clim, MAP_FIELDS))
+    view = View(_basis(zmem, memory, basis), _limits(clim, MAP_FIELDS), projection)
     return await _answer(request, pictures.map(memory, max_points=max_points, seed=seed, dpi=dpi, view=view))
 
 
@@ -103,9 +106,12 @@ async def get_trail(
     worker: Worker = None,
     basis: Basis = None,
     clim: TrailClim = None,
+    projection: Annotated[
+        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
+    ] = "pca",
 ) -> Response:
     memory = zmem.memory(name)
-    view = View(_basis(zmem, memory, basis), _limits(clim, TRAIL_FIELDS))
+    view = View(_basis(zmem, memory, basis), _limits(clim, TRAIL_FIELDS), projection)
     picture = pictures.trail(
         memory, last=last, max_points=max_points, seed=seed, dpi=dpi, worker=worker, view=view
     )
@@ -122,8 +128,20 @@ async def get_risk(
 
 @router.get("/diagnostics")
 @declare("read")
-async def get_diagnostics(request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep) -> Any:
-    return await _until_gone(request, pictures.diagnostics(zmem.memory(name)))
+async def get_diagnostics(
+    request: Request,
+    name: NameDep,
+    zmem: ZMemDep,
+    pictures: PicturesDep,
+    basis: Basis = None,
+    projection: Annotated[
+        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
+    ] = "pca",
+) -> Any:
+    memory = zmem.memory(name)
+    return await _until_gone(
+        request, pictures.diagnostics(memory, View(_basis(zmem, memory, basis), projection=projection))
+    )
 
 
 @dashboard_router.get("/", response_class=HTMLResponse)
