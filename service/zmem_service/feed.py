@@ -174,7 +174,7 @@ class Pages:
             self._kept[key] = (task.result().token, task)
         total = 0
         for k, (_, t) in reversed(list(self._kept.items())):
-            if t.done():
+            if t.done() and _usable(t):
                 total += t.result().nbytes
                 if len(self._kept) > self.max_pages or total > self.max_bytes:
                     del self._kept[k]
