@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
+from zmem_core import __version__
 
 if TYPE_CHECKING:
     from .registry import Memories
