@@ -225,7 +225,8 @@ def write(
     lines += [
         "",
         "Late = the last quarter of each run's episodes. Truths, in each verdict's own terms and from "
-        "the toy's noise-free outcomes (soft_bind = sigmoid(3s) at each episode's side coordinate s): "
+        "the toy's noise-free outcomes (soft_bind = sigmoid(3s) at each episode's side coordinate s; for "
+        "convergence its expectation over the policy's draws at each step): "
         "density passes (three zones make islands); reliability passes when some zone (an island of "
         f"the map) has mean soft_bind ≥ {RELIABLE_SOFT_BIND} and ≥ {RELIABLE_MARGIN} above the least "
         f"reliable zone, or mean lambda_bind ≤ {RELIABLE_LAMBDA:g}× the highest zone's; convergence "
