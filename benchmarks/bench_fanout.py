@@ -5,9 +5,10 @@
 For each number of followers, twice (straight to `zmem serve`, then through a real nginx
 with the shipped fan-out config, `docker/nginx/zmem-fanout.conf.template`), for `--seconds`:
 
-- light followers in a process of their own (asyncio): long polls from the newest seq as a
-  caught-up replica makes them (`wait=10`), without the kNN; each page's lag is the time since
-  the service acknowledged its last row;
+- light followers in a process of their own (asyncio, plain HTTP/1.1 on kept-alive
+  connections): long polls from the newest seq with the generation, as a caught-up replica
+  makes them (`wait=10`, at most one request per 50 ms after a complete page), without the
+  kNN; each page's lag is the time since the service acknowledged its last row;
 - a writer posting `--rate` episodes a second in batches of 10 (write latency per batch);
 - a `risk()` caller, B=1, 50 a second (latency per call), and `/healthz` every 100 ms (max);
 - the service process's CPU time (from /proc).
@@ -46,37 +47,75 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PACE = 0.05
+"""Seconds between a follower's requests after a complete page, as the replica paces them."""
+
+
+async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> tuple[int, bytes]:
+    """One GET on a kept-alive connection, in plain HTTP/1.1: a light client, so that what the
+    followers cost this machine is mostly what the service and nginx cost, not httpx's."""
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: zmem\r\nAccept: {wire.SAFETENSORS}\r\n\r\n".encode())
+    status = int((await reader.readline()).split()[1])
+    length, chunked = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
+            chunked = True
+    if not chunked:
+        return status, await reader.readexactly(length)
+    body = bytearray()
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        body += await reader.readexactly(size)
+        await reader.readline()
+    await reader.readline()
+    return status, bytes(body)
+
+
 async def follow(url: str, n: int, start_after: int, until: float, acks: Any, out: Any) -> None:
     lags: list[float] = []
     pages = 0
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=40, limits=limits) as http:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
 
-        async def one() -> None:
-            nonlocal pages
-            after = start_after
-            while time.monotonic() < until:
-                params = {"after": after, "limit": 10_000, "wait": 10}
-                try:
-                    r = await http.get("/changes", params=params, headers={"accept": wire.SAFETENSORS})
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.05)
-                    continue
-                if r.status_code != 200:
-                    await asyncio.sleep(0.05)
-                    continue
-                _, meta = wire.decode(r.content)
-                pages += 1
-                last = meta.get("last_seq")
-                if last is not None:
-                    acked = acks.get(int(last))
-                    if acked is not None:
-                        lags.append(time.time() - acked)
-                    after = int(last)
-                else:
-                    await asyncio.sleep(0.05)
+    async def one() -> None:
+        nonlocal pages
+        after, generation = start_after, ""
+        reader = writer = None
+        while time.monotonic() < until:
+            sent = time.monotonic()
+            target = f"/changes?after={after}&limit=10000&wait=10"
+            if generation:
+                target += f"&generation={generation}"
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                assert reader is not None
+                status, body = await asyncio.wait_for(get(reader, writer, target), 40)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError):
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                await asyncio.sleep(PACE)
+                continue
+            if status != 200:
+                await asyncio.sleep(PACE)
+                continue
+            _, meta = wire.decode(body)
+            pages += 1
+            generation = meta["generation"]
+            last = meta.get("last_seq")
+            if last is not None:
+                acked = acks[int(last)] if int(last) < len(acks) else 0.0
+                if acked:
+                    lags.append(time.time() - acked)
+                after = int(last)
+            if meta["complete"]:
+                await asyncio.sleep(max(0.0, PACE - (time.monotonic() - sent)))
+        if writer is not None:
+            writer.close()
 
-        await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one() for _ in range(n)))
     out.put({"lags": lags, "pages": pages})
 
 
@@ -85,18 +124,16 @@ def followers_process(url: str, n: int, start_after: int, until_wall: float, ack
     asyncio.run(follow(url, n, start_after, until, acks, out))
 
 
-def run(srv: Server, url: str, followers: int, seconds: float, rate: int) -> dict[str, Any]:
+def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: Any) -> dict[str, Any]:
+    """One row of the table; `acks` (shared memory, by seq) gets each row's acknowledgement time."""
     rng = np.random.default_rng(followers)
     http = httpx.Client(base_url=srv.url, timeout=30)
     newest = http.get("/changes", params={"after": 0, "limit": 1}, headers={"accept": wire.SAFETENSORS})
     head = wire.decode(newest.content)[1]["next_seq"] - 1
-    manager = mp.Manager()
-    acks = manager.dict()
-    out = manager.Queue()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
     until = time.time() + seconds
-    proc = mp.get_context("spawn").Process(
-        target=followers_process, args=(url, followers, head, until, acks, out), daemon=True
-    )
+    proc = ctx.Process(target=followers_process, args=(url, followers, head, until, acks, out), daemon=True)
     if followers:
         proc.start()
         time.sleep(1.0)  # followers connected and polling
@@ -118,8 +155,8 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int) -> dic
             writes.append(time.perf_counter() - t0)
             if r.status_code == 200:
                 now = time.time()
-                for seq in range(r.json()["first_seq"], r.json()["last_seq"] + 1):
-                    acks[seq] = now
+                first, last = r.json()["first_seq"], r.json()["last_seq"]
+                acks[first : last + 1] = [now] * (last - first + 1)
             stop.wait(max(0.0, interval - (time.perf_counter() - t0)))
 
     def risker() -> None:
@@ -152,7 +189,6 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int) -> dic
     if followers:
         got = out.get(timeout=60)
         proc.join(30)
-    manager.shutdown()
     http.close()
     ms = lambda xs, q: f"{np.percentile(np.array(xs) * 1e3, q):.1f}" if xs else "-"  # noqa: E731
     return {
@@ -175,6 +211,8 @@ def main() -> None:
     args = ap.parse_args()
     counts = [int(x) for x in args.followers.split(",")]
     rows: list[tuple[str, dict[str, Any]]] = []
+    # Acknowledgement times by seq, in shared memory: the followers read them without a round trip.
+    acks = mp.get_context("spawn").RawArray("d", 1000 + 2 * len(counts) * int(args.rate * (args.seconds + 5)))
     with tempfile.TemporaryDirectory() as tmp:
         srv = Server(Path(tmp) / "data", "--durability", "none", "--capacity", "50000", "--min-size", "10")
         srv.start()
@@ -187,7 +225,7 @@ def main() -> None:
                 for where, url in (("direct", srv.url), ("nginx", proxy.url)):
                     if n == 0 and where == "nginx":
                         continue
-                    rows.append((f"{n} followers, {where}", run(srv, url, n, args.seconds, args.rate)))
+                    rows.append((f"{n} followers, {where}", run(srv, url, n, args.seconds, args.rate, acks)))
                     print(f"{rows[-1][0]}: {json.dumps(rows[-1][1])}", flush=True)
         finally:
             proxy.stop()

@@ -43,7 +43,6 @@ class Changes:
     rows: Columns
     complete: bool  # the page reaches the newest row
     sigma_missing: bool = False  # "auto" was wanted but no value is kept: the owner computes one
-    token: Hashable = None  # the memory's `feed_token` the page was cut at
     encoded: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
     """What the edge made of this page (its encoded bodies, one per format), shared by every
     poller the page is served to."""
@@ -134,50 +133,63 @@ class Pages:
     """One page per (memory, position) shared by every poller that asks for it: computed once
     (concurrent askers await the same computation), kept until the memory changes.
 
-    At most `max_pages` pages and `max_bytes` bytes of pages and encoded bodies are kept,
-    the least recently asked for dropped first; a larger page is shared by those asking
-    meanwhile, not kept. Event loop only."""
+    Pages are kept by memory, for one state of it (its `feed_token`): a write drops them
+    all at once. At most `max_memories` memories' pages are kept (the least recently asked
+    for dropped first), and per memory at most `max_pages` pages and `max_bytes` bytes of
+    rows and encoded bodies; a page past those is shared by those asking meanwhile, not
+    kept. Event loop only."""
 
-    def __init__(self, max_pages: int = 1024, max_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, max_memories: int = 64, max_pages: int = 1024, max_bytes: int = 64 * 2**20) -> None:
+        self.max_memories = max_memories
         self.max_pages = max_pages
         self.max_bytes = max_bytes
         self.computed = 0  # pages computed (not served from here): what followers cost
-        self._kept: collections.OrderedDict[Hashable, tuple[Hashable, asyncio.Future[Changes]]]
-        self._kept = collections.OrderedDict()
+        self._kept: collections.OrderedDict[Hashable, _Kept] = collections.OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return sum(len(kept.pages) for kept in self._kept.values())
 
-    async def get(self, key: Hashable, token: Hashable, compute: Callable[[], Awaitable[Changes]]) -> Changes:
-        """The page at `key` while the memory is at `token` (what changes it: writes, a new
-        value of sigma "auto"); `compute()` makes it otherwise, in a task of its own that
-        every asker awaits (one leaving early cancels nothing)."""
-        kept = self._kept.get(key)
-        if kept is not None and kept[0] == token and _usable(kept[1]):
-            self._kept.move_to_end(key)
-            return await asyncio.shield(kept[1])
-        task = asyncio.ensure_future(compute())
-        self._kept[key] = (token, task)
-        self._kept.move_to_end(key)
-        self.computed += 1
-        task.add_done_callback(lambda done: self._settled(key, done))
+    async def get(
+        self, memory: Hashable, position: Hashable, token: Hashable, compute: Callable[[], Awaitable[Changes]]
+    ) -> Changes:
+        """The page of `memory` at `position` while the memory is at `token` (what changes it:
+        writes, a new value of sigma "auto"); `compute()` makes it otherwise, in a task of its
+        own that every asker awaits (one leaving early cancels nothing)."""
+        kept = self._kept.get(memory)
+        if kept is None or kept.token != token:
+            kept = self._kept[memory] = _Kept(token)
+            while len(self._kept) > self.max_memories:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(memory)
+        task = kept.pages.get(position)
+        if task is None or not _usable(task):
+            task = asyncio.ensure_future(compute())
+            self.computed += 1
+            if len(kept.pages) < self.max_pages:
+                kept.pages[position] = task
+                task.add_done_callback(lambda done: kept.settled(position, done, self.max_bytes))
         return await asyncio.shield(task)
 
-    def _settled(self, key: Hashable, task: asyncio.Future[Changes]) -> None:
-        if not _usable(task):
-            kept = self._kept.get(key)
-            if kept is not None and kept[1] is task:
-                del self._kept[key]
+
+class _Kept:
+    """The pages kept of one memory at one state."""
+
+    __slots__ = ("bytes", "pages", "token")
+
+    def __init__(self, token: Hashable) -> None:
+        self.token = token
+        self.pages: dict[Hashable, asyncio.Future[Changes]] = {}
+        self.bytes = 0
+
+    def settled(self, position: Hashable, task: asyncio.Future[Changes], max_bytes: int) -> None:
+        if self.pages.get(position) is not task:
             return
-        kept = self._kept.get(key)
-        if kept is not None and kept[1] is task:  # kept for the state it was cut at, not asked at
-            self._kept[key] = (task.result().token, task)
-        total = 0
-        for k, (_, t) in reversed(list(self._kept.items())):
-            if t.done() and _usable(t):
-                total += t.result().nbytes
-                if len(self._kept) > self.max_pages or total > self.max_bytes:
-                    del self._kept[k]
+        if not _usable(task):
+            del self.pages[position]
+            return
+        self.bytes += task.result().nbytes
+        if self.bytes > max_bytes:
+            del self.pages[position]
 
 
 def _usable(task: asyncio.Future[Changes]) -> bool:

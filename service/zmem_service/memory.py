@@ -496,7 +496,6 @@ class Memory:
             if changes.complete and wanted and self.active:
                 changes.sigma_auto = self._auto.kept(self.ring, self.active, self.next_seq, self.settings)
                 changes.sigma_missing = changes.sigma_auto is None
-            changes.token = self.feed_token
             return changes
 
     def refresh_sigma_auto(self) -> None:

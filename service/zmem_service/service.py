@@ -300,7 +300,7 @@ class ZMem:
                 page = await asyncio.to_thread(memory.changes, after, generation, rows, auto)
             return page
 
-        return await self.pages.get((memory, generation, after, rows, auto), memory.feed_token, compute)
+        return await self.pages.get(memory, (generation, after, rows, auto), memory.feed_token, compute)
 
     async def _refresh_sigma(self, memory: Memory) -> None:
         """Have the index thread compute sigma "auto" of `memory`'s current window: one job for
