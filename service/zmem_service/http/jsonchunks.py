@@ -170,6 +170,8 @@ def encode_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray], limit: in
 
 
 def _dumps(a: np.ndarray) -> bytes:
+    if a.ndim == 0:  # a scalar (orjson would write a 0-d array as a list)
+        return json.dumps(a.tolist(), allow_nan=False).encode()
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
             raise ValueError("Out of range float values are not JSON compliant")
