@@ -69,6 +69,9 @@ TrailClim = Annotated[
     QueryParam(description="fixed colour limits density:LO:HI of the background (points per cell, LO > 0)"),
 ]
 Worker = Annotated[str | None, QueryParam(max_length=64, description="draw only this worker's path")]
+Projection = Annotated[
+    Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
+]
 
 
 @router.get("/map.png", response_class=Response)
@@ -83,9 +86,7 @@ async def get_map(
     dpi: Dpi = 100,
     basis: Basis = None,
     clim: MapClim = None,
-    projection: Annotated[
-        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
-    ] = "pca",
+    projection: Projection = "pca",
 ) -> Response:
     memory = zmem.memory(name)
     view = View(_basis(zmem, memory, basis), _limits(clim, MAP_FIELDS), projection)
@@ -106,9 +107,7 @@ async def get_trail(
     worker: Worker = None,
     basis: Basis = None,
     clim: TrailClim = None,
-    projection: Annotated[
-        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
-    ] = "pca",
+    projection: Projection = "pca",
 ) -> Response:
     memory = zmem.memory(name)
     view = View(_basis(zmem, memory, basis), _limits(clim, TRAIL_FIELDS), projection)
@@ -134,9 +133,7 @@ async def get_diagnostics(
     zmem: ZMemDep,
     pictures: PicturesDep,
     basis: Basis = None,
-    projection: Annotated[
-        Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
-    ] = "pca",
+    projection: Projection = "pca",
 ) -> Any:
     memory = zmem.memory(name)
     return await _until_gone(
