@@ -28,6 +28,7 @@ from zmem_service.index_thread import SearchJob
 from zmem_service.memory import Neighbors
 
 from ..server import Server, wait_until
+from .test_hostile import big_answer_request
 
 ST = "application/x-safetensors"
 PROBLEM = "application/problem+json"
@@ -189,15 +190,7 @@ def test_slow_readers_lose_their_answer_slots_and_big_answers_flow_again(tmp_pat
         *("--min-transfer-rate", "1MiB"),
     ).start()
     try:
-        z = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-        ones = np.ones(2000, np.float32)
-        st = safetensors.numpy.save({"z": z, "soft_bind": ones / 2, "cone_vol": ones, "lambda_bind": ones})
-        assert httpx.post(srv.url + "/episodes", content=st, headers={"content-type": ST}).status_code == 200
-        query = safetensors.numpy.save({"z": z[:50]}, metadata={"k": "512"})  # 50×512×64 floats
-        request = (
-            b"POST /neighbors HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
-            b"Accept: application/x-safetensors\r\nContent-Length: %d\r\n\r\n" % len(query)
-        ) + query
+        request, query = big_answer_request(srv.url)
         received = [0] * 8
         heads: list[bytes] = [b""] * 8
         stop = threading.Event()

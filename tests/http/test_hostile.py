@@ -169,6 +169,21 @@ def test_slow_read_bodies_holding_every_read_slot_leave_writes_alone(tmp_path: P
         srv.stop()
 
 
+def big_answer_request(url: str) -> tuple[bytes, bytes]:
+    """Fill the server at `url` with 2,000 z's of d = 64; → (the raw bytes of one `POST /neighbors`
+    whose answer is large (50 rows × k = 512 × 64 floats, about 6.5 MB), its body alone)."""
+    z = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    ones = np.ones(2000, np.float32)
+    st = safetensors.numpy.save({"z": z, "soft_bind": ones / 2, "cone_vol": ones, "lambda_bind": ones})
+    assert httpx.post(url + "/episodes", content=st, headers={"content-type": ST}).status_code == 200
+    query = safetensors.numpy.save({"z": z[:50]}, metadata={"k": "512"})
+    head = (
+        b"POST /neighbors HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
+        b"Accept: application/x-safetensors\r\nContent-Length: %d\r\n\r\n" % len(query)
+    )
+    return head + query, query
+
+
 @pytest.mark.e2e
 def test_large_answers_nobody_reads_are_bounded_and_dropped(tmp_path: Path) -> None:
     """Eight clients ask for 6.5 MB answers and never read them: they hold the eight answer
@@ -181,15 +196,7 @@ def test_large_answers_nobody_reads_are_bounded_and_dropped(tmp_path: Path) -> N
         "none",
     ).start()
     try:
-        z = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
-        ones = np.ones(2000, np.float32)
-        st = safetensors.numpy.save({"z": z, "soft_bind": ones / 2, "cone_vol": ones, "lambda_bind": ones})
-        assert httpx.post(srv.url + "/episodes", content=st, headers={"content-type": ST}).status_code == 200
-        query = safetensors.numpy.save({"z": z[:50]}, metadata={"k": "512"})  # 50×512×64 floats
-        request = (
-            b"POST /neighbors HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-safetensors\r\n"
-            b"Accept: application/x-safetensors\r\nContent-Length: %d\r\n\r\n" % len(query)
-        ) + query
+        request, query = big_answer_request(srv.url)
         silent = []
         for _ in range(8):
             s = socket.socket()
