@@ -188,3 +188,86 @@ def test_a_503_whose_retry_after_outlasts_the_deadline_is_the_answer() -> None:
             assert time.monotonic() - t0 < 0.5
         finally:
             busy.close()
+
+
+class Canned:
+    """A listener that answers each connection's first request with `answer` (then closes, or
+    keeps the connection for a second request when `keep`), keeping what each `recv` got."""
+
+    def __init__(self, answer: bytes, keep: bool = False) -> None:
+        import socket
+        import threading
+
+        self.answer, self.keep = answer, keep
+        self.received: list[bytes] = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                for _ in range(2 if self.keep else 1):
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    self.received.append(data)
+                    conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_request_goes_in_one_segment_and_a_kept_connection_is_reused() -> None:
+    body = b'{"ok": true}'
+    canned = Canned(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body), keep=True)
+    try:
+        with httpx.Client(transport=HTTPClientTransport("127.0.0.1", canned.port, 5)) as http:
+            for _ in range(2):
+                r = http.post(f"http://127.0.0.1:{canned.port}/neighbors", content=b"x" * 1000)
+                assert r.status_code == 200 and r.json() == {"ok": True}
+        # Each request arrived whole in one read: head and body were written at once.
+        assert len(canned.received) == 2
+        assert all(data.endswith(b"\r\n\r\n" + b"x" * 1000) for data in canned.received)
+    finally:
+        canned.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nhello world",  # delimited by the close
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world",
+    ],
+    ids=["chunked", "until-close", "interim-100"],
+)
+def test_answers_framed_every_way_are_read_whole(answer: bytes) -> None:
+    canned = Canned(answer)
+    try:
+        with httpx.Client(transport=HTTPClientTransport("127.0.0.1", canned.port, 5)) as http:
+            r = http.get(f"http://127.0.0.1:{canned.port}/stats")
+        assert r.status_code == 200 and r.content == b"hello world"
+    finally:
+        canned.close()
+
+
+@pytest.mark.parametrize(
+    "answer", [b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\ncut short"]
+)
+def test_a_malformed_or_cut_answer_is_a_transport_error(answer: bytes) -> None:
+    canned = Canned(answer)
+    mem = ZMemClient(f"http://127.0.0.1:{canned.port}", timeout=5)
+    try:
+        for call in (mem.stats, lambda: mem.risk(torch.zeros(1, 4))):
+            with pytest.raises(TransportError):
+                call()
+    finally:
+        mem.close(timeout=1)
+        canned.close()

@@ -1,9 +1,10 @@
 """Where `ZMemClient` gets neighbours: one interface, two sources chosen at construction.
 
 - `RemoteSource`: the service over HTTP (`POST …/neighbors`, safetensors both ways),
-  straight to the client's transport (the lean `http.client` one) with a URL and headers
-  made once: a training step's call skips httpx.Client's per-request work (URL merging,
-  cookies, auth and redirect handling: ~0.1 ms a call).
+  straight to the lean transport's `exchange` with the request's head made once: a
+  training step's call skips httpx's per-request work (URL merging, cookies, auth and
+  redirect handling, the request and response objects: ~0.1 ms a call). An error
+  answer, and any other transport, go through httpx as every other call does.
 - `Replica` (`_replica.py`): a copy of the memory in tensors on the worker's device,
   following `GET …/changes`, searched with the same core.
 
@@ -26,7 +27,8 @@ import torch
 
 from zmem_core import wire
 
-from ._http import checked, decode, mapped
+from ._http import checked, mapped
+from ._transport import HTTPClientTransport, request_head
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ class RemoteSource(NeighborSource):
             {**http.headers, "content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS}
         )
         self._timeouts = http.timeout.as_dict()
+        self._lean = transport if isinstance(transport, HTTPClientTransport) else None
+        # The request's head as httpx would send it, but for its Content-Length (added last) and
+        # Accept-Encoding (the answer is read here as it comes: it must not be compressed).
+        template = httpx.Request("POST", self._url, headers=self._headers, content=b"")
+        skip = (b"content-length", b"accept-encoding")
+        kept = [(k, v) for k, v in template.headers.raw if k.lower() not in skip]
+        self._head = request_head("POST", self._url.raw_path.decode("ascii"), kept)[:-2]
 
     def find(
         self, rows: torch.Tensor, k: int | None, sigma: float | str | None, *, record: bool, with_seq: bool
@@ -103,25 +112,28 @@ class RemoteSource(NeighborSource):
             meta["k"] = k
         if sigma is not None:
             meta["sigma"] = sigma
-        request = httpx.Request(
-            "POST",
-            self._url,
-            headers=self._headers,
-            # allow_nan: a NaN sigma is the service's to refuse (a 422, as the replica answers it).
-            content=wire.encode({"z": rows.to("cpu", torch.float32).numpy()}, meta, allow_nan=True),
-            extensions={"timeout": self._timeouts},
-        )
+        # allow_nan: a NaN sigma is the service's to refuse (a 422, as the replica answers it).
+        body = wire.encode({"z": rows.to("cpu", torch.float32).numpy()}, meta, allow_nan=True)
         with mapped(self._where, self.timeout, lambda: self._http.is_closed):
-            if self._transport is None:
-                r = self._http.send(request)
+            if self._lean is not None:
+                answer = self._lean.exchange(
+                    "POST", b"%scontent-length: %d\r\n\r\n%s" % (self._head, len(body), body), self.timeout
+                )
+                content = answer.content
+                if answer.status != 200:
+                    r = httpx.Response(answer.status, headers=answer.headers, content=content)
+                    checked(r, self._where, self.memory)
+                    raise httpx.RemoteProtocolError(f"an answer {answer.status} to a query")
             else:
-                r = self._transport.handle_request(request)
-                r.request = request
-                try:
-                    r.read()
-                finally:
-                    r.close()
-        arrays, info = decode(checked(r, self._where, self.memory))
+                request = httpx.Request(
+                    "POST",
+                    self._url,
+                    headers=self._headers,
+                    content=body,
+                    extensions={"timeout": self._timeouts},
+                )
+                content = checked(self._http.send(request), self._where, self.memory).content
+        arrays, info = wire.decode(content)
         return Found(
             d2=torch.from_numpy(np.asarray(arrays["d2"])),
             z=torch.from_numpy(arrays["z"]),

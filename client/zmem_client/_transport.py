@@ -1,9 +1,13 @@
-"""A lean httpx transport for plain-HTTP services: one keep-alive `http.client` connection.
+"""A lean httpx transport for plain-HTTP services: one keep-alive socket, answers parsed by
+httptools (llhttp, the parser uvicorn serves with).
 
 httpx's default transport (httpcore + h11) costs a training step about 0.15 ms per call
-more than the standard library's `http.client`; a step calls `risk()` once, so that is
-a real share of it. This transport keeps httpx's API (timeouts, errors, MockTransport in
-tests) and swaps only the wire. One connection, used by one caller at a time (a lock);
+more; the standard library's `http.client` sends a request's head and body in two
+segments (two wake-ups of the server per call) and parses the answer's head through
+`email.parser`. This transport writes each request in one `sendall` and parses the answer
+in C; it keeps httpx's API (timeouts, errors, MockTransport in tests) and swaps only the
+wire. `exchange` is the same call without httpx's request and response objects, for the
+client's hot path (`RemoteSource`). One connection, used by one caller at a time (a lock);
 a connection the server closed while idle is reopened and the request sent again once,
 which is safe for zmem's requests (queries are reads, episodes carry idempotency ids).
 
@@ -22,62 +26,139 @@ time for it; otherwise the 503 is the answer.
 
 from __future__ import annotations
 
-import functools
-import http.client
-import io
 import socket
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
+import httptools
 import httpx
 
 MAX_RETRY_AFTER = 60.0
 """A longer Retry-After is not waited for: the 503 is the answer."""
-RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+READ_SIZE = 256 * 2**10
+RETRYABLE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each given only the time left until `conn.deadline` (monotonic)."""
+class _Closed(ConnectionError):
+    """The server closed the connection; `early`: before any byte of the answer."""
 
-    def __init__(self, sock: socket.socket, conn: _Connection) -> None:
-        self._sock, self._conn = sock, conn
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self._conn.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the call's deadline passed")
-        self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
+    def __init__(self, early: bool) -> None:
+        super().__init__(
+            "the server closed the connection" + (" before answering" if early else " mid-answer")
+        )
+        self.early = early
 
 
-class _Response(http.client.HTTPResponse):
-    def __init__(self, sock: socket.socket, *args: Any, conn: _Connection, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        self.fp.close()  # the plain reader (it holds a reference that keeps the socket open)
-        self.fp = io.BufferedReader(_DeadlineReader(sock, conn))
+@dataclass
+class Answer:
+    """An HTTP answer read whole: status, headers as sent (raw bytes), body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    content: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
 
 
-class _Connection(http.client.HTTPConnection):
-    """An HTTPConnection whose response is read against `deadline` (see the module)."""
+class _Reading:
+    """httptools' callbacks for one answer (a 1xx interim answer is read past)."""
+
+    __slots__ = ("body", "done", "head_done", "headers")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.head_done = self.done = False
+
+    def on_message_begin(self) -> None:
+        self.headers, self.body, self.head_done, self.done = [], [], False, False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class _Connection:
+    """One keep-alive socket; `ask` sends a request and reads its answer by a deadline."""
 
     def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.deadline = float("inf")
-        self.response_class = functools.partial(_Response, conn=self)  # type: ignore[assignment]
+        self.host, self.port = host, port
+        self.sock: socket.socket | None = None
+        self.used = False  # it answered a request before: a close may be an idle close
 
-    def start(self, deadline: float) -> None:
-        """The next request must be answered by `deadline`; connecting and sending included."""
-        self.deadline = deadline
-        left = max(deadline - time.monotonic(), 1e-3)
-        self.timeout = left  # used when connecting
+    def ask(self, method: bytes, request: bytes, deadline: float) -> tuple[Answer, bool]:
+        """The answer to `request` (head and body), and whether the connection stays open."""
+        sock = self.sock
+        if sock is None:
+            sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock
+        sock.settimeout(_left(deadline))  # sendall: a total for the whole send
+        sock.sendall(request)
+        reading = _Reading()
+        parser = httptools.HttpResponseParser(reading)
+        received = False
+        while True:
+            sock.settimeout(_left(deadline))
+            data = sock.recv(READ_SIZE)
+            if not data:
+                if reading.head_done and _until_close(reading.headers):
+                    break  # a body delimited by the close (HTTP/1.0 style)
+                raise _Closed(early=not received)
+            received = True
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                raise httpx.RemoteProtocolError(f"a malformed answer: {e}") from None
+            if method == b"HEAD" and reading.head_done:
+                reading.done = True
+            if reading.done and parser.get_status_code() >= 200:
+                break
+            if reading.done:  # an interim 1xx answer: the real one follows
+                reading.done = False
+        self.used = True
+        keep = reading.done and parser.should_keep_alive()
+        return Answer(parser.get_status_code(), reading.headers, b"".join(reading.body)), keep
+
+    def close(self) -> None:
         if self.sock is not None:
-            self.sock.settimeout(left)  # sendall: a total for the whole send
+            self.sock.close()
+            self.sock = None
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the call's deadline passed")
+    return left
+
+
+def _until_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    names = {name.lower() for name, _ in headers}
+    return b"content-length" not in names and b"transfer-encoding" not in names
+
+
+def request_head(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 request head (`headers` as httpx keeps them: Host and Content-Length included)."""
+    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))]
+    lines += [b"%s: %s" % (name, value) for name, value in headers]
+    return b"\r\n".join([*lines, b"", b""])
 
 
 class HTTPClientTransport(httpx.BaseTransport):
@@ -89,60 +170,59 @@ class HTTPClientTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
-        target = request.url.raw_path.decode("ascii")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        head = request_head(request.method, request.url.raw_path.decode("ascii"), request.headers.raw)
         timeout = request.extensions.get("timeout", {}).get("read") or self.timeout
+        try:
+            answer = self.exchange(request.method, head + body, timeout)
+        except httpx.TransportError as e:
+            e.request = request
+            raise
+        return httpx.Response(answer.status, headers=answer.headers, content=answer.content, request=request)
+
+    def exchange(self, method: str, request: bytes, timeout: float) -> Answer:
+        """The answer to one whole request (head and body, as bytes), within `timeout` seconds;
+        a 503 with a Retry-After the deadline leaves room for is asked again. Failures are
+        httpx's (ConnectError, ReadTimeout, PoolTimeout, RemoteProtocolError)."""
         deadline = time.monotonic() + timeout  # waiting for another thread's call counts too
+        verb = method.encode("ascii")
         while True:
-            response = self._exchange(request, body, target, headers, timeout, deadline)
-            delay = retry_after(response) if response.status_code == 503 else None
+            answer = self._once(verb, request, timeout, deadline)
+            delay = retry_after_seconds(answer.header(b"retry-after")) if answer.status == 503 else None
             if delay is None or time.monotonic() + delay >= deadline:
-                return response
+                return answer
             time.sleep(delay)  # the connection is free meanwhile
 
-    def _exchange(
-        self,
-        request: httpx.Request,
-        body: bytes,
-        target: str,
-        headers: list[tuple[str, str]],
-        timeout: float,
-        deadline: float,
-    ) -> httpx.Response:
-        """One request and its response, on the kept connection (or a new one)."""
+    def _once(self, method: bytes, request: bytes, timeout: float, deadline: float) -> Answer:
+        """One request and its answer, on the kept connection (or a new one)."""
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            raise httpx.PoolTimeout(f"the connection stayed busy for {timeout}s", request=request)
+            raise httpx.PoolTimeout(f"the connection stayed busy for {timeout}s")
         try:
             if self._closed:
                 raise RuntimeError("the transport is closed")
             for attempt in (0, 1):
-                fresh = self._conn is None
                 conn = self._conn or _Connection(self.host, self.port)
                 self._conn = conn
+                reused = conn.used
                 try:
-                    conn.start(deadline)
-                    conn.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
-                    for name, value in headers:
-                        conn.putheader(name, value)
-                    conn.endheaders(body or None)
-                    response = conn.getresponse()
-                    content = response.read()
-                except RETRYABLE as e:
+                    answer, keep = conn.ask(method, request, deadline)
+                except (_Closed, *RETRYABLE) as e:
                     self._drop()
-                    if fresh or attempt:
-                        raise httpx.ConnectError(str(e) or type(e).__name__, request=request) from e
+                    idle_close = isinstance(e, RETRYABLE) or e.early
+                    if not reused or attempt or not idle_close:
+                        raise httpx.ConnectError(str(e) or type(e).__name__) from e
                     continue  # the server closed an idle connection: once more on a new one
                 except TimeoutError as e:
                     self._drop()
-                    raise httpx.ReadTimeout(str(e) or "timed out", request=request) from e
-                except (OSError, http.client.HTTPException) as e:
+                    raise httpx.ReadTimeout(str(e) or "timed out") from e
+                except OSError as e:
                     self._drop()
-                    raise httpx.ConnectError(str(e) or type(e).__name__, request=request) from e
-                if response.will_close:
+                    raise httpx.ConnectError(str(e) or type(e).__name__) from e
+                except BaseException:
                     self._drop()
-                return httpx.Response(
-                    response.status, headers=response.getheaders(), content=content, request=request
-                )
+                    raise
+                if not keep:
+                    self._drop()
+                return answer
             raise AssertionError("unreachable")
         finally:
             self._lock.release()
@@ -158,17 +238,17 @@ class HTTPClientTransport(httpx.BaseTransport):
             self._drop()
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    """Seconds a response's `Retry-After` asks to wait (delta-seconds or an HTTP date); None
-    when it has none, or one that can't be read or is longer than MAX_RETRY_AFTER."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
+def retry_after_seconds(value: bytes | None) -> float | None:
+    """Seconds a `Retry-After` value asks to wait (delta-seconds or an HTTP date); None when
+    there is none, or one that can't be read or is longer than MAX_RETRY_AFTER."""
+    text = (value or b"").decode("latin-1").strip()
+    if not text:
         return None
     try:
-        seconds = float(value)
+        seconds = float(text)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            seconds = parsedate_to_datetime(text).timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     if not 0 <= seconds <= MAX_RETRY_AFTER:
@@ -176,7 +256,7 @@ def retry_after(response: httpx.Response) -> float | None:
     return seconds
 
 
-def lean_transport(url: str, timeout: float) -> httpx.BaseTransport | None:
+def lean_transport(url: str, timeout: float) -> HTTPClientTransport | None:
     """The lean transport for an http:// URL; None for https (httpx's own handles TLS) and for
     a URL that the environment sends through a proxy (`HTTP_PROXY`/`ALL_PROXY` not bypassed by
     `NO_PROXY`, the variables httpx reads): httpx's default transport then honours them."""
