@@ -342,3 +342,67 @@ def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> N
                 np.testing.assert_array_equal(value, done[i][0][key], err_msg=f"{path} {key}")
     finally:
         client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_queries_of_one_loop_turn_are_searched_together_inline(tmp_path, searches, seed: int) -> None:
+    """With an idle index thread, small queries that reach `search` in the same turn of the event
+    loop are answered on the loop's thread as one search per memory (at most MAX_INLINE_ROWS
+    rows, the rest on the thread), each answer the lone one; with the thread busy, none runs inline."""
+    from zmem_service.index_thread import INLINE_WORK, MAX_INLINE_ROWS
+
+    gathered = make_memories(tmp_path / "gathered")
+    twins = make_memories(tmp_path / "lone")
+    rng = np.random.default_rng(seed)
+    for name in ("a", "b", "c"):
+        for memories in (gathered, twins):
+            apply(memories[name], Write(name, *_rows(np.random.default_rng(hash(name) % 100), name)))
+    queries = [random_query(rng, gathered[str(rng.choice(list(MEMORIES)))]) for _ in range(30)]
+    thread = IndexThread(INLINE_WORK)
+    on_loop: list[int] = []
+
+    async def run(busy: bool) -> list[Any]:
+        loop_thread = threading.get_ident()
+        query_now = Memory.query_now
+
+        def spied(self: Memory, qs: Any) -> Any:
+            assert threading.get_ident() == loop_thread
+            on_loop.append(sum(len(q.z) for q in qs))
+            return query_now(self, qs)
+
+        gate = threading.Event()
+        if busy:
+            thread.call(gate.wait)
+        Memory.query_now = spied  # type: ignore[method-assign]
+        try:
+            tasks = [asyncio.ensure_future(thread.search(same_query(q, q.memory))) for q in queries]
+            await asyncio.sleep(0.05)
+            gate.set()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            Memory.query_now = query_now  # type: ignore[method-assign]
+
+    try:
+        answers = asyncio.run(run(busy=False))
+        inline = list(on_loop)
+        on_loop.clear()
+        searches.clear()
+        busy_answers = asyncio.run(run(busy=True))
+    finally:
+        thread.shutdown()
+    assert on_loop == []  # the index thread was busy: every query went to it
+    # One inline search per memory with small queries in that turn, each within the row cap.
+    small = {q.memory.name for q in queries if len(q.z) * q.memory.size * q.z.shape[1] <= INLINE_WORK}
+    assert len(inline) == len(small) and all(0 < rows <= max(MAX_INLINE_ROWS, 40) for rows in inline)
+    for q, got, busy_got in zip(queries, answers, busy_answers, strict=True):
+        twin = twins[q.memory.name]
+        want = twin.query_many([same_query(q, twin)])[0]
+        assert_same(got, want)
+        assert_same(busy_got, want)
+
+
+def _rows(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray]:
+    d = MEMORIES[name][0]
+    n = MEMORIES[name][1] // 2
+    z = rng.integers(-2, 3, size=(n, d)).astype(np.float32) * 0.5
+    return z, rng.standard_normal(n).astype(np.float32)

@@ -35,6 +35,55 @@ def test_the_log_keeps_the_last_capacity_rows_like_a_deque(capacity: int, batche
     assert log.nbytes <= 4 * 8 * capacity
 
 
+@given(
+    capacity=st.integers(0, 40),
+    steps=st.lists(
+        st.tuples(st.sampled_from(["pend", "extend"]), st.integers(0, 5), st.sampled_from([1, 3, 8])),
+        max_size=30,
+    ),
+)
+def test_pended_queries_read_as_if_computed_at_once_in_order(
+    capacity: int, steps: list[tuple[str, int, int]]
+) -> None:
+    """Rows kept by `pend` (numbers computed later, in batches) read exactly as rows whose
+    numbers were computed at once by `kernel_stats`, in the order they came, mixed with
+    `extend` rows and across settles."""
+    import zmem_service.querylog as querylog
+    from zmem_core.kernel import kernel_stats
+
+    rng = np.random.default_rng(capacity)
+    log = QueryLog(capacity)
+    oracle: collections.deque[tuple[float, float, float, float]] = collections.deque(maxlen=capacity)
+    for t, (how, b, k) in enumerate(steps):
+        d2 = (rng.random((b, k)) * 3).astype(np.float32)
+        target = rng.standard_normal((b, k)).astype(np.float32)
+        sigma = float(rng.choice([0.3, 1.0, 2.5]))
+        risk, wsum, n_eff = kernel_stats(d2, target, sigma)
+        if how == "pend":
+            log.pend(d2, target, sigma, ts=float(t))
+        else:
+            log.extend(risk, wsum, n_eff, ts=float(t))
+        oracle.extend(zip(risk, wsum, n_eff, [float(t)] * b, strict=True))
+        assert len(log) == len(oracle)
+        if t % 7 == 6:
+            snap = log.snapshot()
+            for i, name in enumerate(querylog.COLUMNS):
+                assert snap[name].tolist() == [row[i] for row in oracle], name
+    snap = log.snapshot()
+    for i, name in enumerate(querylog.COLUMNS):
+        assert snap[name].tolist() == [row[i] for row in oracle], name
+
+
+def test_pended_queries_settle_by_themselves_past_a_bound() -> None:
+    import zmem_service.querylog as querylog
+
+    log = QueryLog(100_000)
+    k = 64
+    for _ in range(querylog.PENDING_ELEMENTS // k):
+        log.pend(np.ones((1, k), np.float32), np.ones((1, k), np.float32), 1.0, ts=0.0)
+    assert log._pending == [] and log._size == querylog.PENDING_ELEMENTS // k
+
+
 def test_the_log_grows_on_demand_and_snapshots_are_copies() -> None:
     log = QueryLog(100_000)
     assert log.nbytes == 0

@@ -15,14 +15,16 @@ GUARD = 1e-8
 
 
 def kernel_stats(
-    d2: np.ndarray, risk_target: np.ndarray, sigma: float
+    d2: np.ndarray, risk_target: np.ndarray, sigma: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query row: (risk, Σw, n_eff), float64 [B] each.
 
-    d2, risk_target [B, k]. w_i = exp(−d2_i / 2σ²); risk = Σ w_i r_i / (Σw + 1e-8);
-    Σw is the unnormalised weight sum; n_eff = 1 / Σ(w_i / Σw)² is how many neighbours
-    carry the weight (0 when Σw is 0; k = 0 gives 0, 0, 0)."""
-    w = np.exp(-d2.astype(np.float64) / (2.0 * float(sigma) ** 2))
+    d2, risk_target [B, k]; sigma a number, or one per row [B].
+    w_i = exp(−d2_i / 2σ²); risk = Σ w_i r_i / (Σw + 1e-8); Σw is the unnormalised weight
+    sum; n_eff = 1 / Σ(w_i / Σw)² is how many neighbours carry the weight (0 when Σw is 0;
+    k = 0 gives 0, 0, 0)."""
+    s = np.asarray(sigma, np.float64)
+    w = np.exp(-d2.astype(np.float64) / (2.0 * (s[..., None] if s.ndim else s) ** 2))
     wsum = w.sum(axis=-1)
     risk = (w * risk_target).sum(axis=-1) / (wsum + GUARD)
     # n_eff = (Σw)² / Σw², and 0 where every weight underflowed: the guard must not enter

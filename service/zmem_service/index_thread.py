@@ -10,11 +10,13 @@ reach an index between batches (the memory's lock orders them). Other work that
 searches an index runs here too, in turn with the queries (`call`): the changes
 feed's pages (resolving `sigma: "auto"` searches) and the warm-up.
 
-A small query that comes alone (`SearchJob.alone`: the edge counts queries from their
-receipt, and no other was in flight), finds the index thread idle and its memory's lock
-free is answered on the caller's thread instead (`inline_work`: at most that many
-multiply-adds, B·N·d; CPU indexes only): handing a lone query to the thread and back
-costs more than the search, while queries in flight together are better served batched.
+Small queries on a CPU index (`inline_work`: at most that many multiply-adds each,
+B·N·d) are answered on the event loop's thread instead, without a thread hop (handing a
+query to the thread and back costs more than a small search), and still batched: the
+queries that reach `search` in one turn of the event loop (requests that arrived
+together, each task run up to its search) are gathered and searched together at the end
+of that turn, as one batch of at most MAX_INLINE_ROWS rows, when the index thread is idle
+and the memory's lock is free; otherwise they go to the thread as usual.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,33 +48,66 @@ class SearchJob:
     sigma: float | str | None
     max_floats: int
     record: int = 0  # keep the rows' kernel stats among the last `record` recorded queries
-    alone: bool = False  # no other query was in flight when this one was searched: may run inline
     future: concurrent.futures.Future[Neighbors] = field(default_factory=concurrent.futures.Future)
 
 
 INLINE_WORK = 2**21
 """A query of at most this many multiply-adds (B·N·d; 50,000 × 32 at B=1 is 1.6M) may run inline."""
+MAX_INLINE_ROWS = 32
+"""At most this many gathered rows are searched inline at once; the rest go to the thread."""
+_TO_THREAD = object()
 
 
 class IndexThread:
     def __init__(self, inline_work: int = 0) -> None:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
+        self._gathered: list[tuple[SearchJob, asyncio.Future[Any]]] = []  # for this loop turn
         self._queue: queue.SimpleQueue[SearchJob | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
 
     async def search(self, query: SearchJob) -> Neighbors:
-        if query.alone and self._queued == 0:
-            work = len(query.z) * query.memory.size * query.z.shape[1]
-            if work <= self.inline_work:
-                answer = query.memory.query_now(query)
-                if isinstance(answer, Neighbors):
-                    return answer
-                if answer is not None:
-                    raise answer
+        if self.inline_work and len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[Any] = loop.create_future()
+            self._gathered.append((query, waiter))
+            if len(self._gathered) == 1:
+                loop.call_soon(self._search_gathered)  # after the tasks runnable in this turn
+            answer = await waiter
+            if answer is not _TO_THREAD:
+                assert isinstance(answer, Neighbors)
+                return answer
         self._put(query)
         return await asyncio.wrap_future(query.future)
+
+    def _search_gathered(self) -> None:
+        """Answer the queries gathered in this loop turn (see the module docstring): each
+        waiter gets its answer or error, or `_TO_THREAD`."""
+        gathered, self._gathered = self._gathered, []
+        by_memory: dict[Memory, list[tuple[SearchJob, asyncio.Future[Any]]]] = {}
+        for item in gathered:
+            by_memory.setdefault(item[0].memory, []).append(item)
+        for memory, items in by_memory.items():
+            rows, now = 0, 0
+            while now < len(items) and rows + len(items[now][0].z) <= MAX_INLINE_ROWS:
+                rows += len(items[now][0].z)
+                now += 1
+            now = max(now, 1)
+            answers: Sequence[Neighbors | BaseException] | None = None
+            if self._queued == 0:
+                try:
+                    answers = memory.query_now([q for q, _ in items[:now]])
+                except BaseException as e:  # a bug must reach the requests
+                    answers = [e] * now
+            for i, (_, waiter) in enumerate(items):
+                if waiter.done():  # its request was cancelled
+                    continue
+                answer = answers[i] if answers is not None and i < now else _TO_THREAD
+                if isinstance(answer, BaseException):
+                    waiter.set_exception(answer)
+                else:
+                    waiter.set_result(answer)
 
     def _put(self, item: SearchJob | Callable[[], Any] | None) -> None:
         self._queued += 1

@@ -106,8 +106,8 @@ class Neighbors:
     def kernel_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: the seed's kernel risk, Σw and n_eff, float64 [B] (`zmem_core.kernel`).
 
-        Computed once per answer: a recorded query keeps them (index thread) and
-        `POST …/risk` answers with the same risk afterwards, without computing it again."""
+        Computed once per answer, when asked (`POST …/risk`); a recorded query's are computed
+        by the query log, in a batch with others (`QueryLog.pend`)."""
         if self._stats is None:
             self._stats = kernel_stats(self.d2, self.risk_target, self.sigma)
         return self._stats
@@ -355,15 +355,16 @@ class Memory:
         with self._lock:
             return self._query_many(queries)
 
-    def query_now(self, query: NeighborQuery) -> Neighbors | ZMemError | None:
-        """Answer one query on the calling thread if that is cheap right now, else None: the
-        lock is free and `sigma: "auto"` needs no recomputing (which searches a sample)."""
+    def query_now(self, queries: Sequence[NeighborQuery]) -> list[Neighbors | ZMemError] | None:
+        """`query_many` on the calling thread if that is cheap right now, else None: the lock is
+        free and no query's `sigma: "auto"` needs recomputing (which searches a sample)."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            if params.is_auto(query.sigma, self.settings.sigma) and not self._auto_fresh():
+            auto = any(params.is_auto(q.sigma, self.settings.sigma) for q in queries)
+            if auto and not self._auto_fresh():
                 return None
-            return self._query_many([query])[0]
+            return self._query_many(queries)
         finally:
             self._lock.release()
 
@@ -409,23 +410,27 @@ class Memory:
         )
 
     def _record(self, nb: Neighbors) -> None:
-        """Keep the rows' kernel risk, Σw and n_eff among the recorded queries (lock held)."""
-        self._keep_queries(*nb.kernel_stats())
+        """Keep the rows among the recorded queries, their kernel numbers computed later in
+        a batch (`QueryLog.pend`; lock held)."""
+        self._check_log_room(len(nb.d2))
+        self.queries.pend(nb.d2, nb.risk_target, nb.sigma, time.time())
 
     def _keep_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
-        """Append to the query log (lock held), which keeps its last `capacity` rows.
+        """Append rows computed elsewhere to the query log (lock held)."""
+        self._check_log_room(len(risk))
+        self.queries.extend(risk, wsum, n_eff, time.time())
 
-        A memory with rows has its log's bound counted already (`_log_bytes`); one without
-        takes it with its first recorded query, and raises InsufficientStorage (nothing
-        kept) when the memory budget has no room for it."""
+    def _check_log_room(self, rows: int) -> None:
+        """The query log keeps its last `capacity` rows. A memory with rows has its log's bound
+        counted already (`_log_bytes`); one without takes it with its first recorded query, and
+        raises InsufficientStorage (nothing kept) when the memory budget has no room for it."""
         slots = self.ring.allocated if self.ring is not None else 0
         need = self.queries.bound_bytes
-        if len(risk) and need and not self._log_bytes(slots) and self.room() < need:
+        if rows and need and not self._log_bytes(slots) and self.room() < need:
             raise InsufficientStorage(
                 f"memory {self.name!r} holds no episodes yet and the memory budget (--max-memory-bytes) "
                 f"has no room for its recorded queries ({need} bytes)"
             )
-        self.queries.extend(risk, wsum, n_eff, time.time())
 
     def _prepare(
         self, zq: np.ndarray, k: int | None, sigma: float | str | None, max_floats: int

@@ -5,14 +5,35 @@ Each recorded query row keeps its kernel risk, the unnormalised weight sum Σw (
 of neighbours carrying the weight 1/Σw_norm², and when it was recorded. The diagnostics'
 convergence and kernel criteria and ``risk.png`` read them.
 
+A query answered by the service is kept as its neighbours' distances and risk targets
+(`pend`) and its kernel numbers are computed later, many queries in one numpy pass: when
+PENDING_ELEMENTS distances wait, or when the log is read or extended. A training step's
+query then pays a list append for being recorded, not a kernel evaluation.
+
 Not thread-safe: the owning memory serialises every call under its lock.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from zmem_core.kernel import kernel_stats
+
 COLUMNS = ("risk", "wsum", "n_eff", "ts")
+PENDING_ELEMENTS = 2**14
+"""Queries wait with at most about this many neighbour distances before their numbers are computed."""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A query's rows waiting for their kernel numbers: d2, risk_target [B, k], its sigma and time."""
+
+    d2: np.ndarray
+    risk_target: np.ndarray
+    sigma: float
+    ts: float
 
 
 class QueryLog:
@@ -33,9 +54,42 @@ class QueryLog:
         self._cols = {c: np.zeros(0, np.float64) for c in COLUMNS}
         self._next = 0  # slot of the next row
         self._size = 0
+        self._pending: list[_Pending] = []
+        self._pending_rows = 0
+        self._pending_elements = 0
 
     def __len__(self) -> int:
-        return self._size
+        return min(self.capacity, self._size + self._pending_rows)
+
+    def pend(self, d2: np.ndarray, risk_target: np.ndarray, sigma: float, ts: float) -> None:
+        """Keep a query's rows (d2, risk_target [B, k]) recorded at `ts`; their kernel risk, Σw
+        and n_eff (`zmem_core.kernel.kernel_stats` at `sigma`) are computed later, in order."""
+        if self.capacity == 0 or len(d2) == 0:
+            return
+        self._pending.append(_Pending(d2, risk_target, float(sigma), float(ts)))
+        self._pending_rows += len(d2)
+        self._pending_elements += d2.size
+        if self._pending_elements >= PENDING_ELEMENTS:
+            self.settle()
+
+    def settle(self) -> None:
+        """Compute the waiting queries' numbers and append them: runs of queries with the same k
+        in one pass each (a per-row sigma), in the order they were recorded."""
+        pending, self._pending = self._pending, []
+        self._pending_rows = self._pending_elements = 0
+        start = 0
+        while start < len(pending):
+            k = pending[start].d2.shape[1]
+            stop = start + 1
+            while stop < len(pending) and pending[stop].d2.shape[1] == k:
+                stop += 1
+            run = pending[start:stop]
+            sigma = np.concatenate([np.full(len(p.d2), p.sigma) for p in run])
+            risk, wsum, n_eff = kernel_stats(
+                np.concatenate([p.d2 for p in run]), np.concatenate([p.risk_target for p in run]), sigma
+            )
+            self._append([risk, wsum, n_eff, np.concatenate([np.full(len(p.d2), p.ts) for p in run])])
+            start = stop
 
     @property
     def nbytes(self) -> int:
@@ -57,9 +111,14 @@ class QueryLog:
         n = cols[0].size
         if any(c.size != n for c in cols):
             raise ValueError(f"risk, wsum and n_eff must have the same length, got {[c.size for c in cols]}")
+        self.settle()  # the rows recorded before these go first
+        self._append([*cols, np.full(n, float(ts))])
+
+    def _append(self, cols: list[np.ndarray]) -> None:
+        """Append rows: risk, wsum, n_eff, ts, each float64 [n]."""
+        n = cols[0].size
         if n == 0 or self.capacity == 0:
             return
-        cols.append(np.full(n, float(ts)))
         if n > self.capacity:  # only the last `capacity` rows would survive
             cols = [c[n - self.capacity :] for c in cols]
             n = self.capacity
@@ -84,6 +143,7 @@ class QueryLog:
 
     def snapshot(self) -> dict[str, np.ndarray]:
         """Copies of the columns, oldest first: ``{"risk", "wsum", "n_eff", "ts"}`` each [len]."""
+        self.settle()
         start = (self._next - self._size) % self.capacity if self.capacity else 0
         order = (start + np.arange(self._size)) % max(self.capacity, 1)
         return {name: col[order] for name, col in self._cols.items()}

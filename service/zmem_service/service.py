@@ -3,8 +3,8 @@
 The edge decodes a request into the domain's objects (an `EpisodeBatch`, a `Query`,
 columns), calls one method here and encodes the answer; this module knows nothing of
 HTTP. Every blocking step runs off the event loop: writes on the writer thread,
-searches on the index thread (or inline, for a small query with nothing else in
-flight), file building on a worker thread.
+searches on the index thread (or on the loop's thread, gathered per loop turn, for small
+queries on a CPU index), file building on a worker thread.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,17 +73,6 @@ class ZMem:
         self._imports = 0  # imports being received or unpacked (at most MAX_CONCURRENT_IMPORTS)
         self._writer: Writer | None = None
         self.ready = False
-        self.queries_in_flight = 0  # counted from receipt (`query_received`) to the answer
-
-    @contextmanager
-    def query_received(self) -> Iterator[None]:
-        """Count a query from its receipt, before its body is read, until it is answered: a
-        query that finds no other in flight may be searched inline, the others batch."""
-        self.queries_in_flight += 1
-        try:
-            yield
-        finally:
-            self.queries_in_flight -= 1
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -232,8 +220,7 @@ class ZMem:
         if b > self.settings.max_batch:
             raise ValidationFailed.at(["z"], f"{b} query rows; the limit is {self.settings.max_batch}")
         keep = self.settings.recorded_queries if query.record else 0
-        alone = self.queries_in_flight <= 1
-        job = SearchJob(memory, query.z, query.k, query.sigma, self.settings.max_response_floats, keep, alone)
+        job = SearchJob(memory, query.z, query.k, query.sigma, self.settings.max_response_floats, keep)
         return await self.index_thread.search(job)
 
     async def record_queries(self, name: str, columns: dict[str, np.ndarray]) -> int:

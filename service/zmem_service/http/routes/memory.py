@@ -33,25 +33,23 @@ router = APIRouter()
 async def neighbors_answer(call: Call, name: str, zmem: ZMem) -> Response:
     """`POST …/neighbors`: the answer's slot is taken before the search, so a computed answer
     is never dropped for want of one."""
-    with zmem.query_received():
-        query = await read_query(call, zmem.settings)
-        floats, k = zmem.answer_floats(name, query)
-        ticket = await answer_ticket(call, answer_bytes(floats, query.z.shape[0], k))
-        try:
-            nb = await zmem.neighbors(name, query)
-        except BaseException:
-            if ticket is not None:
-                ticket.release()
-            raise
+    query = await read_query(call, zmem.settings)
+    floats, k = zmem.answer_floats(name, query)
+    ticket = await answer_ticket(call, answer_bytes(floats, query.z.shape[0], k))
+    try:
+        nb = await zmem.neighbors(name, query)
+    except BaseException:
+        if ticket is not None:
+            ticket.release()
+        raise
     meta = {"size": nb.size, "active": nb.active, "k": nb.k, "sigma": nb.sigma}
     return await respond(call, zmem.settings, _neighbors_arrays(nb, query.one_row), meta, ticket)
 
 
 async def risk_answer(call: Call, name: str, zmem: ZMem) -> Response:
     """`POST …/risk`: B floats, never a large answer."""
-    with zmem.query_received():
-        query = await read_query(call, zmem.settings)
-        nb, risk = await zmem.risk(name, query)
+    query = await read_query(call, zmem.settings)
+    nb, risk = await zmem.risk(name, query)
     meta = {"size": nb.size, "active": nb.active, "sigma": nb.sigma}
     risk32 = risk.astype(np.float32)
     arrays = {"risk": risk32.reshape(()) if query.one_row else risk32}
