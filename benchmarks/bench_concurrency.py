@@ -116,6 +116,7 @@ class Result:
     latencies: list[np.ndarray]
     checked: int = 0
     differ: int = 0
+    searches: dict[str, tuple[float, float]] | None = None  # where → (searches, queries) during the load
 
     @property
     def calls_per_s(self) -> float:
@@ -145,9 +146,11 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
     for p in procs:
         p.start()
     barrier.wait(timeout=300)
+    counts0 = search_counts(url)
     cpu0 = cpu_seconds(pid)
     got = [out.get(timeout=duration + 300) for _ in procs]
     cpu1 = cpu_seconds(pid)
+    counts1 = search_counts(url)
     for p in procs:
         p.join(60)
     got.sort(key=lambda g: g[0])
@@ -156,9 +159,33 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
     lat = [g[3] for g in got]
     client_cpu = sum(g[4] for g in got)
     checked, differ = exact(url, got, rows, d)
+    searches = {w: (counts1[w][0] - counts0[w][0], counts1[w][1] - counts0[w][1]) for w in counts1}
     return Result(
-        rows, workers, sum(len(t) for t in lat), end - start, cpu1 - cpu0, client_cpu, lat, checked, differ
+        rows,
+        workers,
+        sum(len(t) for t in lat),
+        end - start,
+        cpu1 - cpu0,
+        client_cpu,
+        lat,
+        checked,
+        differ,
+        searches,
     )
+
+
+def search_counts(url: str) -> dict[str, tuple[float, float]]:
+    """The service's index searches and the queries they answered so far, by where they ran
+    (`zmem_index_searches_total`, `zmem_index_queries_total` in /metrics)."""
+    import httpx
+
+    counts: dict[str, list[float]] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        for i, family in enumerate(("zmem_index_searches_total{", "zmem_index_queries_total{")):
+            if line.startswith(family):
+                where = line.split('where="', 1)[1].split('"', 1)[0]
+                counts.setdefault(where, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
+    return {w: (c[0], c[1]) for w, c in counts.items()}
 
 
 def report(res: Result, floor_us: float) -> list[str]:
@@ -181,6 +208,11 @@ def report(res: Result, floor_us: float) -> list[str]:
         lines.append(f"{'server CPU per query row (µs)':34} {res.cpu_us_per_call / res.rows:12,.1f}")
     verdict = "every answer exact" if res.differ == 0 else f"{res.differ} MISMATCHES"
     lines.append(f"{'answers checked against lone asks':34} {res.checked:12,}  {verdict}")
+    for where, (searches, queries) in (res.searches or {}).items():
+        per = queries / searches if searches else 0.0
+        lines.append(
+            f"{'searches on the ' + where + ' (calls each)':34} {searches:12,.0f}  {per:.2f} calls per search"
+        )
     lines.append(f"{'server CPU busy (cores)':34} {res.server_cpu / res.wall:12.2f}")
     lines.append(f"{'worker CPU per call (µs)':34} {res.client_cpu_us_per_call:12,.0f}")
     lines.append(f"{'worker CPU busy (cores)':34} {res.client_cpu / res.wall:12.2f}")

@@ -406,3 +406,84 @@ def _rows(rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray]:
     n = MEMORIES[name][1] // 2
     z = rng.integers(-2, 3, size=(n, d)).astype(np.float32) * 0.5
     return z, rng.standard_normal(n).astype(np.float32)
+
+
+@pytest.mark.e2e
+def test_requests_that_arrive_together_are_one_search_through_a_real_server(tmp_path) -> None:
+    """Eight B=1 queries on eight connections, all in the server's sockets before it reads
+    any (the process is stopped while they are sent): one index search on the loop's thread
+    answers them, as `/metrics` counts it, and each answer is the one it gets alone."""
+    import os
+    import signal
+    import socket
+
+    import httpx
+
+    from zmem_core import wire
+
+    from .server import Server
+
+    srv = Server(tmp_path / "data", "--min-size", "1", "--k", "8", "--durability", "none").start()
+    try:
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((300, 4)).astype(np.float32)
+        episodes = [{"z": row.tolist(), "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for row in z]
+        assert httpx.post(f"{srv.url}/episodes", json={"episodes": episodes}).status_code == 200
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        bodies = [wire.encode({"z": z[i : i + 1] + 0.01}, {"record": True}) for i in range(8)]
+        heads = [
+            b"POST /neighbors HTTP/1.1\r\nhost: zmem\r\ncontent-type: %s\r\naccept: %s\r\n"
+            b"content-length: %d\r\n\r\n" % (wire.SAFETENSORS.encode(), wire.SAFETENSORS.encode(), len(b))
+            for b in bodies
+        ]
+
+        def counts() -> dict[str, float]:
+            text = httpx.get(f"{srv.url}/metrics").text
+            return {
+                line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("zmem_index_searches_total", "zmem_index_queries_total"))
+            }
+
+        socks = [socket.create_connection((host, int(port)), timeout=30) for _ in bodies]
+        httpx.get(f"{srv.url}/healthz")  # every connection accepted by now
+        before = counts()
+        assert srv.proc is not None
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            for sock, head, body in zip(socks, heads, bodies, strict=True):
+                sock.sendall(head + body)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        answers = []
+        for sock in socks:
+            with sock, sock.makefile("rb") as f:
+                status = f.readline()
+                assert status.startswith(b"HTTP/1.1 200"), status
+                length = 0
+                while (line := f.readline()) != b"\r\n":
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                answers.append(wire.decode(f.read(length)))
+        after = counts()
+        assert (
+            after['zmem_index_searches_total{where="loop"}']
+            - before['zmem_index_searches_total{where="loop"}']
+            == 1
+        )
+        assert (
+            after['zmem_index_queries_total{where="loop"}'] - before['zmem_index_queries_total{where="loop"}']
+            == 8
+        )
+        for body, (arrays, meta) in zip(bodies, answers, strict=True):
+            alone = httpx.post(
+                f"{srv.url}/neighbors",
+                content=body,
+                headers={"content-type": wire.SAFETENSORS, "accept": wire.SAFETENSORS},
+            )
+            want, want_meta = wire.decode(alone.content)
+            assert meta == want_meta
+            for name in ("seq", "d2", "z", "risk_target"):
+                np.testing.assert_array_equal(arrays[name], want[name])
+    finally:
+        srv.stop()

@@ -63,6 +63,9 @@ class IndexThread:
         self.inline_work = inline_work
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
         self._gathered: list[tuple[SearchJob, asyncio.Future[Any]]] = []  # for this loop turn
+        # Index searches and the queries they answered, by where they ran ("loop", "thread").
+        self.searches = {"loop": 0, "thread": 0}
+        self.queries = {"loop": 0, "thread": 0}
         self._queue: queue.SimpleQueue[SearchJob | Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
@@ -100,6 +103,9 @@ class IndexThread:
                     answers = memory.query_now([q for q, _ in items[:now]])
                 except BaseException as e:  # a bug must reach the requests
                     answers = [e] * now
+                if answers is not None:
+                    self.searches["loop"] += 1
+                    self.queries["loop"] += now
             for i, (_, waiter) in enumerate(items):
                 if waiter.done():  # its request was cancelled
                     continue
@@ -166,12 +172,13 @@ class IndexThread:
         finally:
             self._queued -= len(batch)  # under the GIL; only a hint for `search`
 
-    @staticmethod
-    def _answer_batch(batch: list[SearchJob]) -> None:
+    def _answer_batch(self, batch: list[SearchJob]) -> None:
         by_memory: dict[Memory, list[SearchJob]] = {}
         for q in batch:
             by_memory.setdefault(q.memory, []).append(q)
         for memory, queries in by_memory.items():
+            self.searches["thread"] += 1
+            self.queries["thread"] += len(queries)
             answers: list[Neighbors | BaseException]
             try:
                 answers = list(memory.query_many(queries))

@@ -30,13 +30,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zmem_core import __version__
 
 if TYPE_CHECKING:
+    from .index_thread import IndexThread
     from .registry import Memories
 
 access_log = logging.getLogger("zmem.access")
@@ -79,9 +80,10 @@ class Metrics:
         )
         self.access = ACCESS
 
-    def watch(self, memories: Memories) -> None:
-        """Read the gauges from `memories` at each scrape."""
+    def watch(self, memories: Memories, index_thread: IndexThread | None = None) -> None:
+        """Read the gauges from `memories` (and the search counts from `index_thread`) at each scrape."""
         self.state.memories = memories
+        self.state.index_thread = index_thread
 
 
 class StateCollector(Collector):
@@ -91,11 +93,27 @@ class StateCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.memories: Memories | None = None
+        self.index_thread: IndexThread | None = None
 
     def describe(self) -> list[Metric]:
         return []  # families vary with the memories; registering must not collect
 
     def collect(self) -> Iterator[Metric]:
+        if self.index_thread is not None:
+            searches = CounterMetricFamily(
+                "zmem_index_searches",
+                "index searches, by where they ran (the event loop's thread, for small CPU queries "
+                "gathered in one loop turn, or the index thread); each answers one or more queries",
+                labels=["where"],
+            )
+            queries = CounterMetricFamily(
+                "zmem_index_queries", "queries answered by those searches", labels=["where"]
+            )
+            for where, n in self.index_thread.searches.items():
+                searches.add_metric([where], n)
+                queries.add_metric([where], self.index_thread.queries[where])
+            yield searches
+            yield queries
         if self.memories is None:
             return
         memories = self.memories.all()

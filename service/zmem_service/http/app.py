@@ -70,7 +70,7 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
     tokens = Tokens.from_settings(settings)
     metrics = Metrics()
     zmem = ZMem(settings, metrics)
-    metrics.watch(zmem.memories)
+    metrics.watch(zmem.memories, zmem.index_thread)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
