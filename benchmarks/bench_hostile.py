@@ -1,14 +1,22 @@
 """Hostile loads at full size against a real server: worst /healthz latency and peak RSS.
 
-    python -m benchmarks.bench_hostile [--max-memory-bytes 4294967296]
+    python -m benchmarks.bench_hostile [--max-memory-bytes 4294967296] [--decode-sizes 64K,256K,512K,1M,4M]
+        [--decode-seconds 3] [--only decode]
 
 Loads (issue 9, items 1 and 4), one after another on one server:
 - heads: 8 connections each sending a 100 MiB header;
 - write: a 30 MiB JSON episodes body;
 - answer: a read-token-sized neighbours query whose JSON answer is at max_response_floats
-  (2^24 floats: 256 rows × k 1024 × d 64), asked as JSON.
+  (2^24 floats: 256 rows × k 1024 × d 64), asked as JSON;
+- decode (issue 24, the size below which a body is parsed whole by a native parser), each
+  body sent again and again for a few seconds: per size, the bodies that cost the most to
+  parse per byte, `{"episodes": [1,1,…]}` (one-digit numbers) and `{"episodes": ["",…]}`
+  (empty strings), refused after parsing (more episodes than max_batch), and a valid
+  episodes body (d = 64) for the time a request takes; then empty arrays `[[],[],…]`,
+  2^16 of them and as many as the service's count of arrays, objects and members takes.
 While each runs, /healthz is polled every 20 ms. Prints, per load, the answer's status,
-how long it took, the worst /healthz latency and the server's peak RSS (VmRSS).
+how long it took (per request for the decode loads), the worst /healthz latency and the
+server's peak RSS (VmRSS).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import numpy as np
 import safetensors.numpy
 
 from tests.server import Server
+from zmem_core.limits import MAX_BATCH
+from zmem_service.http.codecs import json_values_cap
 
 
 def rss(pid: int) -> int:
@@ -47,6 +57,26 @@ def big_head(port: int) -> str:
         with contextlib.suppress(OSError):
             return s.recv(64).split(b"\r\n")[0].decode()
     return "closed"
+
+
+def size_arg(text: str) -> list[int]:
+    """`64K,1M` as bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    return [int(part[:-1]) * units[part[-1]] if part[-1] in units else int(part) for part in text.split(",")]
+
+
+def repeated(unit: str, size: int) -> bytes:
+    """`{"episodes": [unit,unit,…]}` of about `size` bytes."""
+    return ('{"episodes": [' + ",".join([unit] * max(1, (size - 16) // (len(unit) + 1))) + "]}").encode()
+
+
+def valid_episodes(size: int, rng: np.random.Generator, d: int = 64) -> bytes:
+    """A valid episodes body of about `size` bytes (at least one episode)."""
+    n = max(1, size // (d * 12 + 70))
+    z = rng.standard_normal((n, d)).round(6).tolist()
+    return json.dumps(
+        {"episodes": [{"z": r, "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.1} for r in z]}
+    ).encode()
 
 
 def measure(srv: Server, pid: int, load: Callable[[], str]) -> tuple[str, float, float, int]:
@@ -74,6 +104,9 @@ def measure(srv: Server, pid: int, load: Callable[[], str]) -> tuple[str, float,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-memory-bytes", type=int, default=4 << 30)
+    ap.add_argument("--decode-sizes", type=size_arg, default=size_arg("64K,256K,512K,1M,4M"))
+    ap.add_argument("--decode-seconds", type=float, default=3.0, help="how long each decode load is sent")
+    ap.add_argument("--only", choices=("all", "decode"), default="all")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     z = rng.standard_normal((10_000, 256)).round(6)
@@ -127,16 +160,45 @@ def main() -> None:
                 r = httpx.post(srv.url + "/memories/q/neighbors", content=query, headers=json_h, timeout=600)
                 return f"{r.status_code} ({len(r.content) >> 20} MiB)"
 
-            rows = [
-                ("8 × 100 MiB header", heads),
-                ("30 MiB JSON write", write),
-                ("2^24-float JSON answer", answer),
-            ]
+            def sent_for(payload: bytes, path: str = "/episodes") -> Callable[[], str]:
+                def load() -> str:
+                    statuses, n, start = set(), 0, time.perf_counter()
+                    with httpx.Client(timeout=600) as c:
+                        while not n or time.perf_counter() - start < args.decode_seconds:
+                            r = c.post(srv.url + path, content=payload, headers=json_h)
+                            statuses.add(str(r.status_code))
+                            n += 1
+                    ms = 1000 * (time.perf_counter() - start) / n
+                    return f"{'/'.join(sorted(statuses))} ×{n}, {ms:.1f} ms each"
+
+                return load
+
+            rows = (
+                []
+                if args.only == "decode"
+                else [
+                    ("8 × 100 MiB header", heads),
+                    ("30 MiB JSON write", write),
+                    ("2^24-float JSON answer", answer),
+                ]
+            )
+            cap = json_values_cap(MAX_BATCH)  # arrays, objects and members a body may hold
+            for size in args.decode_sizes:
+                label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+                rows.append((f"{label} JSON [1,1,…]", sent_for(repeated("1", size))))
+                rows.append((f'{label} JSON ["",…]', sent_for(repeated('""', size))))
+                rows.append(
+                    (f"{label} JSON episodes", sent_for(valid_episodes(size, rng), "/memories/d64/episodes"))
+                )
+            for arrays in (2**16 - 3, cap - 3):  # the body's object, its member and its list count too
+                rows.append(
+                    (f"{arrays} × [] ({3 * arrays >> 10} KiB)", sent_for(repeated("[]", 3 * arrays + 16)))
+                )
             print(f"server idle RSS {idle >> 20} MiB; --max-memory-bytes {args.max_memory_bytes >> 20} MiB")
-            print(f"{'load':<24} {'answer':<28} {'took s':>7} {'worst /healthz s':>17} {'peak RSS MiB':>13}")
+            print(f"{'load':<26} {'answer':<32} {'took s':>7} {'worst /healthz s':>17} {'peak RSS MiB':>13}")
             for name, load in rows:
                 status, took, worst, peak = measure(srv, pid, load)
-                print(f"{name:<24} {status:<28} {took:>7.2f} {worst:>17.3f} {peak >> 20:>13}")
+                print(f"{name:<26} {status:<32} {took:>7.2f} {worst:>17.3f} {peak >> 20:>13}")
         finally:
             srv.stop()
 

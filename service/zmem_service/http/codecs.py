@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pydantic_core
 from pydantic import ValidationError
 
 from zmem_core import wire as core_wire
@@ -29,6 +31,13 @@ from . import jsonchunks
 from .schemas import EPISODE_LIST, ROW, ROWS, EpisodesIn, QueryOptions
 
 JSON = "application/json"
+# Bodies parsed whole by the native parser: at most this many bytes, and arrays, objects and
+# members. The slowest such body (512 KiB of one-digit numbers; 32 Ki empty arrays) parses in
+# about 5 ms, the switch interval after which the stepwise parser hands the GIL back to the
+# event loop: the worst /healthz latency while such bodies arrive stays the stepwise
+# parser's; from 1 MiB up it grows (benchmarks/bench_hostile.py, bench_json.py).
+NATIVE_BYTES = 512 << 10
+NATIVE_VALUES = 1 << 15
 # Floats validated per pydantic call on large JSON bodies (each call holds the GIL).
 FLOATS_PER_STEP = 16384
 QUERY_FIELDS = ("risk", "wsum", "n_eff")
@@ -67,27 +76,42 @@ def is_safetensors(content_type: str | None) -> bool:
 
 
 def parse_json(body: bytes, max_values: int | None = None) -> Any:
-    """A JSON document (UTF-8 only, whatever the size); a body past `jsonchunks.WINDOW`
-    bytes is parsed in steps, and refused (422) past `max_values` arrays, objects and
-    members, counted at C speed before any parsing."""
+    """A JSON document (UTF-8 only, whatever the size), refused (422) past `max_values` arrays,
+    objects and members when past `jsonchunks.WINDOW` bytes (counted at C speed first).
+
+    A body of at most `NATIVE_BYTES` and `NATIVE_VALUES` is parsed whole by pydantic_core's
+    parser; a larger one in steps (`jsonchunks.loads`), so that no single call holds the GIL
+    for long. Both give what `json.loads` gives: a body the native parser refuses (a lone
+    surrogate escape, nesting past its limit, or invalid JSON) is parsed again by the stdlib's,
+    which takes it or says what is wrong in the words it always has."""
     try:
         # json.loads would also take UTF-16/32 and a BOM.
         text = body.decode("utf-8")
         if len(body) <= jsonchunks.WINDOW:
-            return json.loads(text)
-        if max_values is not None:
-            count = jsonchunks.count_values(text, max_values)
-            if count > max_values:
-                raise ValidationFailed.at(
-                    ["body"],
-                    f"{count} JSON arrays, objects and members; at most {max_values} "
-                    "(for this service's max_batch rows or episodes)",
-                )
+            return _parse_whole(body, text, json.loads)
+        count = jsonchunks.count_values(text, NATIVE_VALUES if max_values is None else max_values)
+        if max_values is not None and count > max_values:
+            raise ValidationFailed.at(
+                ["body"],
+                f"{count} JSON arrays, objects and members; at most {max_values} "
+                "(for this service's max_batch rows or episodes)",
+            )
+        if len(body) <= NATIVE_BYTES and count <= NATIVE_VALUES:
+            return _parse_whole(body, text, jsonchunks.loads)
         return jsonchunks.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}") from None
     except RecursionError:
         raise BadRequest("body is not valid JSON: nested too deeply") from None
+
+
+def _parse_whole(body: bytes, text: str, stdlib: Callable[[str], Any]) -> Any:
+    """`body` by the native parser in one call, else by `stdlib` (see `parse_json`)."""
+    try:
+        # NaN and Infinity are taken, as json.loads takes them: the models name them (422).
+        return pydantic_core.from_json(body, allow_inf_nan=True)
+    except ValueError:
+        return stdlib(text)
 
 
 def parse_safetensors(
