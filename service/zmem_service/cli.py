@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import sys
@@ -141,6 +143,49 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+# A LogRecord's own attributes; any other is a field the call passed in `extra`.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn passes its message again with terminal colours.
+_DROPPED = frozenset({"color_message"})
+
+
+class JsonLines(logging.Formatter):
+    """A record as one JSON object on one line: `time` (UTC, ISO 8601, ms), `level`, `logger`,
+    `message`, then the fields passed in `extra` (an object JSON can't hold as its `str`; with a
+    NaN among them or a key JSON can't hold, every one as its `repr`), and `exception` /
+    `stack` as text when the record has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in _DROPPED and key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        try:
+            return json.dumps(line, default=str, allow_nan=False)
+        except (TypeError, ValueError):  # NaN, a key JSON can't hold, a cycle: every extra as its repr
+            return json.dumps({key: v if isinstance(v, str) else repr(v) for key, v in line.items()})
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """The process's log on stderr: `level` and above, as text lines or as JSON lines."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -176,9 +221,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, OSError) as e:
         print(f"zmem serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     configure_access_log(settings.access_log or settings.log_level == "debug")
     serve(app, settings, settings.log_level, on_exit=app.state.zmem.signal.close_soon)
     return 0

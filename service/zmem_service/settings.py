@@ -86,6 +86,10 @@ LogLevel = Annotated[
     Literal["critical", "error", "warning", "info", "debug"],
     BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
 ]
+LogFormat = Annotated[
+    Literal["text", "json"],
+    BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
+]
 
 
 class RiskWeights(BaseModel):
@@ -236,6 +240,11 @@ class ServiceSettings(BaseSettings):
 
     # The log.
     log_level: LogLevel = Field("info", description="how much the service logs")
+    log_format: LogFormat = Field(
+        "text",
+        description="the log's lines: text, or json (one object a line: time, level, logger, message "
+        "and the record's extra fields)",
+    )
     access_log: bool = Field(False, description="a line per request (always on at --log-level debug)")
     log_summary_seconds: float = Field(
         60.0,

@@ -279,12 +279,14 @@ def serve(
     """Run `app` in this process until SIGINT/SIGTERM (one worker: the rings are process state);
     `on_exit` runs when a signal arrives, from the signal handler."""
     # uvicorn's access log would print query strings (a dashboard's ?token=); the app's
-    # own access log (zmem.access) doesn't.
+    # own access log (zmem.access) doesn't. JSON logs: uvicorn's own lines go to the root
+    # logger's handler too, not to the text handler its default config gives them.
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         workers=1,
         http=protocol_for(Limits.from_settings(settings)),
         timeout_keep_alive=settings.keep_alive_timeout,
