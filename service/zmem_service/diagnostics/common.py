@@ -26,7 +26,12 @@ class Thresholds:
     when every group binds well, above reliable_soft_bind."""
     reliable_lambda_fraction: float = 0.5
     """An island is also reliable when its mean lambda_bind is at most this fraction of the
-    highest group's (the seed's "high soft_bind and/or low lambda_bind")."""
+    highest group's (the seed's "high soft_bind and/or low lambda_bind"), unless it is the
+    least reliable group by soft_bind (``lambda_least_gap``)."""
+    lambda_least_gap: float = 0.05
+    """An island whose mean soft_bind is below every other group's by at least this and by
+    ``floor_z`` standard errors is the least reliable by soft_bind, and low lambda_bind
+    doesn't make it reliable: a stuck, deterministic policy has low entropy too."""
     dense_lambda_drop: float = 0.25
     """Without islands, the densest quarter also passes when its mean lambda_bind is at least
     this fraction below the other points' (beyond noise)."""
@@ -113,17 +118,6 @@ def _ratio(x: np.ndarray, blob: _Blob, k: int) -> tuple[np.ndarray, float, float
     ref = float(_knn_mean_distance(blob.sample(x.shape[0]), k).mean())
     m = float(mine.mean())
     return mine, m, ref, (m / ref if ref > 0 else None)
-
-
-def _project2(x: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """The PCA-2 projection of x [n, d] → ([n, 2], fraction of variance in the 2 PCs)."""
-    mean = x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    xy = np.zeros((x.shape[0], 2))
-    m = min(2, vt.shape[0])
-    xy[:, :m] = (x - mean) @ vt[:m].T
-    total = float((s**2).sum())
-    return xy, (float((s[:2] ** 2).sum()) / total if total > 0 else None)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

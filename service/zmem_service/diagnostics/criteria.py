@@ -1,9 +1,9 @@
 """The seed's acceptance criteria and a kernel check, as numbers with a verdict each (SPEC §6).
 
 Pure functions over numpy arrays; kNN by exact ``faiss.knn`` on a seeded subsample, on a
-2-D map: the sample's own PCA-2 projection by default (the picture the seed's criteria talk
-about), or the map a picture is drawn on (another buffer's basis, the risk projection of
-``projection``).
+2-D map, the one ``map.png`` draws with the same parameters: the buffer's PCA by default
+(the picture the seed's criteria talk about), or another buffer's basis, or the risk
+projection of ``projection``; island coordinates in the readings are the map's.
 
 1. *density*: mean k-NN distance of the projected buffer vs. a Gaussian sample with the
    same mean, covariance and count (ratio < 1 = clumpier than a blob); the full-d ratio and
@@ -12,9 +12,11 @@ about), or the map a picture is drawn on (another buffer's basis, the risk proje
    with ``soft_bind`` (expect > 0) and with ``lambda_bind`` (expect < 0); and, when the map
    shows at least two islands (``islands.find_islands``), each island's size and mean
    soft_bind / lambda_bind. With islands the verdict asks whether any island is reliable
-   (mean soft_bind ≥ 0.5) and names them, so a correlation carried by the sparse
-   exploration between unreliable islands no longer passes. Without islands the densest
-   quarter must also bind well in absolute terms, beyond noise, not only correlate.
+   (mean soft_bind ≥ 0.5, or low lambda_bind unless it binds worst of all) and names them,
+   so a correlation carried by the sparse exploration between unreliable islands no longer
+   passes. Without islands the densest quarter must also bind well in absolute terms, beyond
+   noise, not only correlate. With workers named, whether their z's share one space
+   (``workers``): when each z's neighbours are its own worker's, the readings say so first.
 3. *convergence*: the projected k-NN distance of the older vs. the newer half of the buffer,
    each against the same reference blob (the whole sample's Gaussian, sized like a half);
    and the run not getting worse (``trends``): the risk targets' newest fifth against their
@@ -126,13 +128,16 @@ def evaluate(
         risk_target: [N] the stored risk targets, when known: convergence asks whether they
             get worse, and their spread sets the scale of every "worse".
         worker: [N] each episode's worker name, when known: convergence also asks whether any
-            one worker's risk targets get worse.
+            one worker's risk targets get worse, and reliability whether the workers' z's
+            share one space (``workers``: if each z's neighbours are its own worker's, the
+            readings say that the workers' z spaces don't line up).
         projection, basis_z, basis_risk_target, basis_name: the 2-D map that density, the
             islands and convergence's clustering are judged on, as the pictures draw it: the
             PCA ("pca", the default) or the risk projection ("risk": a first axis that best
             predicts the risk target, the leading principal component orthogonal to it) of the
             buffer, or of another buffer ``basis_z`` [M, d] (with its risk targets [M] for
-            "risk"), named ``basis_name`` in the readings. By default the PCA of the sample.
+            "risk"), named ``basis_name`` in the readings. By default the PCA of the whole buffer,
+            with the map's axes and signs (``projection.pca_axes``).
 
     Returns:
         ``{"size": N, "criteria": [density, reliability, convergence, kernel]}``, each
@@ -163,16 +168,23 @@ def evaluate(
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
     plane = _plane(z, rt, projection, basis_z, basis_risk_target, basis_name)
+    if worker is not None and np.asarray(worker).size != n:
+        raise ValueError(f"z has {n} rows but worker {np.asarray(worker).size}")
     geo = _geometry(z[idx].astype(np.float64), neighbors, seed, plane)
     density = _density_criterion(geo, idx.size, judge, n, need, t)
-    reliability = _reliability_criterion(geo, soft[idx], lam[idx], judge, n, need, t)
+    reliability = _reliability_criterion(
+        geo, soft[idx], lam[idx], judge, n, need, t, None if worker is None else np.asarray(worker)[idx]
+    )
     # The seed's cross-readings go on the criterion that failed.
     if density["passed"] is True and reliability["passed"] is False:
         reliability["reading"] += f"; {READING_1_WITHOUT_2}"
     if reliability["passed"] is True and density["passed"] is False:
         density["reading"] += f"; {READING_2_WITHOUT_1}"
-    if worker is not None and np.asarray(worker).size != n:
-        raise ValueError(f"z has {n} rows but worker {np.asarray(worker).size}")
+    if (reliability["values"]["workers"] or {}).get("separated"):
+        density["reading"] += (
+            "; the workers' z spaces don't line up (see reliability): the islands may be the "
+            "workers, not what they do"
+        )
     # The "gets worse" tests read the episodes in arrival order: a seeded subsample of at most
     # SERIES_SAMPLE keeps their order and bounds the work on a big buffer.
     series = _sample(n, SERIES_SAMPLE, np.random.default_rng([seed, 3]))

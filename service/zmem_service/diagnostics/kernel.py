@@ -27,6 +27,7 @@ def _kernel_criterion(
     wsum, n_eff = q["wsum"], q["n_eff"]
     recorded = 0 if wsum is None else int(wsum.size)
     reach = None
+    in_use = float(sigma) if isinstance(sigma, (int, float)) else None
     slope_values: dict[str, Any] = dict.fromkeys(
         ("slope_share", "slope_exists", "slope_r2", "slope_sigma", "slope_share_at_suggested")
     )
@@ -35,12 +36,11 @@ def _kernel_criterion(
         # stored z's 10th neighbour, the nearest ones weigh ≥ e^-1/2 and nothing underflows.
         kth = _kth_distance(geo["x"], geo["k"])
         reach = _float(np.sqrt(np.mean(kth**2)))
+        kk = int(k) if k else 64
+        if sigma == "auto":  # the service's rule: the RMS distance to the k-th neighbour
+            far = _kth_distance(geo["x"], min(kk, geo["x"].shape[0] - 1))
+            in_use = _float(np.sqrt(np.mean(far**2)))
         if rt is not None and rt.size == geo["x"].shape[0] and rt.size >= 2:
-            kk = int(k) if k else 64
-            in_use = float(sigma) if isinstance(sigma, (int, float)) else None
-            if sigma == "auto":  # the service's rule: the RMS distance to the k-th neighbour
-                far = _kth_distance(geo["x"], min(kk, geo["x"].shape[0] - 1))
-                in_use = float(np.sqrt(np.mean(far**2)))
             scale = float(np.subtract(*np.percentile(rt, [90, 10])))
             slope_values = slope.assess(geo["x"], rt, kk, in_use, reach, scale, seed)
             slope_values = {key: _float(v) if isinstance(v, float) else v for key, v in slope_values.items()}
@@ -53,6 +53,7 @@ def _kernel_criterion(
         "underflow_fraction": None,
         "median_n_eff": None,
         "sigma": sigma if isinstance(sigma, str) else _float(sigma),
+        "sigma_in_use": in_use,
         "k": k,
         "suggested_sigma": suggested,
         "reach_sigma": reach,
@@ -106,7 +107,8 @@ def _kernel_criterion(
         if median_n_eff is not None and k and median_n_eff >= 0.9 * k:
             reading += (
                 "; the weight spreads evenly over nearly all neighbours, so the risk is a plain "
-                "k-NN average with a weak gradient: a smaller sigma sharpens it"
+                "k-NN average with a weak gradient: a smaller sigma sharpens it, "
+                + _sharper(suggested, in_use, why)
             )
     else:
         reading = (
@@ -115,3 +117,15 @@ def _kernel_criterion(
             f"{fix or 'raise sigma'}, or rescale z"
         )
     return {"name": "kernel", "passed": passed, "values": values, "reading": reading}
+
+
+def _sharper(suggested: float | None, in_use: float | None, why: str) -> str:
+    """Advice naming the σ to try when the weight spreads over every neighbour: the suggested
+    σ when it is smaller than the one in use (or that is unknown), else half the one in use."""
+    if suggested and (in_use is None or suggested < in_use):
+        advice = f"e.g. sigma ≈ {suggested:.3g} ({why})"
+    elif in_use:
+        advice = f"e.g. sigma ≈ {in_use / 2:.3g} (half the {in_use:.3g} in use)"
+    else:
+        return "then measure the two forces on z again"
+    return f"{advice}; then measure the two forces on z again (sigma changes the memory's force)"

@@ -8,18 +8,42 @@ import numpy as np
 
 from .common import Thresholds, _float, _fmt, _too_little, spearman
 from .islands import find_islands
+from .workers import warning, worker_islands
 
 
-def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Thresholds) -> list[dict[str, Any]]:
-    labels = find_islands(xy)
+def _least_by_soft_bind(on: np.ndarray, others: list[np.ndarray], soft: np.ndarray, t: Thresholds) -> bool:
+    """Whether the group `on` binds worse than every group in `others` (boolean masks over
+    soft [n]) by at least ``lambda_least_gap`` and ``floor_z`` standard errors."""
+    mine = soft[on]
+    for g in others:
+        theirs = soft[g]
+        gap = float(theirs.mean() - mine.mean())
+        se = float(np.sqrt(mine.var() / mine.size + theirs.var() / theirs.size))
+        if gap < t.lambda_least_gap or gap < t.floor_z * se:
+            return False
+    return bool(others)
+
+
+def _island_table(
+    xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Thresholds, labels: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """One row per island of the map xy [n, 2] (``find_islands``, or `labels` [n] when
+    given), then one for the points between them."""
+    labels = find_islands(xy) if labels is None else labels
     table = []
     groups = [labels == i for i in range(int(labels.max()) + 1 if labels.size else 0)]
-    means = [float(soft[g].mean()) for g in [*groups, labels < 0] if g.any()]
-    floor = min(means) if means else 0.0
-    lam_means = [float(lam[g].mean()) for g in [*groups, labels < 0] if g.any()]
-    lam_worst = max(lam_means) if lam_means else 0.0
+    present = [g for g in [*groups, labels < 0] if g.any()]
+    floor = min(float(soft[g].mean()) for g in present) if present else 0.0
+    lam_worst = max(float(lam[g].mean()) for g in present) if present else 0.0
     for i, on in enumerate(groups):
         centre = xy[on].mean(axis=0)
+        # Clearly better than the least reliable points, or than a coin flip when everything
+        # binds well: random soft_bind (all groups ≈ 0.5) never qualifies.
+        by_soft = soft[on].mean() >= max(
+            t.reliable_soft_bind, min(floor, t.reliable_soft_bind) + t.reliable_margin
+        )
+        low_lambda = bool(lam_worst > 0 and lam[on].mean() <= t.reliable_lambda_fraction * lam_worst)
+        overruled = low_lambda and _least_by_soft_bind(on, [g for g in present if g is not on], soft, t)
         table.append(
             {
                 "island": i + 1,
@@ -29,13 +53,9 @@ def _island_table(xy: np.ndarray, soft: np.ndarray, lam: np.ndarray, t: Threshol
                 "pc2": float(centre[1]),
                 "soft_bind": _float(soft[on].mean()),
                 "lambda_bind": _float(lam[on].mean()),
-                # Clearly better than the least reliable points, or than a coin flip when
-                # everything binds well: random soft_bind (all groups ≈ 0.5) never qualifies.
-                "reliable": bool(
-                    soft[on].mean()
-                    >= max(t.reliable_soft_bind, min(floor, t.reliable_soft_bind) + t.reliable_margin)
-                    or (lam_worst > 0 and lam[on].mean() <= t.reliable_lambda_fraction * lam_worst)
-                ),
+                "reliable": bool(by_soft or (low_lambda and not overruled)),
+                # low lambda_bind, but the lowest soft_bind of all: not counted as reliable
+                "lambda_overruled": bool(overruled and not by_soft),
             }
         )
     outside = labels < 0
@@ -118,17 +138,22 @@ def _reliability_criterion(
     n: int,
     need: int,
     t: Thresholds,
+    worker: np.ndarray | None = None,
 ) -> dict[str, Any]:
     rho_soft = rho_lam = None
     table: list[dict[str, Any]] = []
     dense: dict[str, Any] | None = None
+    workers: dict[str, Any] | None = None
     if geo is not None:
         m = geo["local_mean_distance"]
         # Exact duplicates have infinite density; ranks only need the order.
         local_density = np.where(m > 0, 1.0 / np.where(m > 0, m, 1.0), np.inf)
         rho_soft = spearman(local_density, soft)
         rho_lam = spearman(local_density, lam)
-        table = _island_table(geo["xy"], soft, lam, t)
+        labels = find_islands(geo["xy"])
+        table = _island_table(geo["xy"], soft, lam, t, labels)
+        if worker is not None:
+            workers = worker_islands(geo["x"], worker, labels, geo["k"])
         dense = _densest_quarter(local_density, soft, lam, t)
     islands, outside = table[:-1], (table[-1] if table else None)
     rho_ok = (rho_soft is not None and rho_soft >= t.reliability_rho) or (
@@ -137,6 +162,12 @@ def _reliability_criterion(
     rhos = f"ρ(density, soft_bind) = {_fmt(rho_soft)}, ρ(density, lambda_bind) = {_fmt(rho_lam)}"
     where = geo["where"] if geo is not None else "PC"
     reliable = [i for i in islands if i["reliable"]]
+    overruled = "".join(
+        f"; #{i['island']} has low lambda_bind ({_fmt(i['lambda_bind'])}) but the lowest soft_bind "
+        f"({_fmt(i['soft_bind'])}), as a stuck, deterministic policy has: not counted as reliable"
+        for i in islands
+        if i["lambda_overruled"]
+    )
     passed: bool | None = None
     if not judge or (rho_soft is None and rho_lam is None and len(islands) < 2):
         reading = _too_little(n, need) if not judge else f"nothing to correlate: {rhos}"
@@ -152,7 +183,7 @@ def _reliability_criterion(
         rule = (
             f"mean soft_bind ≥ {t.reliable_soft_bind} and ≥ {t.reliable_margin} above "
             f"the least reliable points or above {t.reliable_soft_bind}, or mean lambda_bind ≤ "
-            f"{t.reliable_lambda_fraction:g}× the highest group's"
+            f"{t.reliable_lambda_fraction:g}× the highest group's without the lowest soft_bind of all"
         )
         if passed:
             alike = len(reliable) == len(islands) and (
@@ -162,14 +193,14 @@ def _reliability_criterion(
                 f"{len(reliable)} of {len(islands)} islands are reliable ({rule}), holding "
                 f"{share:.0%} of the points: "
                 + "; ".join(_describe(i, where) for i in reliable)
-                + f"{between}; {rhos}"
+                + f"{between}{overruled}; {rhos}"
                 + ("; every region binds alike, so the map doesn't single out reliable ones" if alike else "")
             )
         else:
             best = max(islands, key=lambda i: i["soft_bind"] or 0.0)
             reading = (
                 f"none of the {len(islands)} islands is reliable (needs {rule}); "
-                f"the best is {_describe(best, where)}{between}; {rhos}"
+                f"the best is {_describe(best, where)}{between}{overruled}; {rhos}"
             )
     else:
         # No islands: the rank correlation must hold, and the densest quarter must bind well in
@@ -191,6 +222,9 @@ def _reliability_criterion(
                 f"density is not tied to reliability: {rhos} "
                 f"(needs ≥ {t.reliability_rho} or ≤ {-t.reliability_rho}); {floor_text}"
             )
+    apart = warning(workers, geo["k"] if geo is not None else 0)
+    if apart:
+        reading = f"{apart}; {reading}"
     return {
         "name": "reliability",
         "passed": passed,
@@ -201,6 +235,7 @@ def _reliability_criterion(
             "outside_islands": outside,
             "reliable_islands": [i["island"] for i in reliable],
             "densest_quarter": dense,
+            "workers": workers,
             "sample": int(soft.size),
             "threshold": float(t.reliability_rho),
             "reliable_soft_bind": float(t.reliable_soft_bind),
