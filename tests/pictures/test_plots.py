@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zmem_service.diagnostics import projection
 from zmem_service.pictures import plots
 from zmem_service.pictures.plots import pca_basis, render_map, render_risk, render_trail
 
@@ -153,8 +154,8 @@ def test_big_buffers_get_the_same_basis_from_the_scatter_matrix(
     rng = np.random.default_rng(1)
     z = (rng.normal(size=(1000, 6)) * np.array([3.0, 1.0, 0.5, 2.0, 0.1, 0.2]) + 5).astype(np.float32)
     mean, comps = pca_basis(z)
-    monkeypatch.setattr(plots, "_SVD_MAX_ENTRIES", 0)
-    monkeypatch.setattr(plots, "_CHUNK_ROWS", 128)
+    monkeypatch.setattr(projection, "_SVD_MAX_ENTRIES", 0)
+    monkeypatch.setattr(projection, "_CHUNK_ROWS", 128)
     big_mean, big_comps = pca_basis(z)
     np.testing.assert_allclose(big_mean, mean, rtol=1e-12)
     np.testing.assert_allclose(big_comps, comps, atol=1e-8)

@@ -234,8 +234,9 @@ class PictureCache:
         key = self._key(memory, memory.version, "trail", last, max_points, seed, dpi, worker, *view.key(self))
         return await self._get(key, job)
 
-    async def risk(self, memory: Memory, *, dpi: int) -> Picture:
-        """The kernel risk of the recorded queries (``plots.render_risk``)."""
+    async def risk(self, memory: Memory, *, dpi: int, worker: str | None = None) -> Picture:
+        """The kernel risk of the recorded queries (``plots.render_risk``), one colour per
+        worker where the queries name theirs (a ``worker`` column), or only `worker`'s."""
         queries, digest = await asyncio.to_thread(_recorded, memory)
         risk = queries["risk"]
 
@@ -246,9 +247,19 @@ class PictureCache:
             # the picture is keyed by the queries alone (writes don't redraw it), so the scale
             # is the buffer's as of the last new query.
             scale = float(np.subtract(*np.percentile(targets, [90, 10]))) if targets.size >= 2 else None
-            return Picture.of(self._run(render_risk, risk, title=title, scale=scale, dpi=dpi))
+            return Picture.of(
+                self._run(
+                    render_risk,
+                    risk,
+                    title=title,
+                    worker=queries.get("worker"),
+                    only=worker,
+                    scale=scale,
+                    dpi=dpi,
+                )
+            )
 
-        return await self._get(self._key(memory, "risk", risk.size, digest, dpi), job)
+        return await self._get(self._key(memory, "risk", risk.size, digest, dpi, worker), job)
 
     async def diagnostics(self, memory: Memory, view: View = View()) -> dict[str, Any]:
         """The acceptance criteria (``diagnostics.evaluate``), on the 2-D map of `view`'s basis
@@ -352,7 +363,11 @@ def _recorded(memory: Memory) -> tuple[dict[str, np.ndarray], str]:
     queries = memory.recorded_queries()
     digest = hashlib.sha1()
     for name in sorted(queries):
-        digest.update(np.ascontiguousarray(queries[name]).tobytes())
+        column = queries[name]
+        if column.dtype == object:  # names (a worker column): their text, not their addresses
+            digest.update("\0".join("" if v is None else str(v) for v in column).encode())
+        else:
+            digest.update(np.ascontiguousarray(column).tobytes())
     return queries, digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..diagnostics import trends
-from ..diagnostics.projection import PROJECTIONS, risk_basis
+from ..diagnostics.projection import PROJECTIONS, pca_axes, risk_basis
 
 MAP_FIELDS = ("soft_bind", "log_cone_vol", "lambda_bind", "risk_target")
 """Names of the map's panels, as fixed colour limits name them."""
@@ -35,61 +35,19 @@ RISK_SIZE = (12.0, 5.0)
 """Risk-over-queries figure size in inches."""
 
 
-_SVD_MAX_ENTRIES = 1 << 22
-"""Above this many entries in a tall z, the basis comes from the d×d scatter matrix."""
-_CHUNK_ROWS = 1 << 16
-
-
-def _pca(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean [d], sign-fixed components [2, d] and their variance fractions [2] of z [N, d]."""
-    z = np.asarray(z)
-    if z.ndim != 2:
-        if z.size:
-            raise ValueError(f"z must be [N, d], got shape {z.shape}")
-        z = z.reshape(0, 0)
-    n, d = z.shape
-    mean = z.mean(axis=0, dtype=np.float64) if n else np.zeros(d)
-    comps = np.zeros((2, d))
-    frac = np.zeros(2)
-    if n == 0 or d == 0:
-        return mean, comps, frac
-    if n <= d or n * d <= _SVD_MAX_ENTRIES:
-        _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
-        var = s**2
-    else:
-        # A big buffer: the same right singular vectors as eigenvectors of Xcᵀ Xc, summed
-        # in chunks so neither U nor a float64 copy of the buffer is ever held.
-        scatter = np.zeros((d, d))
-        for i in range(0, n, _CHUNK_ROWS):
-            xc = z[i : i + _CHUNK_ROWS] - mean
-            scatter += xc.T @ xc
-        w, v = np.linalg.eigh(scatter)
-        var, vt = np.maximum(w[::-1], 0.0), v[:, ::-1].T
-    total = float(var.sum())
-    # Directions without variance (beyond the data's rank) are arbitrary: leave them zero.
-    real = np.sqrt(var[:2]) > np.sqrt(var[0]) * max(n, d) * np.finfo(np.float64).eps
-    for k in np.flatnonzero(real):
-        comps[k] = vt[k]
-        frac[k] = var[k] / total
-        # Singular vectors are defined up to sign; pin it so pictures never flip.
-        if comps[k, np.argmax(np.abs(comps[k]))] < 0:
-            comps[k] *= -1
-    return mean, comps, frac
-
-
 def pca_basis(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of z [N, d] by numpy SVD of the centred data (seed §4.2).
+    """PCA of z [N, d] by numpy SVD of the centred data (seed §4.2): the map's axes, and the
+    diagnostics' (``diagnostics.projection.pca_axes``, which says how).
 
     Returns (mean [d], components [2, d]) in float64; project with
     ``(z - mean) @ components.T``. Each component's largest-magnitude entry is positive.
     A component the data has no variance along (d = 1, N ≤ 2, all points equal) is zeros;
-    N = 0 gives a zero mean. For a big tall z (over 2²² entries) the same axes come from
-    the eigenvectors of the d×d scatter matrix, accumulated in chunks to bound memory.
+    N = 0 gives a zero mean.
 
     Raises:
         ValueError: z is neither [N, d] nor empty.
     """
-    mean, comps, _ = _pca(z)
+    mean, comps, _ = pca_axes(z)
     return mean, comps
 
 
@@ -113,9 +71,9 @@ def _projection(
         if basis_z is None:
             return mean, comps, frac
     elif basis_z is None:
-        return _pca(z)
+        return pca_axes(z)
     else:
-        mean, comps, _ = _pca(basis_z)
+        mean, comps, _ = pca_axes(basis_z)
     centred = z - z.mean(axis=0, dtype=np.float64)
     total = float((centred**2).sum())
     along = ((centred @ comps.T) ** 2).sum(axis=0)
@@ -204,6 +162,14 @@ def _limits(c: np.ndarray, fixed: tuple[float, float] | None) -> tuple[float, fl
     return lo, hi, {(0, 0): "neither", (1, 0): "min", (0, 1): "max", (1, 1): "both"}[low, high]
 
 
+def _scale_note(lo: float, hi: float, fixed: bool) -> str:
+    """What a map panel's colours span, said on the panel: each panel's scale fits its own
+    data, so yellow is only the top of what is shown (soft_bind 0.36 in a run that never binds
+    well), not "good"."""
+    how = "fixed" if fixed else "1st–99th percentile shown"
+    return f"colours: purple {lo:.3g} … yellow {hi:.3g} ({how})"
+
+
 def _robust_limits(c: np.ndarray) -> tuple[float, float, str]:
     """1st–99th percentile colour limits, so a few outliers (log(0 + eps) = −18) don't wash
     out the scale, and the colour bar's ``extend`` that marks what was clipped."""
@@ -241,7 +207,8 @@ def render_map(
     buffer) so that two maps share axes; at most ``max_points`` points are drawn, a seeded
     subsample (``default_rng(seed)``, without replacement, in arrival order). Panels are
     coloured by soft_bind, log(cone_vol + eps), lambda_bind and the risk target, each on its
-    1st–99th percentile unless ``clim`` fixes its (lo, hi) by name (``MAP_FIELDS``). With
+    1st–99th percentile unless ``clim`` fixes its (lo, hi) by name (``MAP_FIELDS``); each
+    panel's title says the range its colours span. With
     ``projection="risk"`` the axes are the risk projection of the buffer (or of the basis,
     whose risk targets ``basis_risk_target`` [M] then come with ``basis_z``) instead of its
     PCA. With fewer than 2 episodes the picture says so.
@@ -276,7 +243,7 @@ def render_map(
         lo, hi, extend = _limits(c, clim.get(field))
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=c, s=10, alpha=0.5, vmin=lo, vmax=hi, lw=0)
         fig.colorbar(sc, ax=ax, label=name, extend=extend)
-        ax.set_title(f"z-memory: {name}")
+        ax.set_title(f"z-memory: {name}\n{_scale_note(lo, hi, field in clim)}", fontsize="medium")
         _pc_labels(ax, frac, projection)
     return _png(fig, dpi)
 
@@ -381,11 +348,18 @@ def _extent(xy: np.ndarray) -> tuple[float, float, float, float]:
     return (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
 
 
+WORKER_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")
+"""One colour per worker on the risk picture (in order of first query; repeating past nine):
+matplotlib's cycle without its red, which marks the spikes."""
+
+
 @said_if_undrawable(RISK_SIZE)
 def render_risk(
     risk: np.ndarray,
     *,
     title: str,
+    worker: np.ndarray | None = None,
+    only: str | None = None,
     scale: float | None = None,
     margin: float = 0.25,
     mad_k: float = 5.0,
@@ -398,44 +372,73 @@ def render_risk(
     the lowest median plus ``margin`` × ``scale`` (the risk targets' 10th–90th percentile
     range; the series' own when None) or ``mad_k`` of that fifth's MADs, whichever is more
     (``diagnostics.trends.exceedances``). They are red, the level is a dashed line, and each
-    fifth shows its share of spikes; the series' median is a grey line. Too short a series
-    for fifths has no spike level. Empty: the picture says so.
+    fifth shows its share of spikes; the series' median is a grey line. ``worker`` [Q] names
+    each query's worker (None or "" for none): each worker's queries get a colour of their
+    own, and with ``only`` just that worker's are drawn, at their place in the whole series,
+    against the whole series' spike level, with that worker's share of spikes per fifth. Too
+    short a series for fifths has no spike level. Empty, or no query of worker ``only``
+    (or no worker names at all): the picture says so.
     """
     r = np.asarray(risk, dtype=np.float64).ravel()
     q = r.size
+    names = None if worker is None else np.array(["" if w is None else str(w) for w in worker], dtype=object)
+    if names is not None and names.size != q:
+        raise ValueError(f"risk has {q} rows but worker {names.size}")
     if q == 0:
         return _message(RISK_SIZE, dpi, title, "no recorded queries yet")
+    if only is not None and names is None:
+        return _message(RISK_SIZE, dpi, title, "the recorded queries carry no worker names")
+    mine = np.ones(q, bool) if only is None or names is None else names == only
+    if not mine.any():
+        return _message(RISK_SIZE, dpi, title, f"no recorded queries from worker {only!r}")
     s = float(np.subtract(*np.percentile(r, [90, 10]))) if scale is None else float(scale)
     found = trends.exceedances(r, max(s, 1e-12), margin=margin, spread=mad_k, min_effect=0.0, z=0.0)
     level = None if found is None else found[1]
-    spikes = r > level if level is not None else np.zeros(q, bool)
-    med = float(np.median(r))
+    spikes = (r > level if level is not None else np.zeros(q, bool)) & mine
+    med = float(np.median(r[mine]))
     x = np.arange(q)
 
     fig = _figure(RISK_SIZE, dpi)
-    fig.suptitle(title)
+    fig.suptitle(title if only is None else f"{title}\nworker {only!r}: {int(mine.sum())} of {q} queries")
     ax = fig.subplots()
-    ax.plot(x, r, color="tab:blue", lw=0.7, alpha=0.8, label="risk of a recorded query")
-    ax.axhline(med, color="0.3", ls="-", lw=1, alpha=0.6, label=f"median {med:.3g}")
+    if names is None:
+        ax.plot(x, r, color="tab:blue", lw=0.7, alpha=0.8, label="risk of a recorded query")
+    else:
+        # colours by first query among all workers, so a worker keeps its colour under ?worker=
+        who = sorted(set(names.tolist()), key=lambda w: int(np.flatnonzero(names == w)[0]))
+        labelled = len(who) <= 10 or only is not None  # beyond that a legend is clutter
+        for i, name in enumerate(who):
+            if only is not None and name != only:
+                continue
+            rows = np.flatnonzero(names == name)
+            label = f"{name or '(no worker)'}: {rows.size} queries" if labelled else None
+            colour = WORKER_COLOURS[i % len(WORKER_COLOURS)]
+            # one faint line per worker, never joined to another's, through its queries' dots
+            ax.plot(x[rows], r[rows], color=colour, lw=0.5, alpha=0.45)
+            ax.scatter(x[rows], r[rows], color=colour, s=5, lw=0, alpha=0.8, label=label)
+    whose = "" if only is None else f" of worker {only!r}"
+    ax.axhline(med, color="0.3", ls="-", lw=1, alpha=0.6, label=f"median{whose} {med:.3g}")
     if level is not None:
         ax.axhline(level, color="tab:red", ls="--", lw=1, label=f"spike level {level:.3g}")
     ax.scatter(
         x[spikes],
         r[spikes],
         color="tab:red",
+        marker="x" if names is not None else "o",
         s=18,
         zorder=3,
-        label=f"spikes: {int(spikes.sum())} ({spikes.mean():.1%})",
+        label=f"spikes{whose}: {int(spikes.sum())} ({spikes.sum() / mine.sum():.1%})",
     )
     if level is not None:
         edges = np.linspace(0, q, trends.WINDOWS + 1).round().astype(int)
         for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
             if i:
                 ax.axvline(lo - 0.5, color="0.6", lw=1)
+            count = int(mine[lo:hi].sum())
             ax.text(
                 (i + 0.5) / trends.WINDOWS,
                 0.97,
-                f"{spikes[lo:hi].mean():.1%} spikes",
+                f"{spikes[lo:hi].sum() / count:.1%} spikes" if count else "no queries",
                 transform=ax.transAxes,
                 ha="center",
                 va="top",
@@ -445,5 +448,5 @@ def render_risk(
     ax.set_xlim(-0.5, q - 0.5)
     ax.set_xlabel(f"recorded query (oldest = 0, {q} kept)")
     ax.set_ylabel("kernel risk")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", markerscale=2)
     return _png(fig, dpi)

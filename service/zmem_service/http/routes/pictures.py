@@ -69,6 +69,9 @@ TrailClim = Annotated[
     QueryParam(description="fixed colour limits density:LO:HI of the background (points per cell, LO > 0)"),
 ]
 Worker = Annotated[str | None, QueryParam(max_length=64, description="draw only this worker's path")]
+RiskWorker = Annotated[
+    str | None, QueryParam(max_length=64, description="draw only this worker's recorded queries")
+]
 Projection = Annotated[
     Literal["pca", "risk"], QueryParam(description="pca, or risk: x best predicts the risk target")
 ]
@@ -120,9 +123,14 @@ async def get_trail(
 @router.get("/risk.png", response_class=Response)
 @declare("read")
 async def get_risk(
-    request: Request, name: NameDep, zmem: ZMemDep, pictures: PicturesDep, dpi: Dpi = 100
+    request: Request,
+    name: NameDep,
+    zmem: ZMemDep,
+    pictures: PicturesDep,
+    dpi: Dpi = 100,
+    worker: RiskWorker = None,
 ) -> Response:
-    return await _answer(request, pictures.risk(zmem.memory(name), dpi=dpi))
+    return await _answer(request, pictures.risk(zmem.memory(name), dpi=dpi, worker=worker))
 
 
 @router.get("/diagnostics")
