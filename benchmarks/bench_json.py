@@ -103,3 +103,7 @@ def decode(sizes: str, iters: int, rng: np.random.Generator, d: int = 64) -> Non
             assert all(parse(body) == json.loads(body) for parse in columns.values())
             times = [1000 * timed(partial(parse, body), iters)[0] for parse in columns.values()]
             print(f"{name:<22}" + "".join(f" {t:>13.2f}" for t in times))
+
+
+if __name__ == "__main__":
+    main()
