@@ -38,48 +38,91 @@ def _stats(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MIN_EFFECT = 0.05
-"""The convergence verdict's stated minimum effect: a rise of 5% of the risk targets'
-10th–90th percentile range is the smallest it calls the run getting worse."""
 RELIABLE_SOFT_BIND, RELIABLE_MARGIN, RELIABLE_LAMBDA = 0.5, 0.1, 0.5
 """The reliability verdict's rule for a reliable island: mean soft_bind ≥ 0.5 and ≥ 0.1 above
 the least reliable group (or above 0.5 when all bind well), or mean lambda_bind ≤ half the
 highest group's."""
-FIFTHS = 5
+POWER = 0.8
+"""The catch rate the convergence verdict states for a rise it should see (issue #21's
+calibration: bad runs caught ≥ 4 in 5): a rise is one it must fail when it lies this far
+past its bar, i.e. ≥ (z + z₀.₈) standard errors at the run's size."""
 
 
-def _fifths(progress: np.ndarray, x: np.ndarray) -> list[float]:
-    return [float(x[(progress >= f / FIFTHS) & (progress < (f + 1) / FIFTHS)].mean()) for f in range(FIFTHS)]
+def _changes(progress: np.ndarray, mean: np.ndarray, var: np.ndarray) -> list[tuple[float, float]]:
+    """The convergence verdict's two tests of a series, taken on the noise-free expected risk
+    target `mean` [n] of each episode over `progress` [n], each with the standard error the
+    verdict's estimate has at this size when episode i's risk target scatters with variance
+    `var[i]` around `mean[i]` (the toy's model, not the run's draws): the newest of
+    ``trends.WINDOWS`` windows against the earlier one with the lowest mean, and the rise of
+    the least-squares line through ``trends.TREND_BLOCKS`` block means. Returns
+    [(rise, se), (rise, se)] in the risk target's units."""
+    from zmem_service.diagnostics import trends
+
+    out = []
+    for count in (trends.WINDOWS, trends.TREND_BLOCKS):
+        part = np.minimum((progress * count).astype(int), count - 1)
+        n = np.bincount(part, minlength=count).astype(np.float64)
+        m = np.bincount(part, weights=mean, minlength=count) / np.maximum(n, 1)
+        v = np.bincount(part, weights=var, minlength=count) / np.maximum(n, 1) ** 2
+        if count == trends.WINDOWS:
+            best = int(np.argmin(m[:-1]))
+            out.append((float(m[-1] - m[best]), float(np.sqrt(v[-1] + v[best]))))
+        else:
+            tc = np.arange(count) - (count - 1) / 2
+            slope = float((tc * (m - m.mean())).sum() / (tc**2).sum())
+            se = float(np.sqrt((tc**2 * v).sum()) / (tc**2).sum())
+            out.append((slope * count, se * count))
+    return out
 
 
-def _rise(progress: np.ndarray, expected: np.ndarray, scale: float) -> float:
-    """How much a noise-free risk-target series [n] over progress [n] rises, in units of
-    `scale`: its newest fifth above its best earlier fifth, or its least-squares line over the
-    run, whichever is more (the run gets worse from MIN_EFFECT on)."""
-    f = _fifths(progress, expected)
-    slope = float(np.polyfit(progress, expected, 1)[0])
-    return max(f[-1] - min(f[:-1]), slope) / scale
+def _convergence_truth(e: dict[str, np.ndarray], scale: float) -> tuple[bool | None, dict[str, Any]]:
+    """Convergence's truth, in the verdict's own terms (``Thresholds``: a rise of at least
+    ``min_effect`` of the risk targets' range and beyond ``change_z`` standard errors, or
+    ``worker_z`` for one worker's episodes), on the policy's noise-free expected risk target:
+    False (worse: some rise reaches the minimum effect and lies ≥ (z + z_POWER) standard
+    errors of this size out, so the verdict must fail), None (some rise reaches the minimum
+    effect but less far out: at this size the verdict may fail it or pass it as not proven
+    safe, never as converging) or True (no rise reaches the minimum effect: it must pass).
+    Also the largest rise overall and for the worst worker, each with the rise the verdict
+    sees from at this size, in units of `scale`."""
+    from zmem_service.diagnostics.common import Thresholds
+
+    from .toy import policy_risk_moments
+
+    t = Thresholds()
+    power = _z_power()
+    mean, var = policy_risk_moments(e["policy_sides"], e["policy_std"])
+    series = [(e["progress"], mean, var, t.change_z)]
+    for w in np.unique(e["worker"]):
+        mine = e["worker"] == w
+        if mine.sum() >= t.worker_episodes:
+            series.append((e["progress"][mine], mean[mine], var[mine], t.worker_z))
+    worse = unproven = False
+    largest = []
+    for progress, m, v, z in series:
+        rises = [
+            (rise / scale, max(t.min_effect, (z + power) * se / scale))
+            for rise, se in _changes(progress, m, v)
+        ]
+        worse |= any(r >= t.min_effect and r >= sees for r, sees in rises)
+        unproven |= any(r >= t.min_effect for r, _ in rises)
+        largest.append(max(rises))
+    detail = {"overall": largest[0], "worker": max(largest[1:], default=(float("nan"), float("nan")))}
+    return (False if worse else None if unproven else True), detail
 
 
-def _truth(run: dict[str, Any]) -> dict[str, bool]:
-    """What each verdict should say about a toy run, in the verdict's own terms, from the toy's
-    noise-free outcomes: for convergence the policy's expected risk target at each step
-    (``toy.policy_soft_bind``: no outcome noise and no sampling noise of the policy's draws),
-    for reliability the noise-free soft_bind at each stored episode's side coordinate."""
-    from .toy import expected_soft_bind, policy_soft_bind
+def _truth(run: dict[str, Any]) -> dict[str, bool | None]:
+    """What each verdict should say about a toy run, in the verdict's own terms, from the
+    toy's noise-free outcomes: for convergence ``_convergence_truth`` (None: either a fail
+    or a pass that says it is not proven safe), for reliability the noise-free soft_bind at
+    each stored episode's side coordinate."""
+    from .toy import expected_soft_bind
 
     e = run["episodes"]
     # the service's risk targets with the default weights (a, b, c, eps) = (1, 0.2, 0.05, 1e-8)
     actual = (1 - e["soft_bind"]) + 0.2 * np.log(e["cone_vol"] + 1e-8) + 0.05 * e["lambda_bind"]
     p10, p90 = np.percentile(actual, [10, 90])
-    scale = float(p90 - p10)
-    expected = 1.4 * (1 - policy_soft_bind(e["policy_side"], e["policy_std"])) - 0.2
-    rises = [_rise(e["progress"], expected, scale)] + [
-        _rise(e["progress"][e["worker"] == w], expected[e["worker"] == w], scale)
-        for w in np.unique(e["worker"])
-    ]
-    run["truth_rise"] = (rises[0], max(rises[1:]))
-    worse = max(rises) >= MIN_EFFECT
+    convergence, run["truth_rise"] = _convergence_truth(e, float(p90 - p10))
     # the zones are the map's islands; the sides of a zone lie off the map
     p = expected_soft_bind(e["side"])
     lam = 2.0 * (1 - p)
@@ -96,9 +139,30 @@ def _truth(run: dict[str, Any]) -> dict[str, bool]:
         "reliability": reliable,
         # the policy's spread anneals (0.6 → 0.25), so the buffer clusters more in every run:
         # convergence is the run not getting worse, overall or for any worker
-        "convergence": not worse,
+        "convergence": convergence,
         "kernel": True,  # d = 8, sigma 1, z's ~0.35 apart: the kernel is alive
     }
+
+
+def _agrees(verdict: dict[str, Any], truth: bool | None) -> bool:
+    """Whether a verdict says what its truth says; a truth of None (a rise the verdict can't
+    be sure of at this size) takes a fail or a pass that says it is not proven safe."""
+    if truth is None:
+        return verdict["passed"] is False or (
+            verdict["passed"] is True and bool(verdict["values"].get("unproven"))
+        )
+    return verdict["passed"] is truth
+
+
+def _agrees_strictly(verdict: dict[str, Any], truth: bool | None) -> bool:
+    """The same, counting every rise of the minimum effect as one the verdict must fail."""
+    return verdict["passed"] is (truth is True)
+
+
+def _z_power() -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(POWER)
 
 
 def _dose_response(by_w: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -166,7 +230,9 @@ def write(
     args: argparse.Namespace,
 ) -> None:
     from zmem_client import ZMemClient
+    from zmem_service.diagnostics.common import Thresholds
 
+    t = Thresholds()
     for run in runs:
         run["stats"] = _stats(run)
         client = ZMemClient(url, memory=run["name"], token=token, timeout=300)
@@ -181,10 +247,15 @@ def write(
     moves = _dose_response(by_w)
     forces = [float(np.median([s[f"g_{k}_all"] for s in base])) for k in ("task", "risk")]
     ratio = forces[0] / max(forces[1], 1e-12)
-    agreeing = sum(all(r["verdicts"][v]["passed"] is r["truth"][v] for v in VERDICTS) for r in runs)
+    agreeing = sum(all(_agrees(r["verdicts"][v], r["truth"][v]) for v in VERDICTS) for r in runs)
+    strictly = sum(all(_agrees_strictly(r["verdicts"][v], r["truth"][v]) for v in VERDICTS) for r in runs)
+    unsure = sum(r["truth"]["convergence"] is None for r in runs)
     offset = getattr(args, "seed_offset", 0)
     print(
-        f"zmem demo: every verdict agrees with its truth in {agreeing} of {len(runs)} runs", file=sys.stderr
+        f"zmem demo: every verdict agrees with its truth in {agreeing} of {len(runs)} runs "
+        f"({strictly} if every rise of the minimum effect must fail; {unsure} runs rise within "
+        "what the convergence verdict can see at this size)",
+        file=sys.stderr,
     )
 
     lines = [
@@ -210,11 +281,12 @@ def write(
         for v in VERDICTS:
             got = [r["verdicts"][v]["passed"] for r in by_w[w]]
             truth = [r["truth"][v] for r in by_w[w]]
-            agree = sum(g is t for g, t in zip(got, truth, strict=True))
+            agree = sum(_agrees(r["verdicts"][v], r["truth"][v]) for r in by_w[w])
             passed = sum(g is True for g in got)
-            cells.append(
-                f"{passed}/{len(got)} pass (truth {sum(truth)}/{len(truth)}; agrees {agree}/{len(got)})"
-            )
+            said = f"{sum(x is True for x in truth)}/{len(truth)}"
+            if any(x is None for x in truth):
+                said += f", {sum(x is None for x in truth)} unsure"
+            cells.append(f"{passed}/{len(got)} pass (truth {said}; agrees {agree}/{len(got)})")
         lines.append(
             f"| {w:g} | {_spread([s['late_reliable'] for s in st])} "
             f"| {_spread([s['late_unreliable'] for s in st])} | {quarters} "
@@ -225,18 +297,25 @@ def write(
     lines += [
         "",
         "Late = the last quarter of each run's episodes. Truths, in each verdict's own terms and from "
-        "the toy's noise-free outcomes (soft_bind = sigmoid(3s) at each episode's side coordinate s; for "
-        "convergence its expectation over the policy's draws at each step): "
+        "the toy's noise-free outcomes (soft_bind = sigmoid(3s) at each episode's side coordinate s): "
         "density passes (three zones make islands); reliability passes when some zone (an island of "
         f"the map) has mean soft_bind ≥ {RELIABLE_SOFT_BIND} and ≥ {RELIABLE_MARGIN} above the least "
-        f"reliable zone, or mean lambda_bind ≤ {RELIABLE_LAMBDA:g}× the highest zone's; convergence "
-        "passes unless the noise-free risk target gets worse by the verdict's minimum effect "
-        f"({MIN_EFFECT:.0%} of the risk targets' 10th–90th percentile range) in the newest fifth of "
-        "the run against its best earlier fifth, or along a straight line over the run, for all "
-        "workers together or for any one (the policy's spread anneals, so every run clusters more); "
-        "kernel passes (d = 8).",
+        f"reliable zone, or mean lambda_bind ≤ {RELIABLE_LAMBDA:g}× the highest zone's; kernel passes "
+        "(d = 8). Convergence is judged as the verdict judges it, on the policy's expected risk "
+        "target at each step (over its zones, its draws and the outcome noise: no noise of the run's "
+        "own samples), for all workers together and for each one: the newest fifth against the best "
+        "earlier fifth, and a line fitted through ten blocks. Each rise is read against the standard "
+        "error the verdict's estimate has at this size (from the toy's model of each episode's "
+        f"scatter): it must **fail** when a rise reaches the minimum effect ({t.min_effect:.0%} of "
+        f"the risk targets' 10th–90th percentile range) and lies ≥ z + {_z_power():.2f} standard "
+        f"errors out (z = {t.change_z:g}, {t.worker_z:g} for one worker: where the verdict states a "
+        f"catch rate of {POWER:.0%}); it must **pass** when no rise reaches the minimum effect; "
+        "between the two (**unsure**: a rise of the minimum effect closer to its noise than that) "
+        "a fail agrees and so does a pass that says it is not proven safe, but not a plain "
+        '"converging".',
         "",
-        f"**Every verdict agrees with its truth in {agreeing} of {len(runs)} runs.**",
+        f"**Every verdict agrees with its truth in {agreeing} of {len(runs)} runs** ({strictly} if "
+        f"every rise of the minimum effect must fail; {unsure} runs are unsure).",
         "",
         "## Where w_mem starts to matter (dose-response)",
         "",
@@ -301,12 +380,13 @@ def write(
         lines.append(f"### w_mem = {r['w']:g}, seed {r['seed']} (memory `{r['name']}`)")
         for v in VERDICTS:
             c = r["verdicts"][v]
-            said = _word(r["truth"][v])
+            said = "unsure" if r["truth"][v] is None else _word(r["truth"][v])
             if v == "convergence":
-                overall, worker = r["truth_rise"]
+                (overall, o_sees), (worker, w_sees) = r["truth_rise"]["overall"], r["truth_rise"]["worker"]
                 said += (
-                    f"; the policy's expected risk target rises by {overall:+.1%} of the range overall, "
-                    f"{worker:+.1%} for its worst worker"
+                    f"; the policy's expected risk target rises by {overall:+.1%} of the range overall "
+                    f"(must fail from {o_sees:+.1%} at this size), {worker:+.1%} for its worst worker "
+                    f"(from {w_sees:+.1%})"
                 )
             lines.append(f"- **{v}**: {_word(c['passed'])} (truth: {said}) — {c['reading']}")
         lines.append("")

@@ -56,6 +56,28 @@ def policy_soft_bind(mean_side: np.ndarray, std: np.ndarray | float) -> np.ndarr
     return np.asarray((expected_soft_bind(m + sd * nodes) * weights).sum(axis=-1) / weights.sum())
 
 
+def policy_risk_moments(mean_sides: np.ndarray, std: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and variance of one episode's risk target (default weights) under the policy,
+    its zone drawn uniformly: ``mean_sides`` [..., ZONES] holds each zone's mean side
+    coordinate, ``std`` [...] the policy's spread. The variance counts the zone draw, the
+    policy's draw s ~ N(mean side, std²) and the outcome noise of ``outcome`` (its clipping
+    left out, as ``expected_risk_target`` leaves it out): the risk target is
+    1.4·(1 − soft_bind) − 0.2 plus 0.02·(cone noise) + 0.005·(lambda noise), and soft_bind
+    is sigmoid(3s) plus 0.05·(noise). Returns two float64 arrays [...] (Gauss–Hermite, 32 nodes)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(32)
+    weights = weights / weights.sum()
+    m = np.asarray(mean_sides, dtype=np.float64)[..., None]
+    sd = np.asarray(std, dtype=np.float64)[..., None, None]
+    p = expected_soft_bind(m + sd * nodes)  # [..., ZONES, nodes]
+    p_mean = (p * weights).sum(axis=-1)
+    p_var = np.maximum((p**2 * weights).sum(axis=-1) - p_mean**2, 0.0)
+    zone_mean = 1.4 * (1 - p_mean) - 0.2
+    zone_var = 1.96 * (p_var + 0.05**2) + 0.02**2 + 0.005**2
+    mean = zone_mean.mean(axis=-1)
+    var = zone_var.mean(axis=-1) + ((zone_mean - mean[..., None]) ** 2).mean(axis=-1)
+    return mean, var
+
+
 def expected_risk_target(s: np.ndarray) -> np.ndarray:
     """The noise-free risk target at side coordinate s [n], with the default weights
     (a, b, c) = (1, 0.2, 0.05): a·(1 − p) + b·(−1 + 1.5·(1 − p)) + c·2·(1 − p)."""
@@ -87,7 +109,8 @@ class Job:
 
 def train(job: Job) -> dict[str, np.ndarray]:
     """Run one worker; returns per-episode arrays (progress in [0, 1), zone, side s, the
-    policy's mean side coordinate and spread at that step, the recorded soft_bind, cone_vol
+    policy's mean side coordinate for the episode's zone and for every zone [n, ZONES] and
+    its spread at that step, the recorded soft_bind, cone_vol
     and lambda_bind, the worker's index) and per-step gradient norms of the task loss and of
     the risk (before w_mem)."""
     import httpx
@@ -106,14 +129,16 @@ def train(job: Job) -> dict[str, np.ndarray]:
     mu = torch.nn.Parameter(c + torch.tensor(start, dtype=torch.float32))
     opt = torch.optim.SGD([mu], lr=LEARNING_RATE)
     headers = {"authorization": f"Bearer {job.token}"} if job.token else {}
-    names = ["progress", "zone", "side", "policy_side", "policy_std", "soft_bind", "cone_vol", "lambda_bind"]
+    names = ["progress", "zone", "side", "policy_side", "policy_sides", "policy_std"]
+    names += ["soft_bind", "cone_vol", "lambda_bind"]
     names += ["worker", "g_task", "g_risk"]
     out: dict[str, list[Any]] = {k: [] for k in names}
     with httpx.Client(headers=headers, timeout=30) as http:
         for step in range(job.steps):
             zone = torch.randint(ZONES, (BATCH,), generator=gen)
             std = POLICY_STD[0] + (POLICY_STD[1] - POLICY_STD[0]) * step / max(job.steps - 1, 1)
-            mean_side = ((mu[zone] - c[zone]) * u[zone]).sum(dim=1).detach().numpy()
+            sides = ((mu - c) * u).sum(dim=1).detach().numpy()  # every zone's mean side [ZONES]
+            mean_side = sides[zone.numpy()]
             z = mu[zone] + std * torch.randn(BATCH, Z_DIM, generator=gen)
             z_leaf = z.detach().requires_grad_(True)
             side = ((z_leaf - c[zone]) * u[zone]).sum(dim=1)
@@ -149,6 +174,7 @@ def train(job: Job) -> dict[str, np.ndarray]:
             out["zone"].extend(zone.tolist())
             out["side"].extend(s.tolist())
             out["policy_side"].extend(mean_side.tolist())
+            out["policy_sides"].extend([sides.tolist()] * BATCH)
             out["policy_std"].extend([std] * BATCH)
             out["soft_bind"].extend(metrics["soft_bind"].tolist())
             out["cone_vol"].extend(metrics["cone_vol"].tolist())

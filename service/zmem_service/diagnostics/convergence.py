@@ -63,6 +63,15 @@ def _convergence_criterion(
                     worst_worker = (str(name), c)
     failing = [name for name, c in tests.items() if c is not None and c.worse]
     worker_worse = worst_worker is not None and worst_worker[1].worse
+    # A rise past the minimum effect that stays within its noise: this much data can't tell
+    # it from noise, so a pass over it is never said as "not rising".
+    unproven = [
+        name
+        for name, c in [*tests.items(), ("worker", worst_worker[1] if worst_worker else None)]
+        if c is not None
+        and not c.worse
+        and c.value >= (t.spike_rise if name == "spikes" else t.min_effect * scale)
+    ]
     passed: bool | None = None
     if judge and ratio_ok is not None:
         passed = ratio_ok and not failing and not worker_worse
@@ -116,20 +125,11 @@ def _convergence_criterion(
     if passed is None:
         reading = _too_little(n, need) if not judge else f"cannot compare the halves: {cluster}"
     elif passed:
-        # A rise past the minimum effect that stays within its noise is said as such, never
-        # as "not rising": this much data can't tell it from noise.
-        unclear = [
-            name
-            for name, c in [*tests.items(), ("worker", worst_worker[1] if worst_worker else None)]
-            if c is not None
-            and not c.worse
-            and c.value >= (t.spike_rise if name == "spikes" else t.min_effect * scale)
-        ]
         verdict = (
             f"converging, though not proven safe: clustering more and no rise beyond its noise, but "
-            f"{len(unclear)} of the rises below reach the minimum effect within their noise (more "
+            f"{len(unproven)} of the rises below reach the minimum effect within their noise (more "
             "data would tell)"
-            if unclear
+            if unproven
             else f"converging (clustering more; no rise of {t.min_effect:.0%} of the risk targets' range "
             "or more)"
         )
@@ -171,6 +171,7 @@ def _convergence_criterion(
             "worst_worker": None if worst_worker is None else worst_worker[0],
             "worst_worker_change": None if worst_worker is None else plain(worst_worker[1]),
             "failing": failing + (["worker"] if worker_worse else []),
+            "unproven": unproven,
             "required_size": int(need),
         },
         "reading": reading,
