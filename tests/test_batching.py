@@ -487,3 +487,28 @@ def test_requests_that_arrive_together_are_one_search_through_a_real_server(tmp_
                 np.testing.assert_array_equal(arrays[name], want[name])
     finally:
         srv.stop()
+
+
+def test_a_query_that_came_alone_is_searched_at_once(tmp_path) -> None:
+    """With the server's count saying no other request waits to start, a small query is
+    answered within its own task step (no waiting for the turn's end)."""
+    from zmem_service.index_thread import INLINE_WORK
+
+    memory = make_memories(tmp_path)["a"]
+    apply(memory, Write("a", *_rows(np.random.default_rng(0), "a")))
+    thread = IndexThread(INLINE_WORK)
+    thread.arrivals = lambda: 0
+
+    async def run() -> Neighbors:
+        task = asyncio.ensure_future(
+            thread.search(SearchJob(memory, np.zeros((1, 4), np.float32), 3, 1.0, 2**24))
+        )
+        await asyncio.sleep(0)  # one step of the task: it must be done already
+        assert task.done()
+        return task.result()
+
+    try:
+        nb = asyncio.run(run())
+    finally:
+        thread.shutdown()
+    assert nb.k == 3 and thread.searches == {"loop": 1, "thread": 0}

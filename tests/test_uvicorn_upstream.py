@@ -44,6 +44,7 @@ LEANED_ON = (
     "on_header",
     "on_headers_complete",
     "on_message_complete",
+    "_start_asgi_task",
 )
 
 

@@ -16,7 +16,9 @@ query to the thread and back costs more than a small search), and still batched:
 queries that reach `search` in one turn of the event loop (requests that arrived
 together, each task run up to its search) are gathered and searched together at the end
 of that turn, as one batch of at most MAX_INLINE_ROWS rows, when the index thread is idle
-and the memory's lock is free; otherwise they go to the thread as usual.
+and the memory's lock is free; otherwise they go to the thread as usual. A query that
+starts while no other request waits to start (`arrivals`, counted by the server) has
+nobody to wait for and is searched at once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ _TO_THREAD = object()
 class IndexThread:
     def __init__(self, inline_work: int = 0) -> None:
         self.inline_work = inline_work
+        # How many requests are received and not yet started (the server counts them): a small
+        # query that starts while none waits, with none gathered, is searched at once. None:
+        # unknown, so every small query waits for the end of its loop turn.
+        self.arrivals: Callable[[], int] | None = None
         self._queued = 0  # items put and not yet done: inline answers wait for none of them
         self._gathered: list[tuple[SearchJob, asyncio.Future[Any]]] = []  # for this loop turn
         # Index searches and the queries they answered, by where they ran ("loop", "thread").
@@ -71,16 +77,27 @@ class IndexThread:
         self._thread.start()
 
     async def search(self, query: SearchJob) -> Neighbors:
-        if self.inline_work and len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work:
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[Any] = loop.create_future()
-            self._gathered.append((query, waiter))
-            if len(self._gathered) == 1:
-                loop.call_soon(self._search_gathered)  # after the tasks runnable in this turn
-            answer = await waiter
-            if answer is not _TO_THREAD:
-                assert isinstance(answer, Neighbors)
-                return answer
+        small = len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work
+        if small and self._queued == 0:
+            arrivals = self.arrivals() if self.arrivals is not None else None
+            if not self._gathered and arrivals == 0:
+                answer = query.memory.query_now([query])  # nobody else can join: no need to wait
+                if answer is not None:
+                    self.searches["loop"] += 1
+                    self.queries["loop"] += 1
+                    if isinstance(answer[0], BaseException):
+                        raise answer[0]
+                    return answer[0]
+            else:
+                loop = asyncio.get_running_loop()
+                waiter: asyncio.Future[Any] = loop.create_future()
+                self._gathered.append((query, waiter))
+                if len(self._gathered) == 1:
+                    loop.call_soon(self._search_gathered)  # after the tasks runnable in this turn
+                answer = await waiter
+                if answer is not _TO_THREAD:
+                    assert isinstance(answer, Neighbors)
+                    return answer
         self._put(query)
         return await asyncio.wrap_future(query.future)
 

@@ -114,6 +114,29 @@ class OneWrite:
         return getattr(self._transport, name)
 
 
+class Arrivals:
+    """How many requests are received whose task hasn't started yet: counted up as uvicorn
+    creates a request's task, down as the task starts the application. The index thread
+    reads it (`IndexThread.arrivals`): a query that starts while no other request waits to
+    start has no query to be batched with, and is searched without waiting."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+    def __call__(self) -> int:
+        return self.waiting
+
+    def counted(self, app: Any) -> Any:
+        """`app`, counted in: the count goes up now and down as the application starts."""
+        self.waiting += 1
+
+        async def started(scope: Any, receive: Any, send: Any) -> None:
+            self.waiting -= 1
+            await app(scope, receive, send)
+
+        return started
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with bounded heads, timeouts for slow requests and a connection cap.
 
@@ -123,6 +146,7 @@ class GuardedProtocol(HttpToolsProtocol):
     """
 
     limits: ClassVar[Limits]
+    arrivals: ClassVar[Arrivals]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -215,6 +239,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not None:  # its task starts later, on the loop: before any write
             self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        super()._start_asgi_task(cycle, self.arrivals.counted(app))
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
@@ -254,9 +281,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_for(limits: Limits) -> type[GuardedProtocol]:
-    """A GuardedProtocol class bound to `limits` (uvicorn instantiates it per connection)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+def protocol_for(limits: Limits, arrivals: Arrivals | None = None) -> type[GuardedProtocol]:
+    """A GuardedProtocol class bound to `limits` and counting into `arrivals` (uvicorn
+    instantiates it per connection)."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits, "arrivals": arrivals or Arrivals()})
 
 
 class ExitingServer(uvicorn.Server):
@@ -278,6 +306,8 @@ def serve(
 ) -> None:
     """Run `app` in this process until SIGINT/SIGTERM (one worker: the rings are process state);
     `on_exit` runs when a signal arrives, from the signal handler."""
+    arrivals = Arrivals()
+    app.state.zmem.index_thread.arrivals = arrivals  # lone queries are searched without waiting
     # uvicorn's access log would print query strings (a dashboard's ?token=); the app's
     # own access log (zmem.access) doesn't. JSON logs: uvicorn's own lines go to the root
     # logger's handler too, not to the text handler its default config gives them.
@@ -288,7 +318,7 @@ def serve(
         log_level=log_level,
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         workers=1,
-        http=protocol_for(Limits.from_settings(settings)),
+        http=protocol_for(Limits.from_settings(settings), arrivals),
         timeout_keep_alive=settings.keep_alive_timeout,
         timeout_graceful_shutdown=30,
         access_log=False,
