@@ -61,6 +61,9 @@ def _convergence_criterion(
                 c = test(mine, scale, min_effect=t.min_effect, z=t.worker_z)
                 if c is not None and (worst_worker is None or _worse_first(c, worst_worker[1])):
                     worst_worker = (str(name), c)
+    holder = None
+    if level is not None and risk_target is not None and worker is not None:
+        holder = _spike_holder(risk_target, np.asarray(worker).astype(str), level, t)
     failing = [name for name, c in tests.items() if c is not None and c.worse]
     worker_worse = worst_worker is not None and worst_worker[1].worse
     # A rise past the minimum effect that stays within its noise: this much data can't tell
@@ -112,6 +115,13 @@ def _convergence_criterion(
             share=True,
         ),
     }
+    if holder is not None:
+        parts["spikes"] += (
+            f"; they are likely from worker {holder['worker']!r} (queries carry no worker, episodes "
+            f"do): {holder['share']:.0%} ± {holder['se']:.0%} of its newest-fifth episodes sit above "
+            f"that level against {holder['others']:.0%} ± {holder['others_se']:.0%} of the other "
+            f"workers' (it holds {holder['held']:.0%} of those above)"
+        )
     if risk_target is None:
         for key in ("risk_target_window", "risk_target_trend"):
             parts.pop(key)
@@ -168,6 +178,7 @@ def _convergence_criterion(
             "z": float(t.change_z),
             **{name: plain(tests.get(name)) for name in TESTS},
             "spike_level": _float(level),
+            "spike_worker": holder,
             "worst_worker": None if worst_worker is None else worst_worker[0],
             "worst_worker_change": None if worst_worker is None else plain(worst_worker[1]),
             "failing": failing + (["worker"] if worker_worse else []),
@@ -179,6 +190,51 @@ def _convergence_criterion(
 
 
 TESTS = ("risk_target_trend", "risk_target_window", "recorded_risk_trend", "spikes")
+
+
+def _spike_holder(
+    risk_target: np.ndarray, worker: np.ndarray, level: float, t: Thresholds
+) -> dict[str, Any] | None:
+    """The worker that holds the spikes, read from the episodes (recorded queries carry no
+    worker; a worker's queries sit where its episodes do): in the newest of ``trends.WINDOWS``
+    windows of the episodes in arrival order (risk_target [n], worker [n] names), the worker
+    whose share of episodes with a risk target above the spike `level` exceeds the other
+    workers' pooled share by the spikes' own bar (``spike_rise`` share points and
+    ``change_z`` binomial standard errors). None when no worker stands out so, or with one
+    worker or fewer than ``trends.MIN_WINDOW`` episodes in the window."""
+    if risk_target.size < trends.WINDOWS * trends.MIN_WINDOW:
+        return None
+    n = risk_target.size
+    newest = slice(n - n // trends.WINDOWS, n)
+    above, names = risk_target[newest] > level, worker[newest]
+    found: dict[str, Any] | None = None
+    for name in np.unique(names):
+        mine = names == name
+        m, o = int(mine.sum()), int((~mine).sum())
+        if m < trends.MIN_WINDOW or o == 0:
+            continue
+        share, others = float(above[mine].mean()), float(above[~mine].mean())
+        gap = share - others
+        clear = gap >= t.spike_rise and gap >= t.change_z * float(
+            np.hypot(_binomial_se(share, m), _binomial_se(others, o))
+        )
+        if clear and (found is None or gap > found["share"] - found["others"]):
+            found = {
+                "worker": str(name),
+                "share": share,
+                "se": _binomial_se(share, m),
+                "others": others,
+                "others_se": _binomial_se(others, o),
+                "held": float(above[mine].sum() / max(int(above.sum()), 1)),
+            }
+    return found
+
+
+def _binomial_se(p: float, count: int) -> float:
+    """The standard error of a share p of `count` values; a share of 0 or 1 is taken as 1/count
+    from its end (it still has an error)."""
+    p = min(max(p, 1 / count), 1 - 1 / count) if count > 1 else 0.5
+    return float(np.sqrt(p * (1 - p) / count))
 
 
 def _worse_first(a: trends.Change, b: trends.Change) -> bool:
