@@ -14,8 +14,12 @@ with the shipped fan-out config, `docker/nginx/zmem-fanout.conf.template`), for 
 - the service process's CPU time (from /proc).
 
 One table: write p50/p99, risk() p50/p99, /healthz max, service CPU (% of one core), follower
-lag p99, pages followers got. Ratios against the no-follower row of the same run matter; the
+lag p99, pages followers got, and where the rest of the machine's CPU went (nginx's processes,
+the followers' process). Ratios against the no-follower row of the same run matter; the
 followers share this machine's cores with the service.
+
+`--nice N` runs nginx and the followers at that niceness: a model of followers and their
+cache on other machines (a cache per rack), on a box that has only the one set of cores.
 """
 
 from __future__ import annotations
@@ -119,13 +123,25 @@ async def follow(url: str, n: int, start_after: int, until: float, acks: Any, ou
     out.put({"lags": lags, "pages": pages})
 
 
-def followers_process(url: str, n: int, start_after: int, until_wall: float, acks: Any, out: Any) -> None:
+def children(pid: int) -> list[int]:
+    """`pid` and its child processes (nginx's master and workers)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(k) for k in kids)]
+
+
+def followers_process(
+    url: str, n: int, start_after: int, until_wall: float, acks: Any, out: Any, nice: int = 0
+) -> None:
+    os.nice(nice)
     until = time.monotonic() + (until_wall - time.time())
     asyncio.run(follow(url, n, start_after, until, acks, out))
 
 
-def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: Any) -> dict[str, Any]:
-    """One row of the table; `acks` (shared memory, by seq) gets each row's acknowledgement time."""
+def run(
+    srv: Server, url: str, followers: int, seconds: float, rate: int, acks: Any, nginx: list[int], nice: int
+) -> dict[str, Any]:
+    """One row of the table; `acks` (shared memory, by seq) gets each row's acknowledgement time;
+    `nginx`: its processes (their CPU is counted), `nice`: the followers' niceness."""
     rng = np.random.default_rng(followers)
     http = httpx.Client(base_url=srv.url, timeout=30)
     newest = http.get("/changes", params={"after": 0, "limit": 1}, headers={"accept": wire.SAFETENSORS})
@@ -133,7 +149,8 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     until = time.time() + seconds
-    proc = ctx.Process(target=followers_process, args=(url, followers, head, until, acks, out), daemon=True)
+    args = (url, followers, head, until, acks, out, nice)
+    proc = ctx.Process(target=followers_process, args=args, daemon=True)
     if followers:
         proc.start()
         time.sleep(1.0)  # followers connected and polling
@@ -177,6 +194,8 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: 
 
     assert srv.proc is not None
     cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
+    others = {"nginx": nginx, "followers": [proc.pid] if followers else []}
+    others0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in others.items()}
     threads = [threading.Thread(target=f, daemon=True) for f in (writer, risker, healthz)]
     for t in threads:
         t.start()
@@ -184,7 +203,9 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: 
     stop.set()
     for t in threads:
         t.join(30)
-    cpu = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
+    took = time.monotonic() - t0
+    cpu = (cpu_seconds(srv.proc.pid) - cpu0) / took
+    others1 = {k: (sum(cpu_seconds(p) for p in pids) - others0[k]) / took for k, pids in others.items()}
     got: dict[str, Any] = {"lags": [], "pages": 0}
     if followers:
         got = out.get(timeout=60)
@@ -198,6 +219,8 @@ def run(srv: Server, url: str, followers: int, seconds: float, rate: int, acks: 
         "risk p99": ms(risks, 99),
         "healthz max": ms(health, 100),
         "cpu %": f"{100 * cpu:.0f}",
+        "nginx cpu %": f"{100 * others1['nginx']:.0f}" if url != srv.url else "-",
+        "follow cpu %": f"{100 * others1['followers']:.0f}" if followers else "-",
         "lag p99 ms": ms(got["lags"], 99),
         "pages": str(got["pages"]),
     }
@@ -208,6 +231,7 @@ def main() -> None:
     ap.add_argument("--followers", default="0,8,100,400")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=int, default=1000, help="episodes written per second")
+    ap.add_argument("--nice", type=int, default=0, help="niceness of nginx and the followers (see above)")
     args = ap.parse_args()
     counts = [int(x) for x in args.followers.split(",")]
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -217,6 +241,10 @@ def main() -> None:
         srv = Server(Path(tmp) / "data", "--durability", "none", "--capacity", "50000", "--min-size", "10")
         srv.start()
         proxy = Nginx(Path(tmp) / "nginx", f"127.0.0.1:{srv.port}").start()
+        assert proxy.proc is not None
+        nginx = children(proxy.proc.pid)
+        for pid in nginx:
+            os.setpriority(os.PRIO_PROCESS, pid, args.nice)
         try:
             with ZMemClient(srv.url) as mem:
                 for z in np.random.default_rng(0).standard_normal((500, D)).astype(np.float32):
@@ -225,14 +253,18 @@ def main() -> None:
                 for where, url in (("direct", srv.url), ("nginx", proxy.url)):
                     if n == 0 and where == "nginx":
                         continue
-                    rows.append((f"{n} followers, {where}", run(srv, url, n, args.seconds, args.rate, acks)))
+                    row = run(srv, url, n, args.seconds, args.rate, acks, nginx, args.nice)
+                    rows.append((f"{n} followers, {where}", row))
                     print(f"{rows[-1][0]}: {json.dumps(rows[-1][1])}", flush=True)
         finally:
             proxy.stop()
             srv.stop()
     keys = list(rows[0][1])
     cores = os.cpu_count()
-    print(f"\nchanges-feed followers, {args.rate} episodes/s written, {args.seconds:g} s each, {cores} cores")
+    print(
+        f"\nchanges-feed followers, {args.rate} episodes/s written, {args.seconds:g} s each, {cores} cores"
+        + (f", nginx and the followers at nice {args.nice}" if args.nice else "")
+    )
     print(f"{'':26}" + "".join(f"{k:>13}" for k in keys))
     for name, row in rows:
         print(f"{name:26}" + "".join(f"{row[k]:>13}" for k in keys))
