@@ -36,6 +36,7 @@ import torch
 from tests.seed_reference import SeedMemory
 from tests.server import Server
 from zmem_client import ZMemClient, kernel_risk
+from zmem_core.knn import BLAS_QUERY_ROWS
 
 Step = Callable[[], object]
 
@@ -120,7 +121,8 @@ def cycling(queries: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 
 def floor_step(data: Data, k: int, sigma: float, queries: torch.Tensor, threads: int) -> Step:
-    """In-process: faiss.knn (`threads` OpenMP threads) → gather as tensors → kernel → backward."""
+    """In-process: faiss.knn (`threads` OpenMP threads; its BLAS switch at the core's
+    BLAS_QUERY_ROWS, as the service sets it) → gather as tensors → kernel → backward."""
     zt = torch.from_numpy(data.z)
     rt = torch.from_numpy(data.risk_target)
     nxt = cycling(queries)
@@ -128,6 +130,7 @@ def floor_step(data: Data, k: int, sigma: float, queries: torch.Tensor, threads:
     def step() -> None:
         q = nxt()  # [B, d]
         faiss.omp_set_num_threads(threads)
+        faiss.cvar.distance_compute_blas_threshold = 0 if len(q) >= BLAS_QUERY_ROWS else 2**31 - 1
         _, idx = faiss.knn(q.detach().numpy(), data.z, k)
         rows = torch.from_numpy(idx)
         kernel_risk(q, zt[rows], rt[rows], sigma).sum().backward()

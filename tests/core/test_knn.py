@@ -393,3 +393,23 @@ def test_the_single_query_path_is_the_general_one(dtype: type) -> None:
             np.testing.assert_array_equal(fast[0], general[0])
             np.testing.assert_array_equal(fast[1], general[1])
             np.testing.assert_array_equal(fast[2], general[2])
+
+
+@NEEDS_FAISS
+@pytest.mark.parametrize("b", [knn.BLAS_QUERY_ROWS - 1, knn.BLAS_QUERY_ROWS])
+@pytest.mark.parametrize("kind", ["normal", "integer_ties", "far_from_origin", "near_the_norm_limit"])
+def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
+    """Below BLAS_QUERY_ROWS FAISS scans row by row, from it by one matrix product (another
+    rounding): on either side of the switch, the answer is brute force's, ties included."""
+    import faiss
+
+    rng = np.random.default_rng(b)
+    xb, xq = (a.astype(np.float32) for a in KINDS[kind](rng, 20000, b, 32))
+    xq[0] = xb[5]
+    seq = ring_seqs(20000, 777)
+    d2, idx = knn.exact_knn(xb, seq, xq, 64, use_faiss=True)
+    blas = faiss.cvar.distance_compute_blas_threshold
+    assert (blas == 0) == (b >= knn.BLAS_QUERY_ROWS)
+    ref_d2, ref_idx = brute_force(xb, seq, xq, 64)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
