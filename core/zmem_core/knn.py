@@ -280,13 +280,18 @@ def _faiss_candidates(xb: np.ndarray, xq: np.ndarray, c: int, threads: int) -> t
     """(approximate d2 float32 [B, c], rows int64 [B, c]) by `faiss.knn`, ascending."""
     faiss = _faiss()
     faiss.omp_set_num_threads(faiss_threads(len(xq), threads))
-    faiss.cvar.distance_compute_blas_threshold = 0 if len(xq) >= BLAS_QUERY_ROWS else 2**31 - 1
     xq, xb = np.ascontiguousarray(xq, np.float32), np.ascontiguousarray(xb, np.float32)
     approx = np.empty((len(xq), c), np.float32)
     cand = np.empty((len(xq), c), np.int64)
     # `faiss.knn` without its wrapper: a tenth of a single query's time goes to it otherwise.
     ptr = faiss.swig_ptr
-    faiss.knn_L2sqr(ptr(xq), ptr(xb), xb.shape[1], len(xq), len(xb), c, ptr(approx), ptr(cand))
+    cvar = faiss.cvar
+    blas = cvar.distance_compute_blas_threshold  # put back after: other callers keep FAISS's own
+    cvar.distance_compute_blas_threshold = 0 if len(xq) >= BLAS_QUERY_ROWS else 2**31 - 1
+    try:
+        faiss.knn_L2sqr(ptr(xq), ptr(xb), xb.shape[1], len(xq), len(xb), c, ptr(approx), ptr(cand))
+    finally:
+        cvar.distance_compute_blas_threshold = blas
     return approx, cand
 
 

@@ -407,9 +407,19 @@ def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
     xb, xq = (a.astype(np.float32) for a in KINDS[kind](rng, 20000, b, 32))
     xq[0] = xb[5]
     seq = ring_seqs(20000, 777)
-    d2, idx = knn.exact_knn(xb, seq, xq, 64, use_faiss=True)
-    blas = faiss.cvar.distance_compute_blas_threshold
-    assert (blas == 0) == (b >= knn.BLAS_QUERY_ROWS)
+    seen: list[int] = []
+    knn_l2sqr = faiss.knn_L2sqr
+
+    def spied(*args: object) -> object:
+        seen.append(faiss.cvar.distance_compute_blas_threshold)
+        return knn_l2sqr(*args)
+
+    faiss.knn_L2sqr = spied
+    try:
+        d2, idx = knn.exact_knn(xb, seq, xq, 64, use_faiss=True)
+    finally:
+        faiss.knn_L2sqr = knn_l2sqr
+    assert seen and all((blas == 0) == (b >= knn.BLAS_QUERY_ROWS) for blas in seen)
     ref_d2, ref_idx = brute_force(xb, seq, xq, 64)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
