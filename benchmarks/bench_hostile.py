@@ -1,7 +1,7 @@
 """Hostile loads at full size against a real server: worst /healthz latency and peak RSS.
 
     python -m benchmarks.bench_hostile [--max-memory-bytes 4294967296] [--decode-sizes 64K,256K,512K,1M,4M]
-        [--decode-seconds 3] [--only decode]
+        [--decode-seconds 3] [--decode-rate 4] [--only decode]
 
 Loads (issue 9, items 1 and 4), one after another on one server:
 - heads: 8 connections each sending a 100 MiB header;
@@ -9,11 +9,12 @@ Loads (issue 9, items 1 and 4), one after another on one server:
 - answer: a read-token-sized neighbours query whose JSON answer is at max_response_floats
   (2^24 floats: 256 rows × k 1024 × d 64), asked as JSON;
 - decode (issue 24, the size below which a body is parsed whole by a native parser), each
-  body sent again and again for a few seconds: per size, the bodies that cost the most to
-  parse per byte, `{"episodes": [1,1,…]}` (one-digit numbers) and `{"episodes": ["",…]}`
-  (empty strings), refused after parsing (more episodes than max_batch), and a valid
-  episodes body (d = 64) for the time a request takes; then empty arrays `[[],[],…]`,
-  2^16 of them and as many as the service's count of arrays, objects and members takes.
+  body sent 4 times a second (or as fast as it is answered) for a few seconds, so that a
+  faster parser is not sent more of them: per size, the bodies that cost the most to parse
+  per byte, `{"episodes": [1,1,…]}` (one-digit numbers) and `{"episodes": ["",…]}` (empty
+  strings), refused after parsing (more episodes than max_batch), and a valid episodes body
+  (d = 64) for the time a request takes; then empty arrays `[[],[],…]`, 2^16 of them and
+  as many as the service's count of arrays, objects and members takes.
 While each runs, /healthz is polled every 20 ms. Prints, per load, the answer's status,
 how long it took (per request for the decode loads), the worst /healthz latency and the
 server's peak RSS (VmRSS).
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--max-memory-bytes", type=int, default=4 << 30)
     ap.add_argument("--decode-sizes", type=size_arg, default=size_arg("64K,256K,512K,1M,4M"))
     ap.add_argument("--decode-seconds", type=float, default=3.0, help="how long each decode load is sent")
+    ap.add_argument("--decode-rate", type=float, default=4.0, help="decode bodies sent per second, at most")
     ap.add_argument("--only", choices=("all", "decode"), default="all")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -162,14 +164,16 @@ def main() -> None:
 
             def sent_for(payload: bytes, path: str = "/episodes") -> Callable[[], str]:
                 def load() -> str:
-                    statuses, n, start = set(), 0, time.perf_counter()
+                    statuses, n, busy, start = set(), 0, 0.0, time.perf_counter()
                     with httpx.Client(timeout=600) as c:
                         while not n or time.perf_counter() - start < args.decode_seconds:
+                            time.sleep(max(0.0, start + n / args.decode_rate - time.perf_counter()))
+                            sent = time.perf_counter()
                             r = c.post(srv.url + path, content=payload, headers=json_h)
+                            busy += time.perf_counter() - sent
                             statuses.add(str(r.status_code))
                             n += 1
-                    ms = 1000 * (time.perf_counter() - start) / n
-                    return f"{'/'.join(sorted(statuses))} ×{n}, {ms:.1f} ms each"
+                    return f"{'/'.join(sorted(statuses))} ×{n}, {1000 * busy / n:.1f} ms each"
 
                 return load
 
