@@ -32,7 +32,7 @@ def test_rss_stays_within_the_budget_plus_a_stated_overhead() -> None:
 
 
 LOG_ROWS = 20_000  # --recorded-queries in these tests
-LOG_BYTES = LOG_ROWS * 4 * 8  # risk, wsum, n_eff, ts as float64
+LOG_BYTES = LOG_ROWS * 5 * 8  # risk, wsum, n_eff, ts and the worker's code as float64
 EP = {"z": [0.0, 1.0], "soft_bind": 0.5, "cone_vol": 1.0, "lambda_bind": 0.0}
 
 

@@ -32,7 +32,7 @@ def test_the_log_keeps_the_last_capacity_rows_like_a_deque(capacity: int, batche
         assert len(log) == len(oracle)
         for i, name in enumerate(("risk", "wsum", "n_eff", "ts")):
             assert snap[name].tolist() == [row[i] for row in oracle]
-    assert log.nbytes <= 4 * 8 * capacity
+    assert log.nbytes <= log.bound_bytes == 5 * 8 * capacity  # four columns and the workers' codes
 
 
 @given(
@@ -88,7 +88,7 @@ def test_the_log_grows_on_demand_and_snapshots_are_copies() -> None:
     log = QueryLog(100_000)
     assert log.nbytes == 0
     log.extend([1.0], [0.5], [2.0], ts=3.0)
-    assert 0 < log.nbytes < 100_000 * 32
+    assert 0 < log.nbytes < log.bound_bytes
     snap = log.snapshot()
     snap["risk"][0] = 9.0
     assert log.snapshot()["risk"].tolist() == [1.0]
@@ -129,6 +129,17 @@ def test_posted_queries_are_kept_in_order_at_root_and_by_name(client: TestClient
     assert client.post("/memories/m/queries", json=rows(3)).json()["recorded_queries"] == 3
 
 
+def test_posted_queries_keep_the_worker_that_asked_them(client: TestClient) -> None:
+    rows = {"risk": [0.1, 0.2], "wsum": [1.0, 1.0], "n_eff": [2.0, 2.0]}
+    assert client.post("/queries", json={**rows, "worker": "w7"}).status_code == 200
+    assert client.post("/queries", json=rows).status_code == 200
+    body = safetensors.numpy.save({k: np.array(v) for k, v in rows.items()}, metadata={"worker": '"w8"'})
+    r = client.post("/queries", content=body, headers={"content-type": "application/x-safetensors"})
+    assert r.status_code == 200, r.text
+    kept = client.app.state.zmem.memory("default").recorded_queries()  # type: ignore[attr-defined]
+    assert kept["worker"].tolist() == ["w7", "w7", None, None, "w8", "w8"]
+
+
 def test_safetensors_f32_and_f64_are_accepted(client: TestClient) -> None:
     tensors = {
         "risk": np.array([0.1, 0.2], np.float64),
@@ -158,6 +169,8 @@ def test_safetensors_f32_and_f64_are_accepted(client: TestClient) -> None:
         ({"risk": [10**400], "wsum": [1.0], "n_eff": [1.0]}, "risk"),  # an integer beyond float64
         ({"risk": [1.0], "wsum": [1e308], "n_eff": [1.0]}, "wsum"),  # beyond float32's range
         ({"risk": [-1e39], "wsum": [1.0], "n_eff": [1.0]}, "risk"),
+        ({"risk": [1.0], "wsum": [1.0], "n_eff": [1.0], "worker": 7}, "worker"),
+        ({"risk": [1.0], "wsum": [1.0], "n_eff": [1.0], "worker": "w" * 65}, "worker"),
     ],
 )
 def test_bad_bodies_are_422_naming_the_field_and_change_nothing(

@@ -145,6 +145,7 @@ class ZMemClient:
                 self.url,
                 self._prefix,
                 memory=memory,
+                worker=self._query_worker,
                 headers=headers,
                 transport=transport,
                 device=device,
@@ -154,13 +155,21 @@ class ZMemClient:
                 max_bytes=replica_max_bytes,
             )
         else:
-            self._source = RemoteSource(self.url, self._prefix, memory, self._http, query_transport)
+            self._source = RemoteSource(
+                self.url, self._prefix, memory, self._http, query_transport, self._query_worker
+            )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._args,))
 
     def __repr__(self) -> str:
         return f"ZMemClient({self.url!r}, memory={self.memory!r})"
+
+    @property
+    def _query_worker(self) -> str | None:
+        """The worker a recorded query names (`risk.png?worker=`): this client's, where the
+        service takes it (a default built from a long host name may not be)."""
+        return self.worker if text_problem(self.worker, MAX_WORKER_CHARS, allow_empty=False) is None else None
 
     @property
     def _where(self) -> str:

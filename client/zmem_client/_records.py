@@ -48,9 +48,17 @@ class QueryPoster:
     """
 
     def __init__(
-        self, http: httpx.Client, prefix: str, memory: str, max_pending: int, interval: float = 0.5
+        self,
+        http: httpx.Client,
+        prefix: str,
+        memory: str,
+        max_pending: int,
+        interval: float = 0.5,
+        worker: str | None = None,
     ) -> None:
+        """`worker`: named with every record (`risk.png?worker=`)."""
         self._http = http
+        self._meta = {} if worker is None else {"worker": worker}
         self._memory = memory
         self._interval = interval
         self._flushing = 0
@@ -156,7 +164,7 @@ class QueryPoster:
         with self._http.stream(
             "POST",
             self._prefix + "queries",
-            content=wire.encode(stats, {}),
+            content=wire.encode(stats, self._meta),
             headers={"content-type": SAFETENSORS, "accept-encoding": "identity"},
         ) as r:
             if r.status_code >= 400:

@@ -64,6 +64,7 @@ class Replica(NeighborSource):
         prefix: str,
         *,
         memory: str = "default",
+        worker: str | None = None,
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
         device: str | torch.device | None = None,
@@ -117,7 +118,7 @@ class Replica(NeighborSource):
         self.feed_errors = 0
         self.last_feed_error: BaseException | None = None
         self._failures = 0  # feed requests failed in a row (feed thread only)
-        self._records = QueryPoster(records_http, prefix, memory, max_pending_records)
+        self._records = QueryPoster(records_http, prefix, memory, max_pending_records, worker=worker)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

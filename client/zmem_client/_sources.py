@@ -82,11 +82,19 @@ class RemoteSource(NeighborSource):
     """Neighbours from the service (see the module docstring)."""
 
     def __init__(
-        self, url: str, prefix: str, memory: str, http: httpx.Client, transport: httpx.BaseTransport | None
+        self,
+        url: str,
+        prefix: str,
+        memory: str,
+        http: httpx.Client,
+        transport: httpx.BaseTransport | None,
+        worker: str | None = None,
     ) -> None:
         """`http`: the client's connection (its headers; closed with the client); `transport`: its
-        transport, which this source calls directly (None: through `http`, e.g. to a proxy)."""
+        transport, which this source calls directly (None: through `http`, e.g. to a proxy);
+        `worker`: named with each recorded query."""
         self.memory = memory
+        self.worker = worker
         self.timeout = float(http.timeout.read or 0.0)
         self._http = http
         self._transport = transport
@@ -108,6 +116,8 @@ class RemoteSource(NeighborSource):
         self, rows: torch.Tensor, k: int | None, sigma: float | str | None, *, record: bool, with_seq: bool
     ) -> Found:
         meta: dict[str, object] = {"record": record}
+        if record and self.worker is not None:
+            meta["worker"] = self.worker
         if k is not None:
             meta["k"] = k
         if sigma is not None:

@@ -50,6 +50,7 @@ class SearchJob:
     sigma: float | str | None
     max_floats: int
     record: int = 0  # keep the rows' kernel stats among the last `record` recorded queries
+    worker: str | None = None  # who asked (kept with the recorded query)
     future: concurrent.futures.Future[Neighbors] = field(default_factory=concurrent.futures.Future)
 
 

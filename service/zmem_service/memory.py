@@ -52,6 +52,7 @@ class NeighborQuery(Protocol):
     sigma: float | str | None
     max_floats: int
     record: int
+    worker: str | None
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ class Memory:
             start = stop
             answers[i] = nb
             if queries[i].record:
-                self._record(nb)
+                self._record(nb, queries[i].worker)
         return answers
 
     def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
@@ -409,16 +410,18 @@ class Memory:
             np.zeros((b, 0), np.int64),
         )
 
-    def _record(self, nb: Neighbors) -> None:
+    def _record(self, nb: Neighbors, worker: str | None) -> None:
         """Keep the rows among the recorded queries, their kernel numbers computed later in
         a batch (`QueryLog.pend`; lock held)."""
         self._check_log_room(len(nb.d2))
-        self.queries.pend(nb.d2, nb.risk_target, nb.sigma, time.time())
+        self.queries.pend(nb.d2, nb.risk_target, nb.sigma, time.time(), worker)
 
-    def _keep_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
+    def _keep_queries(
+        self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, worker: str | None = None
+    ) -> None:
         """Append rows computed elsewhere to the query log (lock held)."""
         self._check_log_room(len(risk))
-        self.queries.extend(risk, wsum, n_eff, time.time())
+        self.queries.extend(risk, wsum, n_eff, time.time(), worker)
 
     def _check_log_room(self, rows: int) -> None:
         """The query log keeps its last `capacity` rows. A memory with rows has its log's bound
@@ -511,11 +514,13 @@ class Memory:
                 self._sigma(params.AUTO)
             self._sigma_refreshes += 1  # a query may have computed it meanwhile: pages cut again
 
-    def record_queries(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray) -> None:
+    def record_queries(
+        self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, worker: str | None = None
+    ) -> None:
         """Keep recorded queries' kernel risk, weight sum Σw and 1/Σw_norm² (each [n]), e.g.
-        those a client computed from its replica."""
+        those a client computed from its replica, with the worker that asked them."""
         with self._lock:
-            self._keep_queries(risk, wsum, n_eff)
+            self._keep_queries(risk, wsum, n_eff, worker)
 
     def recorded_queries(self) -> dict[str, np.ndarray]:
         """A copy of the recorded queries, oldest first (``QueryLog.snapshot``)."""

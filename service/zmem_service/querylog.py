@@ -2,8 +2,9 @@
 
 Each recorded query row keeps its kernel risk, the unnormalised weight sum Σw (below the
 1e-8 guard the kernel has switched off: risk ≈ 0 and no gradient), the effective number
-of neighbours carrying the weight 1/Σw_norm², and when it was recorded. The diagnostics'
-convergence and kernel criteria and ``risk.png`` read them.
+of neighbours carrying the weight 1/Σw_norm², when it was recorded, and the worker that
+asked it (when the query said: `worker`). The diagnostics' convergence and kernel
+criteria and ``risk.png`` read them.
 
 A query answered by the service is kept as its neighbours' distances and risk targets
 (`pend`) and its kernel numbers are computed later, many queries in one numpy pass: when
@@ -22,6 +23,8 @@ import numpy as np
 from zmem_core.kernel import kernel_stats
 
 COLUMNS = ("risk", "wsum", "n_eff", "ts")
+MAX_WORKERS = 1024
+"""Distinct worker names a log keeps; rows of further names are kept without one."""
 PENDING_ELEMENTS = 2**14
 """Queries wait with at most about this many neighbour distances before their numbers are computed."""
 
@@ -34,11 +37,13 @@ class _Pending:
     risk_target: np.ndarray
     sigma: float
     ts: float
+    worker: int
 
 
 class QueryLog:
     """The last `capacity` recorded queries: risk float64, wsum float64 (unnormalised Σw),
-    n_eff float64 (1/Σw_norm²), ts float64; columnar numpy ring.
+    n_eff float64 (1/Σw_norm²), ts float64, and the worker's name (held as a code into a
+    table of at most MAX_WORKERS names); columnar numpy ring.
 
     Args:
         capacity: how many rows are kept (≥ 0; 0 keeps nothing). The columns grow on
@@ -51,7 +56,8 @@ class QueryLog:
         if capacity < 0:
             raise ValueError(f"capacity must be ≥ 0, got {capacity}")
         self.capacity = int(capacity)
-        self._cols = {c: np.zeros(0, np.float64) for c in COLUMNS}
+        self._cols = {c: np.zeros(0, np.float64) for c in (*COLUMNS, "worker")}  # worker: codes, −1 none
+        self._workers: dict[str, int] = {}
         self._next = 0  # slot of the next row
         self._size = 0
         self._pending: list[_Pending] = []
@@ -61,12 +67,15 @@ class QueryLog:
     def __len__(self) -> int:
         return min(self.capacity, self._size + self._pending_rows)
 
-    def pend(self, d2: np.ndarray, risk_target: np.ndarray, sigma: float, ts: float) -> None:
-        """Keep a query's rows (d2, risk_target [B, k]) recorded at `ts`; their kernel risk, Σw
-        and n_eff (`zmem_core.kernel.kernel_stats` at `sigma`) are computed later, in order."""
+    def pend(
+        self, d2: np.ndarray, risk_target: np.ndarray, sigma: float, ts: float, worker: str | None = None
+    ) -> None:
+        """Keep a query's rows (d2, risk_target [B, k]) recorded at `ts` for `worker`; their
+        kernel risk, Σw and n_eff (`zmem_core.kernel.kernel_stats` at `sigma`) are computed
+        later, in order."""
         if self.capacity == 0 or len(d2) == 0:
             return
-        self._pending.append(_Pending(d2, risk_target, float(sigma), float(ts)))
+        self._pending.append(_Pending(d2, risk_target, float(sigma), float(ts), self._code(worker)))
         self._pending_rows += len(d2)
         self._pending_elements += d2.size
         if self._pending_elements >= PENDING_ELEMENTS:
@@ -88,8 +97,19 @@ class QueryLog:
             risk, wsum, n_eff = kernel_stats(
                 np.concatenate([p.d2 for p in run]), np.concatenate([p.risk_target for p in run]), sigma
             )
-            self._append([risk, wsum, n_eff, np.concatenate([np.full(len(p.d2), p.ts) for p in run])])
+            ts = np.concatenate([np.full(len(p.d2), p.ts) for p in run])
+            workers = np.concatenate([np.full(len(p.d2), float(p.worker)) for p in run])
+            self._append([risk, wsum, n_eff, ts, workers])
             start = stop
+
+    def _code(self, worker: str | None) -> int:
+        """`worker`'s code in the names table (−1: none, or the table is full)."""
+        if worker is None:
+            return -1
+        code = self._workers.get(worker)
+        if code is None and len(self._workers) < MAX_WORKERS:
+            code = self._workers[worker] = len(self._workers)
+        return -1 if code is None else code
 
     @property
     def nbytes(self) -> int:
@@ -98,11 +118,15 @@ class QueryLog:
 
     @property
     def bound_bytes(self) -> int:
-        """Bytes the columns hold once full: what the memory budget counts for the log."""
-        return self.capacity * 8 * len(COLUMNS)
+        """Bytes the columns hold once full: what the memory budget counts for the log (its
+        names table, at most MAX_WORKERS short names, is not counted)."""
+        return self.capacity * 8 * len(self._cols)
 
-    def extend(self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, ts: float) -> None:
-        """Append rows (each argument [n], the same n), all stamped `ts`; the oldest go first.
+    def extend(
+        self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, ts: float, worker: str | None = None
+    ) -> None:
+        """Append rows (each argument [n], the same n), all stamped `ts` and `worker`; the
+        oldest go first.
 
         Raises:
             ValueError: the lengths differ.
@@ -112,10 +136,10 @@ class QueryLog:
         if any(c.size != n for c in cols):
             raise ValueError(f"risk, wsum and n_eff must have the same length, got {[c.size for c in cols]}")
         self.settle()  # the rows recorded before these go first
-        self._append([*cols, np.full(n, float(ts))])
+        self._append([*cols, np.full(n, float(ts)), np.full(n, float(self._code(worker)))])
 
     def _append(self, cols: list[np.ndarray]) -> None:
-        """Append rows: risk, wsum, n_eff, ts, each float64 [n]."""
+        """Append rows: risk, wsum, n_eff, ts, worker code, each float64 [n]."""
         n = cols[0].size
         if n == 0 or self.capacity == 0:
             return
@@ -124,7 +148,7 @@ class QueryLog:
             n = self.capacity
         self._grow(self._size + n)
         slots = (self._next + np.arange(n)) % self.capacity
-        for name, values in zip(COLUMNS, cols, strict=True):
+        for name, values in zip(self._cols, cols, strict=True):
             self._cols[name][slots] = values
         self._next = (self._next + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
@@ -142,8 +166,12 @@ class QueryLog:
             self._cols[name] = grown
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        """Copies of the columns, oldest first: ``{"risk", "wsum", "n_eff", "ts"}`` each [len]."""
+        """Copies of the columns, oldest first: ``{"risk", "wsum", "n_eff", "ts"}`` float64 [len]
+        and ``"worker"``, each row's worker name or None (an object array)."""
         self.settle()
         start = (self._next - self._size) % self.capacity if self.capacity else 0
         order = (start + np.arange(self._size)) % max(self.capacity, 1)
-        return {name: col[order] for name, col in self._cols.items()}
+        out = {name: self._cols[name][order] for name in COLUMNS}
+        names = np.array([None, *self._workers], dtype=object)  # code −1 → None
+        out["worker"] = names[self._cols["worker"][order].astype(np.int64) + 1]
+        return out

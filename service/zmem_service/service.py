@@ -53,6 +53,7 @@ class Query:
     k: int | None = None
     sigma: float | str | None = None
     record: bool = False
+    worker: str | None = None  # who asked: kept with a recorded query
 
 
 class ZMem:
@@ -220,16 +221,19 @@ class ZMem:
         if b > self.settings.max_batch:
             raise ValidationFailed.at(["z"], f"{b} query rows; the limit is {self.settings.max_batch}")
         keep = self.settings.recorded_queries if query.record else 0
-        job = SearchJob(memory, query.z, query.k, query.sigma, self.settings.max_response_floats, keep)
+        floats = self.settings.max_response_floats
+        job = SearchJob(memory, query.z, query.k, query.sigma, floats, keep, worker=query.worker)
         return await self.index_thread.search(job)
 
-    async def record_queries(self, name: str, columns: dict[str, np.ndarray]) -> int:
+    async def record_queries(
+        self, name: str, columns: dict[str, np.ndarray], worker: str | None = None
+    ) -> int:
         """Keep query rows a client computed itself (`risk`, `wsum`, `n_eff` float64 [n]) among
         `name`'s recorded queries → how many it now keeps."""
         memory = self.memory(name)
 
         def record() -> int:
-            memory.record_queries(columns["risk"], columns["wsum"], columns["n_eff"])
+            memory.record_queries(columns["risk"], columns["wsum"], columns["n_eff"], worker)
             return len(memory.queries)
 
         return await asyncio.to_thread(record)

@@ -303,6 +303,17 @@ CASES: list[Case | Any] = [
     Case("query_z_ragged", 422, {"z": [[0.0] * 4, [0.0] * 3]}, path=NEIGHBORS, loc=("z",)),
     Case("query_unknown_field", 422, {"z": [0.0] * 4, "colour": 1}, path=NEIGHBORS, loc=("colour",)),
     Case("query_not_an_object", 422, [[0.0] * 4], path=NEIGHBORS, loc=()),
+    Case("query_worker_too_long", 422, {"z": [0.0] * 4, "worker": "w" * 65}, path=NEIGHBORS, loc=("worker",)),
+    Case("query_worker_a_number", 422, {"z": [0.0] * 4, "worker": 3}, path=NEIGHBORS, loc=("worker",)),
+    Case("query_worker_nul", 422, {"z": [0.0] * 4, "worker": "w\x00"}, path=NEIGHBORS, loc=("worker",)),
+    Case(
+        "st_query_worker_a_list",
+        422,
+        st_body({"z": np.zeros((1, 4), np.float32)}, worker=["w"]),
+        path=NEIGHBORS,
+        content_type=ST,
+        loc=("worker",),
+    ),
     Case(
         "query_rows_over_limit",
         422,

@@ -160,3 +160,39 @@ def test_the_map_says_the_range_its_colours_span(monkeypatch: pytest.MonkeyPatch
         == f"z-memory: soft_bind\ncolours: purple {lo:.3g} … yellow {hi:.3g} (1st–99th percentile shown)"
     )
     assert titles[2] == "z-memory: lambda_bind\ncolours: purple 0 … yellow 1 (fixed)"
+
+
+@pytest.mark.e2e
+def test_each_client_s_recorded_queries_carry_its_worker_through_a_real_server(tmp_path) -> None:
+    """`risk()` from a plain client and from a replica names the client's worker with each
+    recorded query (the query's `worker`; the replica's posted records), so a real server's
+    `risk.png?worker=` draws that worker's queries; a worker that asked nothing gets the
+    picture saying so."""
+    import httpx
+    import torch
+
+    from zmem_client import ZMemClient
+
+    from ..server import Server
+
+    srv = Server(tmp_path / "data", "--min-size", "1", "--k", "8").start()
+    try:
+        rng = np.random.default_rng(0)
+        with ZMemClient(srv.url, worker="writer") as mem:
+            for z in rng.normal(size=(200, 4)).astype(np.float32):
+                mem.record(z, soft_bind=0.5, cone_vol=1.0, lambda_bind=0.1)
+        for worker, replica in (("w0", False), ("w1", True)):
+            with ZMemClient(srv.url, worker=worker, replica=replica) as mem:
+                for z in rng.normal(size=(30, 4)).astype(np.float32):
+                    mem.risk(torch.from_numpy(z))
+                mem.flush(timeout=30)  # the replica's records are posted
+        title = "default: kernel risk of the last 60 recorded queries"
+        for worker in ("w0", "w1", "w9"):
+            r = httpx.get(f"{srv.url}/risk.png", params={"dpi": 30, "worker": worker}, timeout=60)
+            assert r.status_code == 200
+            nobody = plots._message(plots.RISK_SIZE, 30, title, f"no recorded queries from worker {worker!r}")
+            unnamed = plots._message(plots.RISK_SIZE, 30, title, "the recorded queries carry no worker names")
+            assert r.content != unnamed
+            assert (r.content == nobody) == (worker == "w9"), worker
+    finally:
+        srv.stop()

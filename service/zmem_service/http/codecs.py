@@ -20,7 +20,7 @@ import pydantic_core
 from pydantic import ValidationError
 
 from zmem_core import wire as core_wire
-from zmem_core.limits import rows_too_large
+from zmem_core.limits import MAX_WORKER_CHARS, rows_too_large, text_problem
 from zmem_core.wire import SAFETENSORS
 
 from ..episodes import Z_TOO_LARGE, EpisodeBatch
@@ -230,6 +230,8 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str], 
             raise ValidationFailed.at(["z"], "Field required")
         z = None
     merged = {k: json_param(v) for k, v in params.items() if k in ("k", "sigma", "record")}
+    if "worker" in params:
+        merged["worker"] = params["worker"]  # text, as it is
     merged.update({k: v for k, v in fields.items() if k != "z"})
     try:
         options = QueryOptions.model_validate(merged)
@@ -251,7 +253,7 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str], 
     if len(too_large):
         raise ValidationFailed.at(["z", int(too_large[0])], Z_TOO_LARGE)
     z = np.ascontiguousarray(z, np.float32)
-    return Query(z, one_row, options.k, options.sigma, options.record)
+    return Query(z, one_row, options.k, options.sigma, options.record, checked_worker(options.worker))
 
 
 def _json_z(raw: Any) -> np.ndarray:
@@ -293,8 +295,11 @@ def json_param(value: str) -> Any:
 # -- recorded queries --------------------------------------------------------------------
 
 
-def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict[str, np.ndarray]:
-    """float64 columns `risk`, `wsum`, `n_eff` [n] from a JSON or safetensors body.
+def decode_queries(
+    body: bytes, content_type: str | None, max_rows: int
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """float64 columns `risk`, `wsum`, `n_eff` [n] from a JSON or safetensors body, and the
+    worker that asked those queries (an optional `worker` field, or metadata key).
 
     Raises:
         BadRequest: the body can't be parsed.
@@ -302,14 +307,15 @@ def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict
             lengths differ or exceed `max_rows`, or wsum / n_eff is negative (names the field).
     """
     if is_safetensors(content_type):
-        raw = _safetensors_columns(body)
+        raw, worker = _safetensors_columns(body)
     else:
         parsed = parse_json(body, json_values_cap(max_rows))
         if not isinstance(parsed, dict):
             raise ValidationFailed.at(["body"], "must be a JSON object with lists risk, wsum, n_eff")
-        extra = sorted(set(parsed) - set(QUERY_FIELDS))
+        extra = sorted(set(parsed) - {*QUERY_FIELDS, "worker"})
         if extra:
-            raise ValidationFailed.at([extra[0]], "unknown field; expected risk, wsum and n_eff")
+            raise ValidationFailed.at([extra[0]], "unknown field; expected risk, wsum, n_eff and worker")
+        worker = parsed.get("worker")
         raw = {}
         for f in QUERY_FIELDS:
             value = parsed.get(f)
@@ -337,11 +343,22 @@ def decode_queries(body: bytes, content_type: str | None, max_rows: int) -> dict
             raise ValidationFailed.at([f, i], f"must be ≥ 0, got {col[i]}")
     if n > max_rows:
         raise ValidationFailed.at(["risk"], f"{n} query rows; the limit is {max_rows}")
-    return raw
+    return raw, checked_worker(worker)
 
 
-def _safetensors_columns(body: bytes) -> dict[str, np.ndarray]:
-    tensors, _ = parse_safetensors(body, dtypes=("F32", "F64"))
+def checked_worker(worker: Any) -> str | None:
+    """A query's `worker` (a string of at most MAX_WORKER_CHARS, or None), else a 422 naming it."""
+    if worker is not None and not isinstance(worker, str):
+        raise ValidationFailed.at(["worker"], "must be a string or null")
+    problem = text_problem(worker, MAX_WORKER_CHARS, allow_empty=True)
+    if problem is not None:
+        raise ValidationFailed.at(["worker"], problem)
+    return worker
+
+
+def _safetensors_columns(body: bytes) -> tuple[dict[str, np.ndarray], Any]:
+    tensors, meta = parse_safetensors(body, dtypes=("F32", "F64"))
+    _unknown(meta, ("worker",), "metadata key")
     out = {}
     for f in QUERY_FIELDS:
         if f not in tensors:
@@ -352,7 +369,7 @@ def _safetensors_columns(body: bytes) -> dict[str, np.ndarray]:
     extra = sorted(set(tensors) - set(QUERY_FIELDS))
     if extra:
         raise ValidationFailed.at([extra[0]], "unknown tensor; expected risk, wsum and n_eff")
-    return out
+    return out, meta.get("worker")
 
 
 # -- answers -----------------------------------------------------------------------------

@@ -135,7 +135,7 @@ async def read_query(call: Call, settings: ServiceSettings) -> Query:
     return await decode_body(call, settings, lambda body: decode_query(body, kind, params, rows))
 
 
-async def read_queries(call: Call, settings: ServiceSettings) -> dict[str, np.ndarray]:
+async def read_queries(call: Call, settings: ServiceSettings) -> tuple[dict[str, np.ndarray], str | None]:
     """The recorded-query columns of `POST …/queries`; a body too long for max_batch rows is a 413
     before it is parsed."""
     rows, kind = settings.max_batch, call.head.media_type

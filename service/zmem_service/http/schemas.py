@@ -55,6 +55,7 @@ class QueryOptions(BaseModel):
     k: Annotated[int | None, NoBool] = Field(None, ge=1, le=MAX_K)
     sigma: Annotated[float, Field(ge=MIN_SIGMA, le=MAX_SIGMA, strict=True)] | Literal["auto"] | None = None
     record: bool = False
+    worker: str | None = Field(None, max_length=MAX_WORKER_CHARS)  # a recorded query's worker
 
     @field_validator("sigma", mode="wrap")
     @classmethod
@@ -80,6 +81,7 @@ class QueriesIn(BaseModel):
     risk: list[float]
     wsum: list[float]
     n_eff: list[float]
+    worker: str | None = Field(None, max_length=MAX_WORKER_CHARS)
 
 
 EPISODE_LIST = TypeAdapter(list[EpisodeIn])

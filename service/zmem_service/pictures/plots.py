@@ -384,6 +384,8 @@ def render_risk(
     names = None if worker is None else np.array(["" if w is None else str(w) for w in worker], dtype=object)
     if names is not None and names.size != q:
         raise ValueError(f"risk has {q} rows but worker {names.size}")
+    if names is not None and not any(names):
+        names = None  # a worker column that names nobody
     if q == 0:
         return _message(RISK_SIZE, dpi, title, "no recorded queries yet")
     if only is not None and names is None:

@@ -2,7 +2,8 @@
 
 A client that computes risk locally (a replica, a trainer using `neighbors`) posts, per
 query row, its kernel risk, the unnormalised weight sum Σw and the effective number of
-neighbours 1/Σw_norm², as JSON lists or safetensors tensors (F32 or F64) of those names.
+neighbours 1/Σw_norm², as JSON lists or safetensors tensors (F32 or F64) of those names,
+and optionally the worker that asked them (`worker`, a field or a metadata key).
 The memory keeps them in its recorded-query log (`querylog.QueryLog`). A read token
 suffices, as for `neighbors` and `risk`. Mounted at the root and under `/memories/{name}`.
 """
@@ -29,6 +30,6 @@ async def post_queries(request: Request, name: NameDep, zmem: ZMemDep) -> dict[s
     wsum ≥ 0, n_eff ≥ 0 (a body too long for max_batch rows is a 413 before it is parsed).
     Answers `{"recorded": n, "recorded_queries": total kept}`; unknown memory → 404."""
     zmem.memory(name)  # an unknown memory is a 404 before the body is read
-    columns = await read_queries(Call.of(request), zmem.settings)
-    kept = await zmem.record_queries(name, columns)
+    columns, worker = await read_queries(Call.of(request), zmem.settings)
+    kept = await zmem.record_queries(name, columns, worker)
     return {"recorded": int(columns["risk"].size), "recorded_queries": kept}
