@@ -18,8 +18,11 @@ must get the bit-identical risk (batched or inline, an answer depends only on th
 buffer). The server's CPU per query is printed against its floor (below).
 
 Clients and server share this machine's cores, so the figures are those of one
-box running both (as a training node would). `--url URL --pid PID` measures an
-already running server instead (e.g. one under a profiler).
+box running both (as a training node would). `--light` adds a variant whose workers
+send the same B=1 safetensors query over a plain socket and compute nothing (no torch):
+a model of workers on other machines, whose CPU doesn't compete with the server's; each
+of its answers is checked bit for bit against the same request sent alone afterwards.
+`--url URL --pid PID` measures an already running server instead (e.g. one under a profiler).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -85,6 +89,81 @@ def worker(url: str, rank: int, rows: int, d: int, duration: float, barrier: Bar
     out.put((rank, start, end, np.array(times), cpu, got, mismatches))
 
 
+def light_request(rank: int, j: int, d: int) -> bytes:
+    """Light worker `rank`'s query `j`: a whole B=1 safetensors `POST /neighbors`, recorded."""
+    from zmem_core import wire
+
+    z = np.random.default_rng(1000 * rank + j).standard_normal((1, d)).astype(np.float32) * 0.3
+    body = wire.encode({"z": z}, {"record": True})
+    kind = wire.SAFETENSORS
+    head = (
+        f"POST /neighbors HTTP/1.1\r\nhost: zmem\r\ncontent-type: {kind}\r\naccept: {kind}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def light_ask(sock: socket.socket, request: bytes) -> bytes:
+    """Send `request` on a kept-alive connection and read its answer's body (content-length)."""
+    sock.sendall(request)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += sock.recv(65536)
+    head, body = got.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return body
+
+
+def light_worker(
+    url: str, rank: int, rows: int, d: int, duration: float, barrier: Barrier, out: Results
+) -> None:
+    """A worker that only asks (see the module docstring): the same Result tuple as `worker`, its
+    answers' bodies by query index."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    requests = [light_request(rank, j, d) for j in range(QUERIES)]
+    answers: dict[int, bytes] = {}
+    mismatches = 0
+    times = []
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for j in range(5):
+            light_ask(sock, requests[j])
+        barrier.wait()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.monotonic()
+        deadline = start + duration
+        i = 0
+        while (t0 := time.monotonic()) < deadline:
+            body = light_ask(sock, requests[i % QUERIES])
+            times.append(time.monotonic() - t0)
+            mismatches += answers.setdefault(i % QUERIES, body) != body
+            i += 1
+        end = time.monotonic()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    out.put((rank, start, end, np.array(times), cpu, answers, mismatches))
+
+
+def exact_light(url: str, results: list[tuple], d: int) -> tuple[int, int]:
+    """(answers checked, answers that differ): each light worker's answers against the same
+    request sent alone afterwards, one at a time."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    checked = differ = 0
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        for rank, *_, answers, mismatches in results:
+            for j, body in answers.items():
+                checked += 1
+                differ += light_ask(sock, light_request(rank, j, d)) != body
+            differ += mismatches
+    return checked, differ
+
+
 def exact(url: str, results: list[tuple], rows: int, d: int) -> tuple[int, int]:
     """(answers checked, answers that differ) between the load's answers and each query asked
     alone afterwards, one at a time."""
@@ -117,6 +196,7 @@ class Result:
     checked: int = 0
     differ: int = 0
     searches: dict[str, tuple[float, float]] | None = None  # where → (searches, queries) during the load
+    light: bool = False  # workers that only ask (no torch), see the module docstring
 
     @property
     def calls_per_s(self) -> float:
@@ -136,12 +216,13 @@ class Result:
         return (os.cpu_count() or 1) * 1e6 / (self.cpu_us_per_call + self.client_cpu_us_per_call)
 
 
-def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) -> Result:
+def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float, light: bool = False) -> Result:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(workers + 1)
     out: Results = ctx.Queue()
+    target = light_worker if light else worker
     procs = [
-        ctx.Process(target=worker, args=(url, r, rows, d, duration, barrier, out)) for r in range(workers)
+        ctx.Process(target=target, args=(url, r, rows, d, duration, barrier, out)) for r in range(workers)
     ]
     for p in procs:
         p.start()
@@ -158,7 +239,7 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
     end = max(g[2] for g in got)
     lat = [g[3] for g in got]
     client_cpu = sum(g[4] for g in got)
-    checked, differ = exact(url, got, rows, d)
+    checked, differ = exact_light(url, got, d) if light else exact(url, got, rows, d)
     searches = {w: (counts1[w][0] - counts0[w][0], counts1[w][1] - counts0[w][1]) for w in counts1}
     return Result(
         rows,
@@ -171,6 +252,7 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float) ->
         checked,
         differ,
         searches,
+        light,
     )
 
 
@@ -190,8 +272,10 @@ def search_counts(url: str) -> dict[str, tuple[float, float]]:
 
 def report(res: Result, floor_us: float) -> list[str]:
     unit = "queries" if res.rows == 1 else f"calls of B={res.rows}"
+    what = "light processes × POST /neighbors" if res.light else "processes × risk(z)"
+    how = "(a plain socket, no torch)" if res.light else "fwd+bwd"
     lines = [
-        f"\n{res.workers} processes × risk(z) B={res.rows} fwd+bwd, {res.wall:.1f} s: "
+        f"\n{res.workers} {what} B={res.rows} {how}, {res.wall:.1f} s: "
         f"{res.calls} {unit}, load average {os.getloadavg()[0]:.1f}",
         f"{'':34} {'figure':>12}  target",
     ]
@@ -284,6 +368,7 @@ def main() -> None:
     ap.add_argument("--knn-threads", type=int, default=0, help="the server's --knn-threads (0 = all cores)")
     ap.add_argument("--url", help="measure this running server instead of starting one (needs --pid)")
     ap.add_argument("--pid", type=int, help="the running server's process id")
+    ap.add_argument("--light", action="store_true", help="add the light workers' variant (B=1)")
     args = ap.parse_args()
     variants = [1] + ([args.batch] if args.batch else [])
 
@@ -292,6 +377,8 @@ def main() -> None:
             ap.error("--url needs --pid (the server's process, for its CPU time)")
         floor, floor_us = floors(args.url, args.pid, args.n, args.d, args.k)
         results = [run(args.url, args.pid, args.workers, rows, args.d, args.duration) for rows in variants]
+        if args.light:
+            results.append(run(args.url, args.pid, args.workers, 1, args.d, args.duration, light=True))
     else:
         from .bench_risk import Data, fill, start_server
 
@@ -304,6 +391,10 @@ def main() -> None:
                 results = [
                     run(srv.url, srv.proc.pid, args.workers, rows, args.d, args.duration) for rows in variants
                 ]
+                if args.light:
+                    results.append(
+                        run(srv.url, srv.proc.pid, args.workers, 1, args.d, args.duration, light=True)
+                    )
             finally:
                 srv.stop()
     print(
