@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -119,14 +120,25 @@ async def follow(url: str, n: int, start_after: int, until: float, acks: Any, ou
         if writer is not None:
             writer.close()
 
+    cpu0 = time.process_time()
     await asyncio.gather(*(one() for _ in range(n)))
-    out.put({"lags": lags, "pages": pages})
+    out.put({"lags": lags, "pages": pages, "cpu": time.process_time() - cpu0})
 
 
 def children(pid: int) -> list[int]:
     """`pid` and its child processes (nginx's master and workers)."""
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [pid, *(int(k) for k in kids)]
+
+
+def nginx_cpu_seconds(nginx: list[int]) -> dict[int, float]:
+    """CPU seconds of nginx's processes now: its master (`nginx[0]`) and the children it has
+    now (its cache loader comes and goes)."""
+    out = {}
+    for pid in children(nginx[0]) if nginx else []:
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+            out[pid] = cpu_seconds(pid)
+    return out
 
 
 def followers_process(
@@ -194,8 +206,7 @@ def run(
 
     assert srv.proc is not None
     cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
-    others = {"nginx": nginx, "followers": [proc.pid] if followers else []}
-    others0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in others.items()}
+    nginx0 = nginx_cpu_seconds(nginx)
     threads = [threading.Thread(target=f, daemon=True) for f in (writer, risker, healthz)]
     for t in threads:
         t.start()
@@ -205,7 +216,7 @@ def run(
         t.join(30)
     took = time.monotonic() - t0
     cpu = (cpu_seconds(srv.proc.pid) - cpu0) / took
-    others1 = {k: (sum(cpu_seconds(p) for p in pids) - others0[k]) / took for k, pids in others.items()}
+    nginx_cpu = sum(t - nginx0.get(p, 0.0) for p, t in nginx_cpu_seconds(nginx).items()) / took
     got: dict[str, Any] = {"lags": [], "pages": 0}
     if followers:
         got = out.get(timeout=60)
@@ -219,8 +230,8 @@ def run(
         "risk p99": ms(risks, 99),
         "healthz max": ms(health, 100),
         "cpu %": f"{100 * cpu:.0f}",
-        "nginx cpu %": f"{100 * others1['nginx']:.0f}" if url != srv.url else "-",
-        "follow cpu %": f"{100 * others1['followers']:.0f}" if followers else "-",
+        "nginx cpu %": f"{100 * nginx_cpu:.0f}" if url != srv.url else "-",
+        "follow cpu %": f"{100 * got['cpu'] / seconds:.0f}" if followers else "-",
         "lag p99 ms": ms(got["lags"], 99),
         "pages": str(got["pages"]),
     }
