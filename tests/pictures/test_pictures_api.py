@@ -87,6 +87,19 @@ def count_calls(
     return threads
 
 
+def render_arguments(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of each render the cache hands to its render process, in order."""
+    real = PictureCache._run
+    seen: list[dict[str, Any]] = []
+
+    def spy(self: PictureCache, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(PictureCache, "_run", spy)
+    return seen
+
+
 def on_app_loop(client: TestClient, work: Callable[[httpx.AsyncClient], Any]) -> Any:
     """Run `work(async_client)` on the app's own event loop, so its requests are concurrent."""
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from zmem_service.pictures.cache import PictureCache
 
-from .test_pictures_api import count_calls, episodes, on_app_loop, png_size, write
+from .test_pictures_api import count_calls, episodes, on_app_loop, png_size, render_arguments, write
 
 
 def write_workers(client: TestClient, n: int, workers: list[str], *, base: str = "") -> None:
@@ -90,14 +90,7 @@ def test_trail_draws_one_path_per_worker_and_filters(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_workers(client, 300, ["w0", "w1", "w2"])
-    seen: list[dict[str, Any]] = []
-    real = PictureCache._run
-
-    def spy(self: PictureCache, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs)
-        return real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(PictureCache, "_run", spy)
+    seen = render_arguments(monkeypatch)
     all_workers = client.get("/trail.png?dpi=30")
     one = client.get("/trail.png?dpi=30&worker=w1")
     nobody = client.get("/trail.png?dpi=30&worker=ghost")

@@ -11,10 +11,9 @@ from matplotlib.axes import Axes
 
 from zmem_service.memory import Memory
 from zmem_service.pictures import plots
-from zmem_service.pictures.cache import PictureCache
 from zmem_service.pictures.plots import WORKER_COLOURS, render_map, render_risk
 
-from .test_pictures_api import png_size, record_queries, write
+from .test_pictures_api import png_size, record_queries, render_arguments, write
 
 Q = 400
 
@@ -98,14 +97,7 @@ def test_risk_png_worker_draws_that_workers_queries(
     write(client, 100)
     record_queries(client, 60)
     with_workers(monkeypatch)
-    seen: list[dict[str, Any]] = []
-    real = PictureCache._run
-
-    def spy(self: PictureCache, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs)
-        return real(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(PictureCache, "_run", spy)
+    seen = render_arguments(monkeypatch)
     everyone = client.get("/risk.png?dpi=30")
     one = client.get("/risk.png?dpi=30&worker=w1")
     other = client.get("/memories/default/risk.png?dpi=30&worker=w2")
