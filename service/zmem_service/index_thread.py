@@ -82,13 +82,11 @@ class IndexThread:
         if small and self._queued == 0:
             arrivals = self.arrivals() if self.arrivals is not None else None
             if not self._gathered and arrivals == 0:
-                answer = query.memory.query_now([query])  # nobody else can join: no need to wait
-                if answer is not None:
-                    self.searches["loop"] += 1
-                    self.queries["loop"] += 1
-                    if isinstance(answer[0], BaseException):
-                        raise answer[0]
-                    return answer[0]
+                answers = self._now(query.memory, [query])  # nobody else can join: no need to wait
+                if answers is not None:
+                    if isinstance(answers[0], BaseException):
+                        raise answers[0]
+                    return answers[0]
             else:
                 loop = asyncio.get_running_loop()
                 waiter: asyncio.Future[Any] = loop.create_future()
@@ -115,15 +113,7 @@ class IndexThread:
                 rows += len(items[now][0].z)
                 now += 1
             now = max(now, 1)
-            answers: Sequence[Neighbors | BaseException] | None = None
-            if self._queued == 0:
-                try:
-                    answers = memory.query_now([q for q, _ in items[:now]])
-                except BaseException as e:  # a bug must reach the requests
-                    answers = [e] * now
-                if answers is not None:
-                    self.searches["loop"] += 1
-                    self.queries["loop"] += now
+            answers = self._now(memory, [q for q, _ in items[:now]]) if self._queued == 0 else None
             for i, (_, waiter) in enumerate(items):
                 if waiter.done():  # its request was cancelled
                     continue
@@ -132,6 +122,19 @@ class IndexThread:
                     waiter.set_exception(answer)
                 else:
                     waiter.set_result(answer)
+
+    def _now(self, memory: Memory, queries: list[SearchJob]) -> Sequence[Neighbors | BaseException] | None:
+        """`queries` answered by one search on this (the loop's) thread, counted; None when the
+        memory can't answer them at once (`Memory.query_now`)."""
+        answers: Sequence[Neighbors | BaseException] | None
+        try:
+            answers = memory.query_now(queries)
+        except BaseException as e:  # a bug must reach the requests
+            answers = [e] * len(queries)
+        if answers is not None:
+            self.searches["loop"] += 1
+            self.queries["loop"] += len(queries)
+        return answers
 
     def _put(self, item: SearchJob | Callable[[], Any] | None) -> None:
         self._queued += 1
