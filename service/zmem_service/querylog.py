@@ -93,12 +93,11 @@ class QueryLog:
             while stop < len(pending) and pending[stop].d2.shape[1] == k:
                 stop += 1
             run = pending[start:stop]
-            sigma = np.concatenate([np.full(len(p.d2), p.sigma) for p in run])
+            per_query = np.array([(p.sigma, p.ts, p.worker) for p in run], np.float64)
+            sigma, ts, workers = np.repeat(per_query, [len(p.d2) for p in run], axis=0).T
             risk, wsum, n_eff = kernel_stats(
                 np.concatenate([p.d2 for p in run]), np.concatenate([p.risk_target for p in run]), sigma
             )
-            ts = np.concatenate([np.full(len(p.d2), p.ts) for p in run])
-            workers = np.concatenate([np.full(len(p.d2), float(p.worker)) for p in run])
             self._append([risk, wsum, n_eff, ts, workers])
             start = stop
 
