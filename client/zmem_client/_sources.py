@@ -97,7 +97,6 @@ class RemoteSource(NeighborSource):
         self.worker = worker
         self.timeout = float(http.timeout.read or 0.0)
         self._http = http
-        self._transport = transport
         self._where = f"POST {url}{prefix}neighbors"
         self._url = httpx.URL(f"{url}{prefix}neighbors")
         self._headers = httpx.Headers(
