@@ -200,6 +200,7 @@ class Canned:
 
         self.answer, self.keep = answer, keep
         self.received: list[bytes] = []
+        self.connections = 0
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen()
@@ -212,6 +213,7 @@ class Canned:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
+            self.connections += 1
             with conn:
                 for _ in range(2 if self.keep else 1):
                     data = conn.recv(65536)
@@ -232,8 +234,8 @@ def test_a_request_goes_in_one_segment_and_a_kept_connection_is_reused() -> None
             for _ in range(2):
                 r = http.post(f"http://127.0.0.1:{canned.port}/neighbors", content=b"x" * 1000)
                 assert r.status_code == 200 and r.json() == {"ok": True}
-        # Each request arrived whole in one read: head and body were written at once.
-        assert len(canned.received) == 2
+        # Each request arrived whole in one read: head and body were written at once; both on one connection.
+        assert len(canned.received) == 2 and canned.connections == 1
         assert all(data.endswith(b"\r\n\r\n" + b"x" * 1000) for data in canned.received)
     finally:
         canned.close()

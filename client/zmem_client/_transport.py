@@ -69,14 +69,19 @@ class Answer:
 
 
 class _Reading:
-    """httptools' callbacks for one answer (a 1xx interim answer is read past)."""
+    """httptools' callbacks for one answer (a 1xx interim answer is read past).
 
-    __slots__ = ("body", "done", "head_done", "headers")
+    `keep`: whether the connection stays open after it, read in `on_message_complete`: once
+    the message is complete llhttp forgets its framing, and `should_keep_alive()` then says
+    False for every answer (a new connection per call)."""
+
+    __slots__ = ("body", "done", "head_done", "headers", "keep", "parser")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
-        self.head_done = self.done = False
+        self.head_done = self.done = self.keep = False
+        self.parser: httptools.HttpResponseParser | None = None
 
     def on_message_begin(self) -> None:
         self.headers, self.body, self.head_done, self.done = [], [], False, False
@@ -92,6 +97,7 @@ class _Reading:
 
     def on_message_complete(self) -> None:
         self.done = True
+        self.keep = self.parser is not None and self.parser.should_keep_alive()
 
 
 class _Connection:
@@ -112,7 +118,7 @@ class _Connection:
         sock.settimeout(_left(deadline))  # sendall: a total for the whole send
         sock.sendall(request)
         reading = _Reading()
-        parser = httptools.HttpResponseParser(reading)
+        parser = reading.parser = httptools.HttpResponseParser(reading)
         received = False
         while True:
             sock.settimeout(_left(deadline))
@@ -133,7 +139,7 @@ class _Connection:
             if reading.done:  # an interim 1xx answer: the real one follows
                 reading.done = False
         self.used = True
-        keep = reading.done and parser.should_keep_alive()
+        keep = reading.done and reading.keep
         return Answer(parser.get_status_code(), reading.headers, b"".join(reading.body)), keep
 
     def close(self) -> None:
