@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zmem_client import TransportError, ZMemClient
-from zmem_client._transport import HTTPClientTransport, lean_transport
+from zmem_client._transport import BusyWait, HTTPClientTransport, lean_transport
 
 from .server import Server
 
@@ -194,11 +194,11 @@ class Canned:
     """A listener that answers each connection's first request with `answer` (then closes, or
     keeps the connection for a second request when `keep`), keeping what each `recv` got."""
 
-    def __init__(self, answer: bytes, keep: bool = False) -> None:
+    def __init__(self, answer: bytes, keep: bool = False, delay: float = 0.0) -> None:
         import socket
         import threading
 
-        self.answer, self.keep = answer, keep
+        self.answer, self.keep, self.delay = answer, keep, delay
         self.received: list[bytes] = []
         self.connections = 0
         self.listener = socket.socket()
@@ -220,6 +220,7 @@ class Canned:
                     if not data:
                         break
                     self.received.append(data)
+                    time.sleep(self.delay)
                     conn.sendall(self.answer)
 
     def close(self) -> None:
@@ -273,3 +274,46 @@ def test_a_malformed_or_cut_answer_is_a_transport_error(answer: bytes) -> None:
     finally:
         mem.close(timeout=1)
         canned.close()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_an_answer_polled_for_is_read_whole_whether_it_comes_while_polling_or_after(delay: float) -> None:
+    body = b"x" * 100_000  # more than one read
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    canned = Canned(answer, keep=True, delay=delay)
+    try:
+        transport = HTTPClientTransport("127.0.0.1", canned.port, 5)
+        for _ in range(2):
+            answer = transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 5, busy=0.01)
+            assert answer.status == 200 and answer.content == body
+        assert canned.connections == 1
+        transport.close()
+    finally:
+        canned.close()
+
+
+def test_polling_for_an_answer_keeps_the_call_s_deadline() -> None:
+    canned = Canned(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", delay=5)
+    try:
+        transport = HTTPClientTransport("127.0.0.1", canned.port, 5)
+        t0 = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 0.3, busy=1.0)
+        assert time.monotonic() - t0 < 2
+        transport.close()
+    finally:
+        canned.close()
+
+
+def test_busy_wait_polls_only_where_a_core_would_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import zmem_client._transport as transport
+
+    monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for load, idle in ((0.5, True), (1.9, True), (2.0, False), (9.0, False)):
+        monkeypatch.setattr(transport.os, "getloadavg", lambda load=load: (load, load, load))
+        assert transport.idle_core() is idle
+        assert BusyWait().seconds() == (BusyWait.AUTO_SECONDS if idle else 0.0)
+    assert BusyWait(0).seconds() == 0 and BusyWait(0.003).seconds() == 0.003  # fixed: whatever the load
+    for bad in (-0.1, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="busy_wait"):
+            ZMemClient("http://127.0.0.1:9", busy_wait=bad)

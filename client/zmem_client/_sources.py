@@ -28,7 +28,7 @@ import torch
 from zmem_core import wire
 
 from ._http import checked, mapped
-from ._transport import HTTPClientTransport, request_head
+from ._transport import BusyWait, HTTPClientTransport, request_head
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,15 @@ class RemoteSource(NeighborSource):
         http: httpx.Client,
         transport: httpx.BaseTransport | None,
         worker: str | None = None,
+        busy_wait: BusyWait | None = None,
     ) -> None:
         """`http`: the client's connection (its headers; closed with the client); `transport`: its
         transport, which this source calls directly (None: through `http`, e.g. to a proxy);
-        `worker`: named with each recorded query."""
+        `worker`: named with each recorded query; `busy_wait`: how long the lean transport
+        polls for an answer (default: `BusyWait()`)."""
         self.memory = memory
         self.worker = worker
+        self.busy_wait = busy_wait or BusyWait()
         self.timeout = float(http.timeout.read or 0.0)
         self._http = http
         self._where = f"POST {url}{prefix}neighbors"
@@ -125,23 +128,22 @@ class RemoteSource(NeighborSource):
         body = wire.encode({"z": rows.to("cpu", torch.float32).numpy()}, meta, allow_nan=True)
         with mapped(self._where, self.timeout, lambda: self._http.is_closed):
             if self._lean is not None:
-                answer = self._lean.exchange(
-                    "POST", b"%scontent-length: %d\r\n\r\n%s" % (self._head, len(body), body), self.timeout
-                )
+                request = b"%scontent-length: %d\r\n\r\n%s" % (self._head, len(body), body)
+                answer = self._lean.exchange("POST", request, self.timeout, self.busy_wait.seconds())
                 content = answer.content
                 if answer.status != 200:
                     r = httpx.Response(answer.status, headers=answer.headers, content=content)
                     checked(r, self._where, self.memory)
                     raise httpx.RemoteProtocolError(f"an answer {answer.status} to a query")
             else:
-                request = httpx.Request(
+                sent = httpx.Request(
                     "POST",
                     self._url,
                     headers=self._headers,
                     content=body,
                     extensions={"timeout": self._timeouts},
                 )
-                content = checked(self._http.send(request), self._where, self.memory).content
+                content = checked(self._http.send(sent), self._where, self.memory).content
         arrays, info = wire.decode(content)
         return Found(
             d2=torch.from_numpy(np.asarray(arrays["d2"])),
