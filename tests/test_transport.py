@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zmem_client import TransportError, ZMemClient
-from zmem_client._transport import BusyWait, HTTPClientTransport, lean_transport
+from zmem_client._transport import HTTPClientTransport, lean_transport
+from zmem_core.busy import BusyWait
 
 from .server import Server
 
@@ -284,7 +285,7 @@ def test_an_answer_polled_for_is_read_whole_whether_it_comes_while_polling_or_af
     try:
         transport = HTTPClientTransport("127.0.0.1", canned.port, 5)
         for _ in range(2):
-            answer = transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 5, busy=0.01)
+            answer = transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 5, busy=BusyWait(0.01))
             assert answer.status == 200 and answer.content == body
         assert canned.connections == 1
         transport.close()
@@ -298,22 +299,29 @@ def test_polling_for_an_answer_keeps_the_call_s_deadline() -> None:
         transport = HTTPClientTransport("127.0.0.1", canned.port, 5)
         t0 = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
-            transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 0.3, busy=1.0)
+            transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 0.3, busy=BusyWait(1.0))
         assert time.monotonic() - t0 < 2
         transport.close()
     finally:
         canned.close()
 
 
-def test_busy_wait_polls_only_where_a_core_would_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    import zmem_client._transport as transport
-
-    monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    for load, idle in ((0.5, True), (1.9, True), (2.0, False), (9.0, False)):
-        monkeypatch.setattr(transport.os, "getloadavg", lambda load=load: (load, load, load))
-        assert transport.idle_core() is idle
-        assert BusyWait().seconds() == (BusyWait.AUTO_SECONDS if idle else 0.0)
-    assert BusyWait(0).seconds() == 0 and BusyWait(0.003).seconds() == 0.003  # fixed: whatever the load
+def test_a_query_s_polling_is_measured_and_a_bad_busy_wait_is_refused() -> None:
+    body = b"x" * 100
+    canned = Canned(
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body), keep=True, delay=0.002
+    )
+    try:
+        busy = BusyWait(0.05)
+        transport = HTTPClientTransport("127.0.0.1", canned.port, 5)
+        for _ in range(3):
+            assert (
+                transport.exchange("GET", b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 5, busy=busy).content == body
+            )
+        assert busy.spells == 3  # each answer's wait (~2 ms) was one spell, measured
+        transport.close()
+    finally:
+        canned.close()
     for bad in (-0.1, 2.0, float("nan")):
         with pytest.raises(ValueError, match="busy_wait"):
             ZMemClient("http://127.0.0.1:9", busy_wait=bad)

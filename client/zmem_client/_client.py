@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import torch
 
+from zmem_core.busy import BusyWait
 from zmem_core.limits import (
     MAX_BATCH,
     MAX_ID_CHARS,
@@ -29,7 +30,7 @@ from ._http import checked, mapped
 from ._risk import kernel_dtype, kernel_risk
 from ._sender import Sender
 from ._sources import Lag, NeighborSource, RemoteSource
-from ._transport import BusyWait, lean_transport
+from ._transport import lean_transport
 
 if TYPE_CHECKING:
     from ._replica import Replica
@@ -55,9 +56,9 @@ class ZMemClient:
     and leaves the client open. Any call on a closed client raises `ClientClosed`.
 
     `busy_wait`: seconds a query (`risk`, `neighbors`) waits for the service's answer
-    polling its socket before it sleeps: waking a sleeping process costs a small query
-    about a sixth of its time on a virtual machine. None (the default): 2 ms while the
-    machine's load average is below its cores, else none; 0: never poll.
+    polling its socket before it sleeps, while its core is free (`zmem_core.busy`: waking
+    a sleeping process cost a small query about a sixth of its time on a virtual
+    machine); 0: never poll.
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class ZMemClient:
         max_lag: float = 30.0,
         strict: bool = False,
         replica_max_bytes: int = 2**31,
-        busy_wait: float | None = None,
+        busy_wait: float = 0.002,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")

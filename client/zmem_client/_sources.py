@@ -26,9 +26,15 @@ import numpy as np
 import torch
 
 from zmem_core import wire
+from zmem_core.busy import BusyWait
 
 from ._http import checked, mapped
-from ._transport import BusyWait, HTTPClientTransport, request_head
+from ._transport import HTTPClientTransport, request_head
+
+POLLED_ROWS = 32
+"""Queries of at most this many rows poll for their answer (`busy_wait`); a larger one's answer
+takes long enough that polling would only burn the core, and it would compete with the
+service's own threads for a multi-threaded search."""
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,10 @@ class RemoteSource(NeighborSource):
         """`http`: the client's connection (its headers; closed with the client); `transport`: its
         transport, which this source calls directly (None: through `http`, e.g. to a proxy);
         `worker`: named with each recorded query; `busy_wait`: how long the lean transport
-        polls for an answer (default: `BusyWait()`)."""
+        polls for an answer (None: never)."""
         self.memory = memory
         self.worker = worker
-        self.busy_wait = busy_wait or BusyWait()
+        self.busy_wait = busy_wait
         self.timeout = float(http.timeout.read or 0.0)
         self._http = http
         self._where = f"POST {url}{prefix}neighbors"
@@ -129,7 +135,8 @@ class RemoteSource(NeighborSource):
         with mapped(self._where, self.timeout, lambda: self._http.is_closed):
             if self._lean is not None:
                 request = b"%scontent-length: %d\r\n\r\n%s" % (self._head, len(body), body)
-                answer = self._lean.exchange("POST", request, self.timeout, self.busy_wait.seconds())
+                busy = self.busy_wait if len(rows) <= POLLED_ROWS else None
+                answer = self._lean.exchange("POST", request, self.timeout, busy)
                 content = answer.content
                 if answer.status != 200:
                     r = httpx.Response(answer.status, headers=answer.headers, content=content)

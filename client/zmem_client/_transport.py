@@ -19,8 +19,10 @@ every byte).
 Behind a proxy (`HTTP_PROXY`, `ALL_PROXY`, unless `NO_PROXY` names the host) the client takes
 httpx's own transport instead, which honours them as httpx always does.
 
-A query may wait for its answer polling the socket for a few milliseconds rather than
-sleeping on it (`BusyWait`: where the machine has an idle core).
+A training step's query may wait for its answer polling the socket for a few milliseconds
+rather than sleeping on it, while its core is free (`zmem_core.busy`). The client's
+background threads (the sender, the replica's feed) never poll: their polling would take
+the interpreter from the training thread.
 
 A 503 with `Retry-After` (the service is briefly full: no answer slot, a decode pool
 busy) is sent again after the delay it names, as long as the call's deadline leaves
@@ -29,8 +31,6 @@ time for it; otherwise the 503 is the answer.
 
 from __future__ import annotations
 
-import math
-import os
 import socket
 import threading
 import time
@@ -40,6 +40,8 @@ from email.utils import parsedate_to_datetime
 
 import httptools
 import httpx
+
+from zmem_core.busy import BusyWait
 
 MAX_RETRY_AFTER = 60.0
 """A longer Retry-After is not waited for: the 503 is the answer."""
@@ -113,9 +115,11 @@ class _Connection:
         self.sock: socket.socket | None = None
         self.used = False  # it answered a request before: a close may be an idle close
 
-    def ask(self, method: bytes, request: bytes, deadline: float, busy: float = 0.0) -> tuple[Answer, bool]:
+    def ask(
+        self, method: bytes, request: bytes, deadline: float, busy: BusyWait | None = None
+    ) -> tuple[Answer, bool]:
         """The answer to `request` (head and body), and whether the connection stays open; for
-        the first `busy` seconds the socket is polled rather than slept on (`BusyWait`)."""
+        the time `busy` allows, the socket is polled rather than slept on."""
         sock = self.sock
         if sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))
@@ -123,12 +127,12 @@ class _Connection:
             self.sock = sock
         sock.settimeout(_left(deadline))  # sendall: a total for the whole send
         sock.sendall(request)
-        polled_until = min(time.monotonic() + busy, deadline) if busy > 0 else 0.0
+        spell = _Spell(busy, deadline)
         reading = _Reading()
         parser = reading.parser = httptools.HttpResponseParser(reading)
         received = False
         while True:
-            data = _polled(sock, polled_until) if polled_until else None
+            data = spell.poll(sock)
             if data is None:
                 sock.settimeout(_left(deadline))
                 data = sock.recv(READ_SIZE)
@@ -147,6 +151,7 @@ class _Connection:
                 break
             if reading.done:  # an interim 1xx answer: the real one follows
                 reading.done = False
+        spell.end()
         self.used = True
         keep = reading.done and reading.keep
         return Answer(parser.get_status_code(), reading.headers, b"".join(reading.body)), keep
@@ -157,62 +162,36 @@ class _Connection:
             self.sock = None
 
 
-def _polled(sock: socket.socket, until: float) -> bytes | None:
-    """What the socket has, polled without sleeping until `until` (monotonic); None when
-    nothing came by then."""
-    sock.settimeout(0.0)
-    while True:
-        try:
-            return sock.recv(READ_SIZE)
-        except BlockingIOError:
-            if time.monotonic() >= until:
-                return None
+class _Spell:
+    """One answer's spell of polling: reads poll the socket without sleeping until the time
+    `busy` allows runs out (or the deadline); then, or when the answer is read, the spell
+    reports its wall and CPU time to `busy`."""
 
+    __slots__ = ("busy", "cpu", "start", "until")
 
-class BusyWait:
-    """How long a query's answer is waited for by polling its socket rather than sleeping.
+    def __init__(self, busy: BusyWait | None, deadline: float) -> None:
+        limit = busy.limit() if busy is not None else 0.0
+        self.busy = busy if limit else None
+        self.start, self.cpu = (time.monotonic(), time.thread_time()) if limit else (0.0, 0.0)
+        self.until = min(self.start + limit, deadline)
 
-    A process that sleeps on a socket pays for waking up when the answer comes: on a
-    virtual machine that was measured at about 0.2 ms a call (the wake-up and the caches
-    it left cold), a third of the service's own time for a small query. Polling keeps the
-    core awake, and costs that core's time while waiting, so it is done only where a core
-    would otherwise sit idle. `seconds`: a fixed limit (0: never poll); None: AUTO_SECONDS
-    while the load average is below the cores this process may run on (checked every
-    CHECK_EVERY seconds), else 0: workers that share the cores never poll each other out.
-    Only a training step's query polls (`RemoteSource`); the client's background threads
-    (the sender, the replica's feed) sleep, as their polling would take the interpreter
-    from the training thread.
-    """
+    def poll(self, sock: socket.socket) -> bytes | None:
+        """What the socket has, polled; None when the spell is over (read by blocking then)."""
+        if self.busy is None:
+            return None
+        sock.settimeout(0.0)
+        while True:
+            try:
+                return sock.recv(READ_SIZE)
+            except BlockingIOError:
+                if time.monotonic() >= self.until:
+                    self.end()
+                    return None
 
-    AUTO_SECONDS = 0.002
-    CHECK_EVERY = 1.0
-
-    def __init__(self, seconds: float | None = None) -> None:
-        if seconds is not None and not 0 <= seconds <= 1:
-            raise ValueError(f"busy_wait must be None or in [0, 1] seconds, got {seconds!r}")
-        self.fixed = seconds
-        self._checked = -math.inf
-        self._idle = False
-
-    def seconds(self) -> float:
-        if self.fixed is not None:
-            return self.fixed
-        now = time.monotonic()
-        if now - self._checked >= self.CHECK_EVERY:
-            self._checked = now
-            self._idle = idle_core()
-        return self.AUTO_SECONDS if self._idle else 0.0
-
-
-def idle_core() -> bool:
-    """Whether the 1-minute load average is below the number of cores this process may use
-    (False where the platform tells neither)."""
-    try:
-        load = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    except OSError:
-        return False
-    return load < cores
+    def end(self) -> None:
+        if self.busy is not None:
+            self.busy.spell(time.monotonic() - self.start, time.thread_time() - self.cpu)
+            self.busy = None
 
 
 def _left(deadline: float) -> float:
@@ -252,10 +231,10 @@ class HTTPClientTransport(httpx.BaseTransport):
             raise
         return httpx.Response(answer.status, headers=answer.headers, content=answer.content, request=request)
 
-    def exchange(self, method: str, request: bytes, timeout: float, busy: float = 0.0) -> Answer:
+    def exchange(self, method: str, request: bytes, timeout: float, busy: BusyWait | None = None) -> Answer:
         """The answer to one whole request (head and body, as bytes), within `timeout` seconds;
-        a 503 with a Retry-After the deadline leaves room for is asked again. `busy`: seconds
-        of the wait spent polling rather than sleeping (`BusyWait`). Failures are httpx's
+        a 503 with a Retry-After the deadline leaves room for is asked again. `busy`: how long
+        the answer is polled for rather than slept on (`zmem_core.busy`). Failures are httpx's
         (ConnectError, ReadTimeout, PoolTimeout, RemoteProtocolError)."""
         deadline = time.monotonic() + timeout  # waiting for another thread's call counts too
         verb = method.encode("ascii")
@@ -266,7 +245,9 @@ class HTTPClientTransport(httpx.BaseTransport):
                 return answer
             time.sleep(delay)  # the connection is free meanwhile
 
-    def _once(self, method: bytes, request: bytes, timeout: float, deadline: float, busy: float) -> Answer:
+    def _once(
+        self, method: bytes, request: bytes, timeout: float, deadline: float, busy: BusyWait | None
+    ) -> Answer:
         """One request and its answer, on the kept connection (or a new one)."""
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             raise httpx.PoolTimeout(f"the connection stayed busy for {timeout}s")

@@ -77,6 +77,11 @@ class IndexThread:
         self._thread = threading.Thread(target=self._run, name="zmem-index", daemon=True)
         self._thread.start()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued for the thread (a hint: read without a lock)."""
+        return self._queued == 0
+
     async def search(self, query: SearchJob) -> Neighbors:
         small = len(query.z) * query.memory.size * query.z.shape[1] <= self.inline_work
         if small and self._queued == 0:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -86,6 +86,11 @@ class Metrics:
         self.state.index_thread = index_thread
 
 
+class Polling(Protocol):
+    seconds: float  # spent polling
+    backoffs: int  # spells that found the core wanted elsewhere
+
+
 class StateCollector(Collector):
     """What the memories hold, read when /metrics is scraped (a deleted memory leaves no series
     behind), and the per-memory counters of the memories that exist."""
@@ -94,6 +99,7 @@ class StateCollector(Collector):
         self.metrics = metrics
         self.memories: Memories | None = None
         self.index_thread: IndexThread | None = None
+        self.busy: Polling | None = None  # the event loop's busy polling (`http/busy.py`)
 
     def describe(self) -> list[Metric]:
         return []  # families vary with the memories; registering must not collect
@@ -114,6 +120,17 @@ class StateCollector(Collector):
                 queries.add_metric([where], self.index_thread.queries[where])
             yield searches
             yield queries
+        if self.busy is not None:
+            yield CounterMetricFamily(
+                "zmem_busy_poll_seconds",
+                "seconds the event loop spent polling for the next request after a query (--busy-poll)",
+                self.busy.seconds,
+            )
+            yield CounterMetricFamily(
+                "zmem_busy_poll_backoffs",
+                "spells of polling that found the core wanted elsewhere (polling then paused)",
+                self.busy.backoffs,
+            )
         if self.memories is None:
             return
         memories = self.memories.all()

@@ -237,6 +237,13 @@ class ServiceSettings(BaseSettings):
         description="bytes/s a large body or answer must keep up while it holds one of the slots they "
         "share (after 2 s of grace); slower ones are dropped",
     )
+    busy_poll: float = Field(
+        0.001,
+        ge=0,
+        le=1,
+        description="seconds the event loop polls for the next request after answering a query, "
+        "rather than sleeping, while its core is free; 0: never",
+    )
 
     # The log.
     log_level: LogLevel = Field("info", description="how much the service logs")

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from zmem_core.busy import BusyWait
+
 from .. import __version__
 from ..errors import MAX_ERRORS, ZMemError, problem
 from ..metrics import Metrics, MetricsMiddleware, log_summaries
@@ -21,6 +23,7 @@ from ..pictures.cache import PictureCache
 from ..service import ZMem
 from ..settings import ServiceSettings
 from .auth import CookieMiddleware, Tokens
+from .busy import BusyPoll
 from .edge import declared_routes, guard
 from .fastpath import FastPath
 from .openapi import install as install_openapi
@@ -107,6 +110,8 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
     app.state.codecs = Codecs.create()
     app.state.tokens = tokens
     app.state.metrics = metrics
+    app.state.busy = BusyPoll(BusyWait(settings.busy_poll, "busy_poll"), lambda: zmem.index_thread.idle)
+    metrics.state.busy = app.state.busy
     if fast_path:
         app.add_middleware(FastPath, routes=app.router.routes)  # innermost: still counted and logged
     app.add_middleware(CookieMiddleware)

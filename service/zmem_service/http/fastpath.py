@@ -84,3 +84,4 @@ class FastPath:
             log.exception("unexpected error on POST %s", path, exc_info=e)
             response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
         await response(scope, receive, send)
+        state.busy.kick()  # a training loop's next query finds the loop awake (`busy.py`)
