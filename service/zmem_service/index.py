@@ -142,11 +142,13 @@ class FaissCpuIndex:
         self._filled = 0
 
     def search(self, zq: np.ndarray, k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        center = np.zeros(self.z_dim, np.float32) if self._center is None else self._center
+        zq = zq.astype(np.float64)
+        if self._center is not None:
+            zq -= self._center  # float32 → float64: exact
         return knn.exact_knn(
             self._z[:size],
             self._seq[:size],
-            zq.astype(np.float64) - center.astype(np.float64),
+            zq,
             k,
             base_sqnorm_max=self._norm2,
             threads=self._threads,

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -371,7 +371,7 @@ class Memory:
 
     def _query_many(self, queries: Sequence[NeighborQuery]) -> list[Neighbors | ZMemError]:
         """`query_many` with the lock held."""
-        answers: list[Neighbors | ZMemError] = []
+        answers: list[Neighbors | ZMemError | None] = []  # None: answered below
         wanted: list[tuple[int, int, float]] = []  # (answer index, k asked for, sigma)
         for q in queries:
             try:
@@ -380,9 +380,11 @@ class Memory:
                 answers.append(e)
                 continue
             wanted.append((len(answers), want, sigma))
-            answers.append(self._empty(q.z, sigma))
+            answers.append(None)
         if not wanted or not self.active or self.ring is None or self.index is None:
-            return answers
+            for i, _, sigma in wanted:
+                answers[i] = self._empty(queries[i].z, sigma)
+            return cast("list[Neighbors | ZMemError]", answers)
         size = self.size
         stacked = [queries[i].z for i, _, _ in wanted]
         zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
@@ -396,7 +398,7 @@ class Memory:
             answers[i] = nb
             if queries[i].record:
                 self._record(nb, queries[i].worker)
-        return answers
+        return cast("list[Neighbors | ZMemError]", answers)
 
     def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
         b, d = zq.shape

@@ -20,7 +20,7 @@ import pydantic_core
 from pydantic import ValidationError
 
 from zmem_core import wire as core_wire
-from zmem_core.limits import MAX_WORKER_CHARS, rows_too_large, text_problem
+from zmem_core.limits import MAX_SQNORM, MAX_WORKER_CHARS, rows_too_large, text_problem
 from zmem_core.wire import SAFETENSORS
 
 from ..episodes import Z_TOO_LARGE, EpisodeBatch
@@ -244,14 +244,15 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str], 
         z = z[None, :]
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValidationFailed.at(["z"], "z must be [d] or [B, d] with d >= 1 (rows of equal length)")
-    if not np.isfinite(z).all():
-        raise ValidationFailed.at(
-            ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
-            "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
-        )
-    too_large = rows_too_large(z)
-    if len(too_large):
-        raise ValidationFailed.at(["z", int(too_large[0])], Z_TOO_LARGE)
+    with np.errstate(over="ignore", invalid="ignore"):
+        admissible = (np.einsum("ij,ij->i", z, z, dtype=np.float64) <= MAX_SQNORM).all()  # NaN, inf: False
+    if not admissible:
+        if not np.isfinite(z).all():
+            raise ValidationFailed.at(
+                ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
+                "must be finite float32 (no NaN, inf or |x| > 3.4e38)",
+            )
+        raise ValidationFailed.at(["z", int(rows_too_large(z)[0])], Z_TOO_LARGE)
     z = np.ascontiguousarray(z, np.float32)
     return Query(z, one_row, options.k, options.sigma, options.record, checked_worker(options.worker))
 
