@@ -197,6 +197,7 @@ class Result:
     differ: int = 0
     searches: dict[str, tuple[float, float]] | None = None  # where → (searches, queries) during the load
     light: bool = False  # workers that only ask (no torch), see the module docstring
+    polled: float = 0.0  # seconds the service's loop spent busy polling during the load (--busy-poll)
 
     @property
     def calls_per_s(self) -> float:
@@ -227,11 +228,11 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float, li
     for p in procs:
         p.start()
     barrier.wait(timeout=300)
-    counts0 = search_counts(url)
+    counts0, polled0 = search_counts(url), polled_seconds(url)
     cpu0 = cpu_seconds(pid)
     got = [out.get(timeout=duration + 300) for _ in procs]
     cpu1 = cpu_seconds(pid)
-    counts1 = search_counts(url)
+    counts1, polled1 = search_counts(url), polled_seconds(url)
     for p in procs:
         p.join(60)
     got.sort(key=lambda g: g[0])
@@ -253,6 +254,7 @@ def run(url: str, pid: int, workers: int, rows: int, d: int, duration: float, li
         differ,
         searches,
         light,
+        polled1 - polled0,
     )
 
 
@@ -268,6 +270,16 @@ def search_counts(url: str) -> dict[str, tuple[float, float]]:
                 where = line.split('where="', 1)[1].split('"', 1)[0]
                 counts.setdefault(where, [0.0, 0.0])[i] = float(line.rsplit(" ", 1)[1])
     return {w: (c[0], c[1]) for w, c in counts.items()}
+
+
+def polled_seconds(url: str) -> float:
+    """Seconds the service's event loop has spent busy polling (`zmem_busy_poll_seconds_total`)."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("zmem_busy_poll_seconds_total "):
+            return float(line.split()[1])
+    return 0.0  # a service without busy polling
 
 
 def report(res: Result, floor_us: float) -> list[str]:
@@ -298,6 +310,7 @@ def report(res: Result, floor_us: float) -> list[str]:
             f"{'searches on the ' + where + ' (calls each)':34} {searches:12,.0f}  {per:.2f} calls per search"
         )
     lines.append(f"{'server CPU busy (cores)':34} {res.server_cpu / res.wall:12.2f}")
+    lines.append(f"{'  of which busy polling (cores)':34} {res.polled / res.wall:12.2f}")
     lines.append(f"{'worker CPU per call (µs)':34} {res.client_cpu_us_per_call:12,.0f}")
     lines.append(f"{'worker CPU busy (cores)':34} {res.client_cpu / res.wall:12.2f}")
     lines.append(

@@ -21,14 +21,38 @@ from ..server import Server
 def test_a_kick_keeps_the_loop_polling_for_its_time_and_reports_one_spell() -> None:
     async def main() -> BusyPoll:
         poll = BusyPoll(BusyWait(0.02))
-        poll.kick()
+        poll.enter()
+        poll.leave()
         await asyncio.sleep(0.01)
-        poll.kick()  # another query meanwhile: the same spell goes on, 20 ms from now
+        poll.kick()  # more time for the same spell: 20 ms from now
         await asyncio.sleep(0.05)
         return poll
 
     poll = asyncio.run(main())
     assert poll.wait.spells == 1 and 0.03 <= poll.seconds < 0.06
+
+
+def test_a_query_coming_in_ends_the_spell_and_its_answer_starts_the_next() -> None:
+    async def main() -> BusyPoll:
+        poll = BusyPoll(BusyWait(1.0))
+        poll.enter()
+        poll.enter()
+        poll.leave()  # another query still in flight: no polling yet
+        await asyncio.sleep(0.01)
+        assert poll.wait.spells == 0 and poll.seconds == 0
+        poll.leave()
+        await asyncio.sleep(0.01)
+        poll.enter()  # a query came in while polling
+        await asyncio.sleep(0.01)
+        assert poll.wait.spells == 1 and 0.005 < poll.seconds < 0.5
+        poll.leave()
+        await asyncio.sleep(0.01)
+        poll.wait.seconds = 0.001  # let the second spell end soon
+        poll.kick()
+        await asyncio.sleep(0.01)
+        return poll
+
+    assert asyncio.run(main()).wait.spells == 2
 
 
 def test_polling_turns_the_loop_over_instead_of_sleeping() -> None:

@@ -4,9 +4,11 @@ finds the loop awake and its caches warm. Measured on a 2-core VM, a B=1 `risk()
 trip fell by ~0.14 ms (`benchmarks/bench_risk`).
 
 The loop polls by keeping a callback scheduled (`call_soon`): it then waits for sockets
-with a zero timeout and serves every request as usual meanwhile. Polling stops when the
-time is up, when the index thread has queued work (a polling loop would take the
-interpreter from it), or, for a while, when a spell did not get its core.
+with a zero timeout. A spell starts when the last query in flight is answered and ends
+when the time is up, when a query comes in (its answer starts the next spell: a loaded
+service, with queries always in flight, hardly polls), when the index thread has queued
+work (a polling loop would take the interpreter from it), or, for a while, when spells
+did not get their core.
 """
 
 from __future__ import annotations
@@ -19,16 +21,26 @@ from zmem_core.busy import BusyWait
 
 
 class BusyPoll:
-    """`kick()` after each query answered; `seconds` and `spells`/`backoffs` count the polling
-    (/metrics). `quiet()`: whether the rest of the service has nothing queued."""
+    """`enter()` as a query starts and `leave()` as its answer is sent; `seconds` and
+    `backoffs` count the polling (/metrics). `quiet()`: whether the rest of the service has
+    nothing queued."""
 
     def __init__(self, wait: BusyWait, quiet: Callable[[], bool] = lambda: True) -> None:
         self.wait = wait
         self.quiet = quiet
         self.seconds = 0.0  # wall time spent polling, all spells
+        self.in_flight = 0  # queries between enter() and leave()
         self._until = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start = self._cpu = 0.0
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.kick()
 
     @property
     def backoffs(self) -> int:
@@ -49,7 +61,7 @@ class BusyPoll:
     def _tick(self) -> None:
         assert self._loop is not None
         now = time.monotonic()
-        if now < self._until and self.quiet():
+        if now < self._until and self.in_flight == 0 and self.quiet():
             self._loop.call_soon(self._tick)
             return
         self._loop = None

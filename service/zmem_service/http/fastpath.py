@@ -72,16 +72,19 @@ class FastPath:
         head = Head(scope)
         state = scope["app"].state
         response: Response
+        state.busy.enter()  # once answered, the loop polls for the next query (`busy.py`)
         try:
-            admit(edge, head, state.tokens)
-            assert edge.fast is not None
-            response = await edge.fast(
-                Call(head, receive), match.groupdict().get("name", DEFAULT), state.zmem
-            )
-        except ZMemError as e:
-            response = error_answer(e)
-        except Exception as e:
-            log.exception("unexpected error on POST %s", path, exc_info=e)
-            response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
-        await response(scope, receive, send)
-        state.busy.kick()  # a training loop's next query finds the loop awake (`busy.py`)
+            try:
+                admit(edge, head, state.tokens)
+                assert edge.fast is not None
+                response = await edge.fast(
+                    Call(head, receive), match.groupdict().get("name", DEFAULT), state.zmem
+                )
+            except ZMemError as e:
+                response = error_answer(e)
+            except Exception as e:
+                log.exception("unexpected error on POST %s", path, exc_info=e)
+                response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
+            await response(scope, receive, send)
+        finally:
+            state.busy.leave()
