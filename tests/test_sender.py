@@ -175,16 +175,24 @@ def test_retry_after_is_honoured_and_bounded(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_an_http_error_carries_retry_after_in_seconds() -> None:
+    from email.utils import formatdate
+
+    values = {"a": "7", "b": "soon", "c": "-1", "e": formatdate(time.time() + 30, usegmt=True)}
+    values["f"] = formatdate(time.time() - 30, usegmt=True)
+
     def handler(request: httpx.Request) -> httpx.Response:
-        retry_after = {"a": "7", "b": "soon", "c": "-1"}.get(request.url.params["x"])
+        retry_after = values.get(request.url.params["x"])
         headers = {"Retry-After": retry_after} if retry_after else {}
         return httpx.Response(503, json=problem(503, "busy"), headers=headers)
 
     mem = ZMemClient("http://zmem.test", transport=httpx.MockTransport(handler))
-    for x, expected in [("a", 7.0), ("b", None), ("c", None), ("d", None)]:
+    for x, expected in [("a", 7.0), ("b", None), ("c", None), ("d", None), ("f", 0.0)]:
         with pytest.raises(ServerError) as info:
             mem.map_png(x=x)
         assert info.value.retry_after == expected
+    with pytest.raises(ServerError) as info:
+        mem.map_png(x="e")  # an HTTP date: the seconds until then
+    assert info.value.retry_after is not None and 25 < info.value.retry_after <= 30
     mem.close()
 
 

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import math
 import random
+import time
+from email.utils import parsedate_to_datetime
 
 MAX_RETRY_AFTER = 60.0
-"""A longer Retry-After (or a proxy's nonsense) is cut to this many seconds."""
+"""A longer Retry-After (or a proxy's nonsense) is cut to this many seconds by the sender's
+retries; a query that would have to wait longer takes the 503 as its answer."""
+
+
+def retry_after_seconds(value: str | bytes | None) -> float | None:
+    """Seconds a `Retry-After` value asks to wait: delta-seconds, or an HTTP date (0 once it
+    has passed); None when there is none, or one that can't be read (negative, not finite)."""
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value or "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            return max(parsedate_to_datetime(text).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def backoff(attempt: int, first: float, cap: float, retry_after: float | None = None) -> float:

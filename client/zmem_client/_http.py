@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 
 from zmem_core import wire
 
+from ._backoff import retry_after_seconds
 from ._exceptions import (
     NOT_FOUND,
     ClientClosed,
@@ -60,12 +60,8 @@ def mapped(where: str, timeout: float, closed: Callable[[], bool] = lambda: Fals
 
 
 def retry_after(r: httpx.Response) -> float | None:
-    """The answer's Retry-After in seconds; None when absent or not a number of seconds."""
-    try:
-        seconds = float(r.headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    """The answer's Retry-After in seconds (`retry_after_seconds`)."""
+    return retry_after_seconds(r.headers.get("retry-after"))
 
 
 def problem_of(reason: str, body: bytes) -> dict[str, Any]:

@@ -36,15 +36,14 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 import httptools
 import httpx
 
 from zmem_core.busy import BusyWait
 
-MAX_RETRY_AFTER = 60.0
-"""A longer Retry-After is not waited for: the 503 is the answer."""
+from ._backoff import MAX_RETRY_AFTER, retry_after_seconds
+
 READ_SIZE = 256 * 2**10
 RETRYABLE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -241,7 +240,7 @@ class HTTPClientTransport(httpx.BaseTransport):
         while True:
             answer = self._once(verb, request, timeout, deadline, busy)
             delay = retry_after_seconds(answer.header(b"retry-after")) if answer.status == 503 else None
-            if delay is None or time.monotonic() + delay >= deadline:
+            if delay is None or delay > MAX_RETRY_AFTER or time.monotonic() + delay >= deadline:
                 return answer
             time.sleep(delay)  # the connection is free meanwhile
 
@@ -291,24 +290,6 @@ class HTTPClientTransport(httpx.BaseTransport):
         with self._lock:
             self._closed = True
             self._drop()
-
-
-def retry_after_seconds(value: bytes | None) -> float | None:
-    """Seconds a `Retry-After` value asks to wait (delta-seconds or an HTTP date); None when
-    there is none, or one that can't be read or is longer than MAX_RETRY_AFTER."""
-    text = (value or b"").decode("latin-1").strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(text).timestamp() - time.time()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    if not 0 <= seconds <= MAX_RETRY_AFTER:
-        return None if seconds > MAX_RETRY_AFTER else 0.0
-    return seconds
 
 
 def lean_transport(url: str, timeout: float) -> HTTPClientTransport | None:
