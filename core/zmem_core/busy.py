@@ -7,19 +7,23 @@ awake, at the price of that core's time while waiting: worth it only on a core t
 other process wants. The client polls for a query's answer (`zmem_client._transport`),
 the service's event loop for the next request after a query (`zmem_service.http.busy`).
 
-Each spell of polling measures whether the core was free: the thread's CPU time over
-the spell's wall time. A spell that got less than SHARE of its core means other
-processes were scheduled on it, another thread held the interpreter, or a CPU quota
-throttled this one. POOR_SPELLS such spells in a row stop polling for a while: BACKOFF
-seconds, doubled after each further poor spell up to MAX_BACKOFF, back to BACKOFF after a
-spell that had its core (a lone poor spell, a moment's contention, changes nothing).
-Workers and a service that share too few cores so poll for a few milliseconds a minute,
-and never each other out for long.
+Two measures say whether the core is free. Where Linux tells it
+(`/proc/thread-self/schedstat`), the time the polling thread spent ready to run but
+waiting for a core, read every CHECK_EVERY seconds: more than WAIT_SHARE of that time
+(processes sharing too few cores) stops polling until the next reading says otherwise.
+And each spell of polling measures itself: the thread's CPU time over the spell's wall
+time. A spell that got less than SHARE of its core means other processes were scheduled
+on it, another thread held the interpreter, or a CPU quota throttled this one.
+POOR_SPELLS such spells in a row stop polling for a while: BACKOFF seconds, doubled
+after each further poor spell up to MAX_BACKOFF, back to BACKOFF after a spell that had
+its core (a lone poor spell, a moment's contention, changes nothing). Workers and a
+service that share too few cores so hardly poll, and never each other out for long.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 SHARE = 0.8
@@ -31,13 +35,29 @@ BACKOFF = 0.5
 MAX_BACKOFF = 60.0
 MIN_SPELL = 200e-6
 """Spells shorter than this say nothing about the core (the clocks' own noise)."""
+CHECK_EVERY = 0.5
+"""Seconds between two readings of the thread's wait for a core."""
+WAIT_SHARE = 0.1
+"""More of the time than this spent waiting for a core: the cores are shared too thinly."""
+SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def runqueue_wait() -> float | None:
+    """Seconds the calling thread has spent ready to run but waiting for a core (None where
+    the platform doesn't say)."""
+    try:
+        with open(SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class BusyWait:
     """How long to poll before sleeping: `seconds` (0: never), while the core proves free.
 
-    `limit()` is the polling time for the next wait (0 while backed off); `spell(wall,
-    cpu)` reports a spell's wall and CPU seconds (`time.monotonic`, `time.thread_time`).
+    `limit()` is the polling time for the next wait (0 while backed off), called by the
+    thread that would poll; `spell(wall, cpu)` reports a spell's wall and CPU seconds
+    (`time.monotonic`, `time.thread_time`). `backoffs` counts the times polling stopped.
     """
 
     def __init__(self, seconds: float, name: str = "busy_wait") -> None:
@@ -49,11 +69,31 @@ class BusyWait:
         self.backoffs = 0  # times polling stopped for a while
         self._poor = 0  # poor spells in a row
         self._backoff = BACKOFF
+        self._checked = -math.inf
+        self._reading: tuple[int, float, float] | None = None  # (thread, monotonic, runqueue wait)
 
     def limit(self) -> float:
-        if self.seconds == 0 or time.monotonic() < self.off_until:
+        if self.seconds == 0:
             return 0.0
-        return self.seconds
+        now = time.monotonic()
+        if now - self._checked >= CHECK_EVERY:
+            self._check(now)
+        return 0.0 if now < self.off_until else self.seconds
+
+    def _check(self, now: float) -> None:
+        """Stop polling until the next reading if this thread waited for a core too long since
+        the last one (a reading from another thread only starts anew)."""
+        self._checked = now
+        waited = runqueue_wait()
+        if waited is None:
+            return
+        me, last = threading.get_ident(), self._reading
+        self._reading = (me, now, waited)
+        if last is None or last[0] != me or now <= last[1]:
+            return
+        if (waited - last[2]) / (now - last[1]) > WAIT_SHARE and now >= self.off_until:
+            self.backoffs += 1
+            self.off_until = now + CHECK_EVERY
 
     def spell(self, wall: float, cpu: float) -> None:
         self.spells += 1

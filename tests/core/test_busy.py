@@ -11,6 +11,7 @@ from zmem_core.busy import BusyWait
 def test_polling_stops_for_a_while_after_spells_that_did_not_get_their_core(monkeypatch) -> None:
     now = [100.0]
     monkeypatch.setattr(busy.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(busy, "runqueue_wait", lambda: None)  # the spells' own measure only
     wait = BusyWait(0.002)
     assert wait.limit() == 0.002
     wait.spell(0.0001, 0.0)  # too short to say anything
@@ -39,6 +40,36 @@ def test_polling_stops_for_a_while_after_spells_that_did_not_get_their_core(monk
     for _ in range(busy.POOR_SPELLS - 1):
         wait.spell(0.002, 0.001)
     poor_until_it_stops(busy.BACKOFF)
+
+
+def test_polling_stops_while_the_thread_waits_for_a_core(monkeypatch) -> None:
+    now, waited = [100.0], [7.0]
+    monkeypatch.setattr(busy.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(busy, "runqueue_wait", lambda: waited[0])
+    wait = BusyWait(0.002)
+    assert wait.limit() == 0.002  # the first reading: nothing to compare with yet
+
+    def later(seconds: float, waiting: float) -> float:
+        now[0] += seconds
+        waited[0] += waiting
+        return wait.limit()
+
+    assert later(busy.CHECK_EVERY, 0.01) == 0.002  # 2% of the time waiting for a core: free
+    assert later(busy.CHECK_EVERY, 0.3) == 0 and wait.backoffs == 1  # 60%: the cores are shared
+    assert later(busy.CHECK_EVERY / 2, 0) == 0  # until the next reading
+    assert later(busy.CHECK_EVERY / 2, 0.2) == 0 and wait.backoffs == 2  # still shared
+    assert later(busy.CHECK_EVERY, 0.0) == 0.002  # free again
+    assert later(0.01, 0.01) == 0.002  # between readings, nothing is read
+
+
+def test_the_runqueue_wait_is_read_where_linux_tells_it() -> None:
+    import os
+
+    waited = busy.runqueue_wait()
+    if os.path.exists(busy.SCHEDSTAT):
+        assert waited is not None and waited >= 0
+    else:
+        assert waited is None
 
 
 def test_zero_never_polls_and_a_limit_out_of_range_is_refused() -> None:
