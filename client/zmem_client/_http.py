@@ -9,8 +9,7 @@ sender's posts, the replica's feed and its query records):
   service's 404 "not found" problem, `RequestRejected` for another 4xx, `ServerError`
   for a 5xx, its problem+json (or the text of a proxy's page) kept on the error;
 - `checked(r, ...)` for an answer read whole, `read_error(r, ...)` for a streamed one
-  (at most ERROR_BYTES of its body are read, within the call's deadline);
-- `decode(r)`: a safetensors answer's arrays and metadata (`zmem_core.wire`).
+  (at most ERROR_BYTES of its body are read, within the call's deadline).
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import numpy as np
-
-from zmem_core import wire
 
 from ._backoff import retry_after_seconds
 from ._exceptions import (
@@ -101,11 +97,6 @@ def read_error(r: httpx.Response, deadline: float, memory: str) -> HTTPError:
             break
     where = f"{r.request.method} {r.request.url}"
     return error_for(r.status_code, problem_of(r.reason_phrase, bytes(body)), where, memory, retry_after(r))
-
-
-def decode(r: httpx.Response) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays and metadata of a safetensors answer."""
-    return wire.decode(r.content)
 
 
 def rejected(field: str, message: str, where: str = "the replica") -> RequestRejected:
