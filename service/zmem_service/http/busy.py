@@ -42,6 +42,12 @@ class BusyPoll:
         if self.in_flight == 0:
             self.kick()
 
+    def __enter__(self) -> None:  # `with busy:` around a query, its answer's sending included
+        self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()
+
     @property
     def backoffs(self) -> int:
         return self.wait.backoffs

@@ -72,8 +72,7 @@ class FastPath:
         head = Head(scope)
         state = scope["app"].state
         response: Response
-        state.busy.enter()  # once answered, the loop polls for the next query (`busy.py`)
-        try:
+        with state.busy:  # once answered, the loop polls for the next query (`busy.py`)
             try:
                 admit(edge, head, state.tokens)
                 assert edge.fast is not None
@@ -86,5 +85,3 @@ class FastPath:
                 log.exception("unexpected error on POST %s", path, exc_info=e)
                 response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
             await response(scope, receive, send)
-        finally:
-            state.busy.leave()
