@@ -134,6 +134,44 @@ def test_rows_the_centre_cannot_subtract_exactly_recentre_the_index() -> None:
             np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
 
 
+def test_the_rows_norms_follow_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index keeps each row's squared norm for the small batches' product: after writes,
+    overwrites and a recentre they are the stored rows' own (a stale norm would make the
+    certificate trust wrong candidates), and a batch of 4 normal queries is answered exactly
+    without a full scan."""
+    from zmem_core import knn
+
+    scans = []
+    real = knn.brute_force
+    monkeypatch.setattr(knn, "brute_force", lambda *a, **kw: scans.append(1) or real(*a, **kw))
+    rng = np.random.default_rng(11)
+    n, d = 6000, 16
+    index = FaissCpuIndex(d, 1)
+    index.reserve(n)
+    xb = (40 + rng.normal(size=(n, d))).astype(np.float32)
+    seq = np.arange(n, dtype=np.int64)
+    index.write(np.arange(n), xb, seq)
+    center = index._center
+    for step, z_new in enumerate([rng.normal(size=(1000, d)) * 1e-3, rng.normal(size=(n, d))]):
+        slots = (step * 1000 + np.arange(len(z_new))) % n
+        z_new = z_new.astype(np.float32)
+        new_seq = seq.max() + 1 + np.arange(len(z_new))
+        index.write(slots, z_new, new_seq)
+        xb[slots], seq[slots] = z_new, new_seq
+        stored = index._z[:n]
+        np.testing.assert_array_equal(
+            index._sqnorm[:n], np.einsum("nd,nd->n", stored, stored, dtype=np.float64).astype(np.float32)
+        )
+    assert not np.array_equal(index._center, center)  # the rows near the origin recentred it
+    scans.clear()
+    xq = rng.normal(size=(4, d)).astype(np.float32)
+    d2, idx = index.search(xq, 64, n)
+    ref_d2, ref_idx = brute_force(xb, xq, 64, seq=seq)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
+    assert not scans
+
+
 # -- through the HTTP API --------------------------------------------------------------------------
 
 

@@ -74,6 +74,19 @@ row by row. The product's cost hardly depends on the rows (about 1.5 ms for 8 ro
 switch (`distance_compute_blas_threshold`, 128,000 in this build) compares another size and
 left batches of hundreds of rows on the row-wise scan. Either way the distances are float32
 products that the certificate bounds (both ways of forming them)."""
+GEMM_QUERY_ROWS = 2
+"""From this many query rows up to SMALL_QUERY_ROWS, a caller that keeps the base rows' squared
+norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm_candidates`).
+FAISS's row-wise scan reads the whole base once per query row (~0.26 ms a row over 50,000 × 32,
+bound by the cache's bandwidth) and its BLAS path costs 0.35 ms a row at 2 rows, 0.21 at 4; one
+product reads the base once for the batch: 0.22 ms a row at 2 rows, 0.14 at 4, 0.11 at 16 (one
+thread, selection included; benchmarks/bench_knn_small.py). A concurrent service's batches
+are mostly this small."""
+CHUNK_ROWS = 4096
+"""Base rows per product in `_gemm_candidates` (with 16 query rows, a 256 KiB block)."""
+SAMPLE_STEP = 32
+"""The candidate selection samples every SAMPLE_STEP-th score of a row to find a threshold
+that about 4c scores are below, then sorts out only those (`_smallest`)."""
 BLOCK_ELEMENTS = 1 << 22
 """Bound on the elements of one float64 [query rows, base rows] block in a full scan (~32 MiB)."""
 
@@ -155,6 +168,7 @@ def exact_knn(
     k: int,
     *,
     base_sqnorm_max: float | None = None,
+    base_sqnorm: np.ndarray | None = None,
     threads: int = 1,
     use_faiss: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +181,14 @@ def exact_knn(
     Steps 1–3 by `knn_certified`, then uncertified rows by `brute_force` (step 4).
     """
     d2, rows, certified = knn_certified(
-        xb, seq, xq, k, base_sqnorm_max=base_sqnorm_max, threads=threads, use_faiss=use_faiss
+        xb,
+        seq,
+        xq,
+        k,
+        base_sqnorm_max=base_sqnorm_max,
+        base_sqnorm=base_sqnorm,
+        threads=threads,
+        use_faiss=use_faiss,
     )
     bad = np.flatnonzero(~certified)
     if len(bad):
@@ -182,6 +203,7 @@ def knn_certified(
     k: int,
     *,
     base_sqnorm_max: float | None = None,
+    base_sqnorm: np.ndarray | None = None,
     threads: int = 1,
     use_faiss: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,8 +211,11 @@ def knn_certified(
     bool [B]); the rows where `certified` is true are exact. Arguments as for `exact_knn`.
 
     Candidates by FAISS (`use_faiss` None: when installed; `threads` for it, see
-    `faiss_threads`) or by a numpy float32 product. `base_sqnorm_max`: a bound ≥ every
-    row's ‖x‖² when the caller keeps one (else computed here, O(N·d)).
+    `faiss_threads`) or by a numpy float32 product (`_gemm_candidates`: without FAISS, and
+    for GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows when `base_sqnorm` is given).
+    `base_sqnorm_max`: a bound ≥ every row's ‖x‖² when the caller keeps one (else computed
+    here, O(N·d)); `base_sqnorm` float32 [N]: every row's ‖x‖² (its float64 sum, rounded),
+    when the caller keeps them.
     """
     n, dim = xb.shape
     c = candidate_count(k, n)
@@ -203,10 +228,11 @@ def knn_certified(
         single = _single_query(xb, seq, xq, k, c, base_sqnorm_max)
         if single is not None:
             return single
-    if use_faiss:
-        approx, cand = _faiss_candidates(xb, xq, c, threads)
+    small = base_sqnorm is not None and GEMM_QUERY_ROWS <= len(xq) <= SMALL_QUERY_ROWS
+    if use_faiss and not small:
+        approx, cand = _faiss_candidates(xb, xq, c, threads, base_sqnorm)
     else:
-        approx, cand = _numpy_candidates(xb, xq, c)
+        approx, cand = _gemm_candidates(xb, xq, c, base_sqnorm)
     missing = (cand < 0).any(axis=1)  # FAISS's "no result" (-1) never becomes a row
     if missing.any():
         cand = np.where(cand < 0, 0, cand)
@@ -276,8 +302,11 @@ def _faiss() -> Any:
     return faiss
 
 
-def _faiss_candidates(xb: np.ndarray, xq: np.ndarray, c: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """(approximate d2 float32 [B, c], rows int64 [B, c]) by `faiss.knn`, ascending."""
+def _faiss_candidates(
+    xb: np.ndarray, xq: np.ndarray, c: int, threads: int, base_sqnorm: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(approximate d2 float32 [B, c], rows int64 [B, c]) by `faiss.knn`, ascending; its BLAS
+    path takes the rows' squared norms from `base_sqnorm` when given (else it sums them)."""
     faiss = _faiss()
     faiss.omp_set_num_threads(faiss_threads(len(xq), threads))
     xq, xb = np.ascontiguousarray(xq, np.float32), np.ascontiguousarray(xb, np.float32)
@@ -289,25 +318,70 @@ def _faiss_candidates(xb: np.ndarray, xq: np.ndarray, c: int, threads: int) -> t
     blas = cvar.distance_compute_blas_threshold  # put back after: other callers keep FAISS's own
     cvar.distance_compute_blas_threshold = 0 if len(xq) >= BLAS_QUERY_ROWS else 2**31 - 1
     try:
-        faiss.knn_L2sqr(ptr(xq), ptr(xb), xb.shape[1], len(xq), len(xb), c, ptr(approx), ptr(cand))
+        norms = () if base_sqnorm is None else (ptr(np.ascontiguousarray(base_sqnorm, np.float32)),)
+        faiss.knn_L2sqr(ptr(xq), ptr(xb), xb.shape[1], len(xq), len(xb), c, ptr(approx), ptr(cand), *norms)
     finally:
         cvar.distance_compute_blas_threshold = blas
     return approx, cand
 
 
-def _numpy_candidates(xb: np.ndarray, xq: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """(approximate d2 float32 [B, c], rows int64 [B, c]) by a float32 product, the largest kept
-    last; every row left out has an approximate distance at least as large."""
-    with np.errstate(over="ignore"):
-        xb2 = np.einsum("nd,nd->n", xb, xb)
-        xq2 = np.einsum("bd,bd->b", xq, xq)
-    block = max(1, BLOCK_ELEMENTS // max(1, len(xb)))
-    approx, cand = [], []
+def _gemm_candidates(
+    xb: np.ndarray, xq: np.ndarray, c: int, base_sqnorm: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(approximate d2 float64 [B, c], rows int64 [B, c]) by float32 products, ascending.
+
+    Per row, ‖x‖² − 2⟨x, q⟩ in float32 (the product of the base with −2q, exact scaling, plus
+    `base_sqnorm` or norms summed here), then ‖q‖² added in float64: the certificate's model
+    of a GEMM distance, one rounding fewer. The query rows are padded to a multiple of 4, the
+    width the products' kernels take at once (3 rows cost as much as 4). The base is taken in
+    chunks of CHUNK_ROWS rows, whose [chunk, rows] products stay in the cache while they are
+    turned into the scores' [rows, N] layout (turning the whole product at once costs more
+    than the product). Blocks of query rows keep the scores under BLOCK_ELEMENTS."""
+    n, dim = xb.shape
+    if base_sqnorm is None:
+        base_sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64).astype(np.float32)
+    xq32 = np.asarray(xq, np.float32)
+    q2 = np.einsum("bd,bd->b", xq, xq, dtype=np.float64)
+    block = max(1, BLOCK_ELEMENTS // max(1, n))
+    approx = np.empty((len(xq), c), np.float64)
+    cand = np.empty((len(xq), c), np.int64)
     for start in range(0, len(xq), block):
-        q = xq[start : start + block]
+        rows = xq32[start : start + block]
+        width = len(rows) if len(rows) <= 2 else -(-len(rows) // 4) * 4
+        q = np.zeros((dim, width), np.float32)
+        q[:, : len(rows)] = rows.T
+        q *= np.float32(-2.0)
+        score = np.empty((len(rows), n), np.float32)
+        part = np.empty((min(n, CHUNK_ROWS), width), np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # near float32's max: the certificate refuses
-            score = xb2[None] - 2.0 * (q @ xb.T) + xq2[start : start + block, None]
-        rows = np.argpartition(score, c - 1, axis=1)[:, :c]  # the c-th smallest at column c − 1
-        approx.append(np.take_along_axis(score, rows, 1))
-        cand.append(rows.astype(np.int64))
-    return np.concatenate(approx), np.concatenate(cand)
+            for a in range(0, n, CHUNK_ROWS):
+                b = min(n, a + CHUNK_ROWS)
+                np.matmul(xb[a:b], q, out=part[: b - a])
+                score[:, a:b] = part[: b - a].T[: len(rows)]  # a small block: cheap to turn
+            score += base_sqnorm
+        picked = _smallest(score, c)
+        kept = np.take_along_axis(score, picked, 1)
+        order = np.argsort(kept, axis=1)
+        stop = start + len(rows)
+        cand[start:stop] = np.take_along_axis(picked, order, 1)
+        approx[start:stop] = np.take_along_axis(kept, order, 1) + q2[start:stop, None]
+    return approx, cand
+
+
+def _smallest(score: np.ndarray, c: int) -> np.ndarray:
+    """Column indices int64 [B, c] of the c smallest of each row of score [B, N] (c < N), any
+    order; NaN counts as the largest. A threshold from every SAMPLE_STEP-th score, at
+    about 4c scores, leaves a few hundred to sort; a row with fewer below it is sorted whole."""
+    n = score.shape[1]
+    j = -(-4 * c // SAMPLE_STEP)
+    sampled = n // SAMPLE_STEP > j
+    if sampled:
+        threshold = np.partition(score[:, ::SAMPLE_STEP], j, axis=1)[:, j]
+    out = np.empty((len(score), c), np.int64)
+    for i, row in enumerate(score):
+        near = np.flatnonzero(row <= threshold[i]) if sampled else None
+        if near is None or len(near) < c:
+            out[i] = np.argpartition(row, c - 1)[:c]
+        else:
+            out[i] = near[np.argpartition(row[near], c - 1)[:c]] if len(near) > c else near
+    return out

@@ -85,12 +85,13 @@ class FaissCpuIndex:
         self.z_dim = z_dim
         self._z = np.zeros((0, z_dim), np.float32)  # rows minus `_center`, exactly
         self._seq = np.zeros(0, np.int64)
+        self._sqnorm = np.zeros(0, np.float32)  # each row's centred ‖x‖², for the small batches' product
         self._norm2 = 0.0  # the largest centred squared norm ever written: a bound for the certificate
         self._center: np.ndarray | None = None  # float32 [z_dim], fixed by the first write
         self._filled = 0  # slots [0, _filled) have been written
 
     def bytes_after(self, slots: int) -> int:
-        return max(slots, len(self._seq)) * (4 * self.z_dim + 8)
+        return max(slots, len(self._seq)) * (4 * self.z_dim + 12)
 
     @property
     def nbytes(self) -> int:
@@ -101,9 +102,11 @@ class FaissCpuIndex:
             return
         z = np.zeros((slots, self.z_dim), np.float32)
         seq = np.zeros(slots, np.int64)
+        sqnorm = np.zeros(slots, np.float32)
         z[: len(self._z)] = self._z
         seq[: len(self._seq)] = self._seq
-        self._z, self._seq = z, seq
+        sqnorm[: len(self._sqnorm)] = self._sqnorm
+        self._z, self._seq, self._sqnorm = z, seq, sqnorm
 
     def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
         # Host memory: nothing to hand to another thread, so the change is made at once.
@@ -114,10 +117,12 @@ class FaissCpuIndex:
         elif not knn.centres_exactly(z, self._center).all():
             self._recentre(slots, z)
         centred = z - self._center
+        sqnorm = np.einsum("nd,nd->n", centred, centred, dtype=np.float64)
         self._z[slots] = centred
         self._seq[slots] = seq
+        self._sqnorm[slots] = sqnorm
         self._filled = max(self._filled, int(slots.max()) + 1)
-        self._norm2 = max(self._norm2, float(np.einsum("nd,nd->n", centred, centred, dtype=np.float64).max()))
+        self._norm2 = max(self._norm2, float(sqnorm.max()))
 
     def _recentre(self, slots: np.ndarray, z: np.ndarray) -> None:
         """A centre exact for the rows held and the new rows `z` (at `slots`); the held rows
@@ -131,12 +136,14 @@ class FaissCpuIndex:
         self._z[: self._filled] += self._center
         self._z[: self._filled] -= center
         self._center = center
-        rows = self._z[: self._filled][keep]
-        self._norm2 = float(np.einsum("nd,nd->n", rows, rows, dtype=np.float64).max()) if len(rows) else 0.0
+        sqnorm = np.einsum("nd,nd->n", self._z[: self._filled], self._z[: self._filled], dtype=np.float64)
+        self._sqnorm[: self._filled] = sqnorm
+        self._norm2 = float(sqnorm[keep].max()) if keep.any() else 0.0
 
     def clear(self) -> None:
         self._z = np.zeros((0, self.z_dim), np.float32)
         self._seq = np.zeros(0, np.int64)
+        self._sqnorm = np.zeros(0, np.float32)
         self._norm2 = 0.0
         self._center = None
         self._filled = 0
@@ -151,15 +158,24 @@ class FaissCpuIndex:
             zq,
             k,
             base_sqnorm_max=self._norm2,
+            base_sqnorm=self._sqnorm[:size],
             threads=self._threads,
             use_faiss=True,
         )
 
 
 class CpuEngine:
+    """FAISS CPU indexes. BLAS runs on one thread in this process (`threadpoolctl`): its only
+    products here are the small batches' (`knn.GEMM_QUERY_ROWS` to `knn.SMALL_QUERY_ROWS` query
+    rows, ~1 ms), where a second BLAS thread added its spinning to the CPU time and took a core
+    from the event loop; FAISS sets its own OpenMP threads per search (`knn.faiss_threads`)."""
+
     name = "faiss-cpu"
 
     def __init__(self, threads: int = 0, reason: str = "--device cpu") -> None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
         self.threads = threads or os.cpu_count() or 1
         self.reason = reason
 

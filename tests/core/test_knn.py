@@ -49,6 +49,23 @@ def faiss_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tup
     return knn.exact_knn(xb, seq, xq, k, base_sqnorm_max=norm2, threads=os.cpu_count() or 1, use_faiss=True)
 
 
+def service_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """As the service's FAISS index asks: with the rows' squared norms, so batches of
+    GEMM_QUERY_ROWS to SMALL_QUERY_ROWS rows take one numpy product and larger ones FAISS's with
+    those norms."""
+    sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
+    return knn.exact_knn(
+        xb,
+        seq,
+        xq,
+        k,
+        base_sqnorm_max=float(sqnorm.max()),
+        base_sqnorm=sqnorm.astype(np.float32),
+        threads=os.cpu_count() or 1,
+        use_faiss=True,
+    )
+
+
 def torch_search(device: str, *, centre: bool = True, faiss_candidates: bool = False) -> Search:
     def search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -75,6 +92,7 @@ def torch_search(device: str, *, centre: bool = True, faiss_candidates: bool = F
 PATHS: dict[str, tuple[Search, bool]] = {  # name: (search, whether it can run here)
     "numpy": (numpy_search, True),
     "faiss": (faiss_search, HAS_FAISS),
+    "service": (service_search, HAS_FAISS),
     "torch": (torch_search("cpu"), HAS_TORCH),
     "torch-faiss": (torch_search("cpu", centre=False, faiss_candidates=True), HAS_TORCH),
     "torch-cuda": (torch_search("cuda"), _cuda()),
@@ -423,3 +441,59 @@ def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
     ref_d2, ref_idx = brute_force(xb, seq, xq, 64)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(d2, ref_d2.astype(np.float32))
+
+
+@NEEDS_FAISS
+@pytest.mark.parametrize("b", [knn.GEMM_QUERY_ROWS, 3, 5, knn.SMALL_QUERY_ROWS, knn.SMALL_QUERY_ROWS + 1])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int) -> None:
+    """With the rows' norms given, GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows get their
+    candidates from one numpy product, and FAISS is not called; more rows go to FAISS. Either
+    way the answer is brute force's, ties included, over several chunks of the base."""
+    import faiss
+
+    rng = np.random.default_rng(b * 101 + len(kind))
+    n = 3 * knn.CHUNK_ROWS + 123
+    xb, xq = (a.astype(np.float32) for a in KINDS[kind](rng, n, b, 16))
+    xq[0] = xb[n - 5]  # a query on a row of the last, partial chunk
+    seq = ring_seqs(n, 4321)
+    calls: list[int] = []
+    knn_l2sqr = faiss.knn_L2sqr
+
+    def spied(*args: object) -> object:
+        calls.append(1)
+        return knn_l2sqr(*args)
+
+    faiss.knn_L2sqr = spied
+    try:
+        check(service_search, xb, seq, xq, 64)
+    finally:
+        faiss.knn_L2sqr = knn_l2sqr
+    assert bool(calls) == (b > knn.SMALL_QUERY_ROWS)
+    if kind == "normal":
+        sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
+        certified = knn.knn_certified(
+            xb, seq, xq, 64, base_sqnorm_max=float(sqnorm.max()), base_sqnorm=sqnorm.astype(np.float32)
+        )[2]
+        assert certified.all()  # the product's distances certify the common case
+
+
+def test_the_selection_keeps_the_c_smallest() -> None:
+    """`_smallest`: the c smallest of each row whatever its sampled threshold leaves, NaN last."""
+    rng = np.random.default_rng(8)
+    n, c = 20 * knn.SAMPLE_STEP * 10, 80
+    score = rng.normal(size=(5, n)).astype(np.float32)
+    score[1, :: knn.SAMPLE_STEP] = -np.arange(n // knn.SAMPLE_STEP) - 1000.0  # the sample is the smallest
+    score[2] = 7.0  # all tied
+    score[3, rng.permutation(n)[: n // 2]] = np.nan
+    score[4, :100] = -np.inf
+    picked = knn._smallest(score, c)
+    assert picked.shape == (5, c)
+    for row, cols in zip(score, picked, strict=True):
+        assert len(set(cols.tolist())) == c
+        kept = np.sort(row[cols])
+        expected = np.sort(row)[:c]  # NaN sorts last
+        np.testing.assert_array_equal(kept, expected)
+    small = rng.normal(size=(2, 100)).astype(np.float32)  # too few to sample: sorted whole
+    kept = np.take_along_axis(small, knn._smallest(small, 20), 1)
+    np.testing.assert_array_equal(np.sort(kept), np.sort(small)[:, :20])
