@@ -76,7 +76,8 @@ left batches of hundreds of rows on the row-wise scan. Either way the distances 
 products that the certificate bounds (both ways of forming them)."""
 GEMM_QUERY_ROWS = 2
 """From this many query rows up to SMALL_QUERY_ROWS, a caller that keeps the base rows' squared
-norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm_candidates`).
+norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm_candidates`),
+while their [rows, N] scores fit in BLOCK_ELEMENTS (up to 262,144 base rows at 16 query rows).
 FAISS's row-wise scan reads the whole base once per query row (~0.26 ms a row over 50,000 × 32,
 bound by the cache's bandwidth) and its BLAS path costs 0.35 ms a row at 2 rows, 0.21 at 4; one
 product reads the base once for the batch: 0.22 ms a row at 2 rows, 0.14 at 4, 0.11 at 16 (one
@@ -228,7 +229,11 @@ def knn_certified(
         single = _single_query(xb, seq, xq, k, c, base_sqnorm_max)
         if single is not None:
             return single
-    small = base_sqnorm is not None and GEMM_QUERY_ROWS <= len(xq) <= SMALL_QUERY_ROWS
+    small = (
+        base_sqnorm is not None
+        and GEMM_QUERY_ROWS <= len(xq) <= SMALL_QUERY_ROWS
+        and len(xq) * n <= BLOCK_ELEMENTS  # the scores in one block (a large base: FAISS)
+    )
     if use_faiss and not small:
         approx, cand = _faiss_candidates(xb, xq, c, threads, base_sqnorm)
     else:

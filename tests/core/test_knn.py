@@ -478,6 +478,27 @@ def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int) -> Non
         assert certified.all()  # the product's distances certify the common case
 
 
+@NEEDS_FAISS
+def test_a_base_too_large_for_one_block_of_scores_goes_to_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small batches take the product only while their scores fit in one block (BLOCK_ELEMENTS):
+    over a larger base, FAISS finds the candidates, exactly."""
+    import faiss
+
+    rng = np.random.default_rng(5)
+    xb, xq = (a.astype(np.float32) for a in normal(rng, 3000, 4, 8))
+    seq = ring_seqs(3000, 17)
+    calls: list[int] = []
+    knn_l2sqr = faiss.knn_L2sqr
+    monkeypatch.setattr(faiss, "knn_L2sqr", lambda *a: calls.append(1) or knn_l2sqr(*a))
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", 4 * 3000 - 1)
+    check(service_search, xb, seq, xq, 10)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", 4 * 3000)
+    check(service_search, xb, seq, xq, 10)
+    assert not calls
+
+
 def test_the_selection_keeps_the_c_smallest() -> None:
     """`_smallest`: the c smallest of each row whatever its sampled threshold leaves, NaN last."""
     rng = np.random.default_rng(8)
