@@ -517,3 +517,69 @@ def test_a_query_that_came_alone_is_searched_at_once(tmp_path) -> None:
     finally:
         thread.shutdown()
     assert nb.k == 3 and thread.searches == {"loop": 1, "thread": 0}
+
+
+def test_gathered_queries_wait_a_few_turns_for_arriving_requests(tmp_path) -> None:
+    """While the server's count says requests wait to start, gathered queries wait for them,
+    turn by turn: a request that arrives while a turn's queries are gathered joins their
+    search. They wait at most GATHER_TURNS turns however many keep arriving, and no turn
+    when none arrives."""
+    from zmem_service.index_thread import GATHER_TURNS, INLINE_WORK
+
+    memory = make_memories(tmp_path / "gathered")["a"]
+    twin = make_memories(tmp_path / "lone")["a"]
+    for m in (memory, twin):
+        apply(m, Write("a", *_rows(np.random.default_rng(0), "a")))
+    thread = IndexThread(INLINE_WORK)
+    searched: list[int] = []
+    query_now = Memory.query_now
+
+    def spied(self: Memory, qs: Any) -> Any:
+        searched.append(len(qs))
+        return query_now(self, qs)
+
+    def job(i: int) -> SearchJob:
+        return SearchJob(memory, np.full((1, 4), 0.5 * i, np.float32), 3, 1.0, 2**24)
+
+    waiting = [0]  # requests received whose task hasn't started, as the server counts them
+
+    def arrive(i: int) -> asyncio.Future[Neighbors]:
+        waiting[0] += 1
+
+        async def started() -> Neighbors:
+            waiting[0] -= 1
+            return await thread.search(job(i))
+
+        return asyncio.ensure_future(started())
+
+    async def joined() -> list[Neighbors]:
+        thread.arrivals = lambda: waiting[0]
+        first = [arrive(0), arrive(1)]  # together: gathered, their search due next turn
+        await asyncio.sleep(0)
+        late = arrive(2)  # comes in before that turn: the search waits for it
+        return list(await asyncio.gather(*first, late))
+
+    async def turns(counts: list[int]) -> int:
+        """Loop turns until a query is answered, the server's count reading `counts` in turn
+        (then 1s): the first read is the query's own, which gathers it."""
+        reads = iter(counts)
+        thread.arrivals = lambda: next(reads, 1)
+        task = asyncio.ensure_future(thread.search(job(3)))
+        steps = 0
+        while not task.done():
+            await asyncio.sleep(0)
+            steps += 1
+        return steps
+
+    Memory.query_now = spied  # type: ignore[method-assign]
+    try:
+        answers = asyncio.run(joined())
+        assert searched == [3]  # one search for the three (without waiting: 2, then 1)
+        quiet = asyncio.run(turns([1, 0]))  # gathered, then nobody arrives: no turn waited
+        busy = asyncio.run(turns([1]))  # requests keep arriving: GATHER_TURNS turns, no more
+    finally:
+        Memory.query_now = query_now  # type: ignore[method-assign]
+        thread.shutdown()
+    assert busy - quiet == GATHER_TURNS
+    for i, got in enumerate(answers):
+        assert_same(got, twin.query_many([SearchJob(twin, job(i).z, 3, 1.0, 2**24)])[0])
