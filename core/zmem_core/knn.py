@@ -337,8 +337,8 @@ def _gemm_candidates(
 
     Per row, ‖x‖² − 2⟨x, q⟩ in float32 (the product of the base with −2q, exact scaling, plus
     `base_sqnorm` or norms summed here), then ‖q‖² added in float64: the certificate's model
-    of a GEMM distance, one rounding fewer. The query rows are padded to a multiple of 4, the
-    width the products' kernels take at once (3 rows cost as much as 4). The base is taken in
+    of a GEMM distance, one rounding fewer. The query rows are padded (`_width`) to the widths
+    the products' kernels take at once. The base is taken in
     chunks of CHUNK_ROWS rows, whose [chunk, rows] products stay in the cache while they are
     turned into the scores' [rows, N] layout (turning the whole product at once costs more
     than the product). Blocks of query rows keep the scores under BLOCK_ELEMENTS."""
@@ -352,7 +352,7 @@ def _gemm_candidates(
     cand = np.empty((len(xq), c), np.int64)
     for start in range(0, len(xq), block):
         rows = xq32[start : start + block]
-        width = len(rows) if len(rows) <= 2 else -(-len(rows) // 4) * 4
+        width = _width(len(rows))
         q = np.zeros((dim, width), np.float32)
         q[:, : len(rows)] = rows.T
         q *= np.float32(-2.0)
@@ -371,6 +371,15 @@ def _gemm_candidates(
         cand[start:stop] = np.take_along_axis(picked, order, 1)
         approx[start:stop] = np.take_along_axis(kept, order, 1) + q2[start:stop, None]
     return approx, cand
+
+
+def _width(rows: int) -> int:
+    """Query rows padded for the product: to a multiple of 4 when that adds one row, or above
+    8 rows. The products' kernels take 4 query rows at once, and a remainder of 1 or 2 rows
+    costs less than padding it (per batch over 50,000 × 32: 2 rows 0.29 ms, 3 rows 0.43 and
+    4 rows 0.36, 5 rows 0.49 and 8 rows 0.72, 13 rows 1.13 and 16 rows 1.03)."""
+    padded = -(-rows // 4) * 4
+    return padded if padded - rows == 1 or rows > 8 else rows
 
 
 def _smallest(score: np.ndarray, c: int) -> np.ndarray:

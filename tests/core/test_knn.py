@@ -444,7 +444,7 @@ def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
 
 
 @NEEDS_FAISS
-@pytest.mark.parametrize("b", [knn.GEMM_QUERY_ROWS, 3, 5, knn.SMALL_QUERY_ROWS, knn.SMALL_QUERY_ROWS + 1])
+@pytest.mark.parametrize("b", [knn.GEMM_QUERY_ROWS, 3, 5, 10, knn.SMALL_QUERY_ROWS, knn.SMALL_QUERY_ROWS + 1])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int) -> None:
     """With the rows' norms given, GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows get their
