@@ -26,10 +26,10 @@ while [ $# -gt 0 ]; do
 done
 
 # What the GPU machine lacks (it has torch, numpy, httpx, safetensors, matplotlib,
-# prometheus-client): the service's web stack, faiss-cpu, and the test runner.
+# prometheus-client): the service's web stack, faiss-cpu (and threadpoolctl), and the test runner.
 NEEDED="fastapi starlette pydantic pydantic_core pydantic-settings typing-inspection annotated-types
 annotated-doc opentelemetry-api uvicorn h11 httptools uvloop click python-dotenv anyio sniffio idna
-typing_extensions faiss-cpu packaging pytest pluggy iniconfig hypothesis sortedcontainers attrs"
+typing_extensions faiss-cpu threadpoolctl packaging pytest pluggy iniconfig hypothesis sortedcontainers attrs"
 
 pinned() {  # name==version from constraints.txt for each needed package
   for name in $NEEDED; do
