@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zmem_core import knn
 
@@ -518,3 +520,29 @@ def test_the_selection_keeps_the_c_smallest() -> None:
     small = rng.normal(size=(2, 100)).astype(np.float32)  # too few to sample: sorted whole
     kept = np.take_along_axis(small, knn._smallest(small, 20), 1)
     np.testing.assert_array_equal(np.sort(kept), np.sort(small)[:, :20])
+
+
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(2, 3000),
+    c=st.integers(1, 400),
+    values=st.sampled_from(["normal", "few", "nan", "inf"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_selection_matches_a_sort(rows: int, n: int, c: int, values: str, seed: int) -> None:
+    """`_smallest` over any scores (c < N): the values it keeps are each row's c smallest, as
+    a sort orders them (NaN last), sampled threshold or not."""
+    c = min(c, n - 1)
+    rng = np.random.default_rng(seed)
+    score = rng.normal(size=(rows, n)).astype(np.float32)
+    if values == "few":
+        score = rng.integers(-2, 3, size=(rows, n)).astype(np.float32)
+    elif values == "nan":
+        score[rng.random((rows, n)) < 0.3] = np.nan
+    elif values == "inf":
+        score[rng.random((rows, n)) < 0.3] = np.inf
+    picked = knn._smallest(score, c)
+    assert picked.shape == (rows, c)
+    for row, cols in zip(score, picked, strict=True):
+        assert len(np.unique(cols)) == c
+        np.testing.assert_array_equal(np.sort(row[cols]), np.sort(row)[:c])
