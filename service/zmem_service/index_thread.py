@@ -65,8 +65,8 @@ MAX_INLINE_ROWS = 32
 """At most this many gathered rows are searched inline at once; the rest go to the thread."""
 GATHER_TURNS = 2
 """Gathered queries wait at most this many more loop turns for arriving requests to join them
-(8 workers on 2 cores, `bench_concurrency`: 2.6 → 4.1–4.9 queries per search with the
-torch workers, 3.5 → 7.9 with the light ones, and each query answered sooner)."""
+(8 workers on 2 cores, `bench_concurrency`: 2.6 → 4.8 queries per search with the torch
+workers, 3.4–3.8 → 7.9 with the light ones, and each query answered sooner)."""
 _TO_THREAD = object()
 
 
