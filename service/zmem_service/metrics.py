@@ -79,6 +79,7 @@ class Metrics:
             registry=self.registry,
         )
         self.access = ACCESS
+        self.request_log = RequestLog(self)
 
     def watch(self, memories: Memories, index_thread: IndexThread | None = None) -> None:
         """Read the gauges from `memories` (and the search counts from `index_thread`) at each scrape."""
@@ -287,13 +288,33 @@ def configure_access_log(enabled: bool) -> None:
     access_log.setLevel(logging.INFO if enabled else logging.WARNING)
 
 
+class RequestLog:
+    """Counts, times and logs finished requests (`zmem_http_requests_total`, the latency
+    histogram, the access log), keeping the labelled series it has made."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # the labelled children
+
+    def add(self, route: str, method: str, path: str, status: int, seconds: float) -> None:
+        series = self._series.get((route, method, status))
+        if series is None:
+            m = self.metrics
+            series = m.requests.labels(route, method, str(status)), m.latency.labels(route, method)
+            if len(self._series) < 10_000:  # routes × methods × statuses: a few hundred
+                self._series[(route, method, status)] = series
+        series[0].inc()
+        series[1].observe(seconds)
+        if not self.metrics.access.add(method, path, status, seconds):
+            self.metrics.access_dropped.inc()
+
+
 class MetricsMiddleware:
     """Pure ASGI (no per-request task or body copy): counts, times and logs each request."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, log: RequestLog) -> None:
         self.app = app
-        self.metrics = metrics
-        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # the labelled children
+        self.log = log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -311,16 +332,5 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
-            series = self._series.get((route, method, status))
-            if series is None:
-                m = self.metrics
-                series = m.requests.labels(route, method, str(status)), m.latency.labels(route, method)
-                if len(self._series) < 10_000:  # routes × methods × statuses: a few hundred
-                    self._series[(route, method, status)] = series
-            series[0].inc()
-            series[1].observe(elapsed)
-            if not self.metrics.access.add(method, scope["path"], status, elapsed):
-                self.metrics.access_dropped.inc()
+            self.log.add(route, scope["method"], scope["path"], status, time.perf_counter() - start)

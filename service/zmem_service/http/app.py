@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from zmem_core.busy import BusyWait
 
@@ -64,7 +65,23 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return error_answer(ZMemError(f"unexpected {type(exc).__name__}; see the server log"))
 
 
-def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = True) -> FastAPI:
+class ZMemApp(FastAPI):
+    """FastAPI with the hot path in front of its middleware stack: a request for a fast route
+    (`fastpath.FastPath`) is answered without entering it."""
+
+    fast: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = None if self.fast is None else self.fast.match(scope)
+        if match is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        assert self.fast is not None
+        await self.fast.serve(match, self.state, scope, receive, send)
+
+
+def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = True) -> ZMemApp:
     """The zmem application. Memories load in the background: /readyz says when they're in.
 
     Every route declares its access and bodies (`edge.declare`); a route that doesn't is
@@ -94,7 +111,7 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
         await asyncio.to_thread(zmem.close)
         metrics.access.flush()
 
-    app = FastAPI(
+    app = ZMemApp(
         title="zmem",
         version=__version__,
         lifespan=lifespan,
@@ -113,9 +130,9 @@ def create_app(settings: ServiceSettings | None = None, *, fast_path: bool = Tru
     app.state.busy = BusyPoll(BusyWait(settings.busy_poll, "busy_poll"), lambda: zmem.index_thread.idle)
     metrics.state.busy = app.state.busy
     if fast_path:
-        app.add_middleware(FastPath, routes=app.router.routes)  # innermost: still counted and logged
+        app.fast = FastPath(app.router.routes)  # counted and logged as the middleware does
     app.add_middleware(CookieMiddleware)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, log=metrics.request_log)
     app.add_exception_handler(ZMemError, on_zmem_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -244,9 +244,10 @@ def decode_query(body: bytes, content_type: str | None, params: dict[str, str], 
         z = z[None, :]
     if z.ndim != 2 or z.shape[1] == 0:
         raise ValidationFailed.at(["z"], "z must be [d] or [B, d] with d >= 1 (rows of equal length)")
-    with np.errstate(over="ignore", invalid="ignore"):
-        admissible = (np.einsum("ij,ij->i", z, z, dtype=np.float64) <= MAX_SQNORM).all()  # NaN, inf: False
-    if not admissible:
+    # Squares summed in float64 can't overflow; a NaN or inf makes the sum fail the test. The
+    # rows' total within the bound puts every row within it.
+    total = np.einsum("ij,ij->", z, z, dtype=np.float64)
+    if not total <= MAX_SQNORM and not (np.einsum("ij,ij->i", z, z, dtype=np.float64) <= MAX_SQNORM).all():
         if not np.isfinite(z).all():
             raise ValidationFailed.at(
                 ["z", int(np.flatnonzero(~np.isfinite(z).all(1))[0])],
@@ -399,11 +400,11 @@ def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> b
     tensors' part built once per shape, padded to 8 bytes as safetensors writes it) and the
     arrays' bytes in order, without the library's per-tensor bookkeeping. Raises ValueError on
     a NaN or infinity in `meta`."""
-    if any(a.dtype.newbyteorder("=") not in _DTYPES for a in arrays.values()):
-        return core_wire.encode(arrays, meta)
     key = tuple((name, a.dtype.str, a.shape) for name, a in arrays.items())
-    tensors = _TENSOR_HEADERS.get(key)
+    tensors = _TENSOR_HEADERS.get(key)  # only shapes of the dtypes below are kept
     if tensors is None:
+        if any(a.dtype.newbyteorder("=") not in _DTYPES for a in arrays.values()):
+            return core_wire.encode(arrays, meta)
         fields, offset = [], 0
         for name, a in arrays.items():
             end = offset + a.nbytes
@@ -424,7 +425,7 @@ def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> b
         for a in arrays.values()
     ]
     if meta:
-        literals = ",".join(f"{json.dumps(k)}:{json.dumps(_literal(v))}" for k, v in meta.items())
+        literals = ",".join([f"{_key(k)}:{_quoted_literal(v)}" for k, v in meta.items()])
         text = f'{{"__metadata__":{{{literals}}}{"," if tensors else ""}{tensors}}}'.encode()
     else:
         text = f"{{{tensors}}}".encode()
@@ -432,19 +433,33 @@ def encode_safetensors(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> b
     return b"".join([struct.pack("<Q", len(text)), text, *(a.data for a in parts)])
 
 
-def _literal(value: Any) -> str:
-    """`json.dumps(value, allow_nan=False)`, without the encoder for the common scalars."""
+_KEYS: dict[str, str] = {}
+"""Metadata keys as JSON strings: the answers' few keys, written by the service itself."""
+
+
+def _key(name: str) -> str:
+    quoted = _KEYS.get(name)
+    if quoted is None:
+        quoted = json.dumps(name)
+        if len(_KEYS) < 256:
+            _KEYS[name] = quoted
+    return quoted
+
+
+def _quoted_literal(value: Any) -> str:
+    """`json.dumps(json.dumps(value, allow_nan=False))`: the JSON literal of `value` as a JSON
+    string, without the encoder for the common scalars (whose literals need no escapes)."""
     if value is True:
-        return "true"
+        return '"true"'
     if value is False:
-        return "false"
+        return '"false"'
     if value is None:
-        return "null"
+        return '"null"'
     if type(value) is int:
-        return str(value)
+        return f'"{value}"'
     if type(value) is float and math.isfinite(value):
-        return repr(value)
-    return json.dumps(value, allow_nan=False)
+        return f'"{value!r}"'
+    return json.dumps(json.dumps(value, allow_nan=False))
 
 
 def safetensors_size(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:

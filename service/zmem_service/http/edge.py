@@ -109,7 +109,7 @@ def declared_routes(routes: Sequence[Any]) -> Iterator[Declared]:
 class Head:
     """A request's method, path, query string and headers, read from the ASGI scope once."""
 
-    __slots__ = ("headers", "method", "path", "query_string", "scope")
+    __slots__ = ("_media_type", "headers", "method", "path", "query_string", "scope")
 
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
@@ -118,6 +118,7 @@ class Head:
         self.query_string: bytes = scope.get("query_string", b"")
         # The first of repeated headers wins, as starlette's `Headers.get` has it.
         self.headers: dict[bytes, bytes] = dict(reversed(scope["headers"]))
+        self._media_type: str | None = None
 
     def header(self, name: bytes, default: str = "") -> str:
         value = self.headers.get(name)
@@ -125,7 +126,9 @@ class Head:
 
     @property
     def media_type(self) -> str:
-        return self.header(b"content-type").split(";")[0].strip().lower()
+        if self._media_type is None:
+            self._media_type = self.header(b"content-type").split(";")[0].strip().lower()
+        return self._media_type
 
     @property
     def content_length(self) -> int | None:

@@ -1,26 +1,29 @@
-"""The hot path: the routes whose declarations name a fast handler, without FastAPI's routing.
+"""The hot path: the routes whose declarations name a fast handler, in front of FastAPI.
 
 A training step calls `risk()` once per step, so `POST …/neighbors` and `…/risk` carry
-nearly all the traffic, and FastAPI's route matching, dependency solving and request
-objects cost more than the search itself on a small memory. This pure-ASGI layer is
-built from the app's own routes: a route whose declaration (`edge.declare(fast=…)`)
-names a handler is matched here by its own path pattern and method, checked by the
-same `edge.admit` under the same declaration, and answered by that handler, which
-reads its head from the scope and its body from `receive()`. Every other request goes
-on to FastAPI; the routes stay declared there (for the schema, and identical answers).
+nearly all the traffic, and FastAPI's middleware stack, route matching, dependency
+solving and request objects cost more than the search itself on a small memory. The
+app (`app.ZMemApp`) hands every request to `FastPath.match` first: a route whose
+declaration (`edge.declare(fast=…)`) names a handler is matched here by its own path
+pattern and method, checked by the same `edge.admit` under the same declaration,
+answered by that handler (which reads its head from the scope and its body from
+`receive()`), and counted and logged as the middleware counts the others. Every other
+request goes on to FastAPI; the routes stay declared there (for the schema, and
+identical answers).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import Response
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ..errors import ZMemError
 from ..registry import DEFAULT
@@ -32,16 +35,22 @@ log = logging.getLogger("zmem")
 
 @dataclass(frozen=True)
 class Route:
-    """What the metrics middleware reads of a matched route (its `path` template)."""
+    """What the metrics read of a matched route (its `path` template)."""
 
     path: str
+
+
+@dataclass(frozen=True)
+class Match:
+    route: Route
+    edge: Edge
+    name: str  # the memory's
 
 
 class FastPath:
     """`routes`: the app's route list (read when the first request comes, once all are included)."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[Any]) -> None:
-        self.app = app
+    def __init__(self, routes: Sequence[Any]) -> None:
         self._routes = routes
         self._table: list[tuple[re.Pattern[str], Route, Edge]] | None = None
 
@@ -56,32 +65,38 @@ class FastPath:
             ]
         return self._table
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def match(self, scope: Scope) -> Match | None:
+        """The fast route `scope` asks for; None for any other request."""
         if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
+            return None
         path = scope["path"]
-        for pattern, route, edge in self.table():  # noqa: B007 (used after the break)
-            match = pattern.match(path)
-            if match is not None:
-                break
-        else:
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = route  # what the metrics read (its path template)
-        head = Head(scope)
-        state = scope["app"].state
-        response: Response
+        for pattern, route, edge in self.table():
+            found = pattern.match(path)
+            if found is not None:
+                return Match(route, edge, found.groupdict().get("name", DEFAULT))
+        return None
+
+    async def serve(self, match: Match, state: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a matched request (any error as problem+json), counted and logged."""
+        start = time.perf_counter()
+        scope["route"] = match.route
+        edge = match.edge
+        response: Response | None = None
         with state.busy:  # once answered, the loop polls for the next query (`busy.py`)
             try:
-                admit(edge, head, state.tokens)
-                assert edge.fast is not None
-                response = await edge.fast(
-                    Call(head, receive), match.groupdict().get("name", DEFAULT), state.zmem
+                try:
+                    head = Head(scope)
+                    admit(edge, head, state.tokens)
+                    assert edge.fast is not None
+                    response = await edge.fast(Call(head, receive), match.name, state.zmem)
+                except ZMemError as e:
+                    response = error_answer(e)
+                except Exception as e:
+                    log.exception("unexpected error on POST %s", scope["path"], exc_info=e)
+                    response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
+                await response(scope, receive, send)
+            finally:
+                status = 500 if response is None else response.status_code
+                state.metrics.request_log.add(
+                    match.route.path, "POST", scope["path"], status, time.perf_counter() - start
                 )
-            except ZMemError as e:
-                response = error_answer(e)
-            except Exception as e:
-                log.exception("unexpected error on POST %s", path, exc_info=e)
-                response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
-            await response(scope, receive, send)
