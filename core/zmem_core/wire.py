@@ -49,6 +49,15 @@ def encode(arrays: dict[str, np.ndarray], meta: dict[str, Any], *, allow_nan: bo
     )
 
 
+SMALL_HEADER = 1024
+"""Headers up to this many bytes are remembered once read (`_HEADERS`)."""
+_HEADERS: dict[bytes, tuple[tuple[tuple[str, Any], ...], dict[str, Any]]] = {}
+"""Small headers read before: their tensors' (name, dtype) and their metadata values when all
+are scalars. A worker's queries repeat one header (the same shape and options), so each is
+parsed once."""
+_SCALARS = (bool, int, float, str, type(None))
+
+
 def decode(
     body: bytes, dtypes: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -60,20 +69,40 @@ def decode(
     """
     try:
         (n,) = struct.unpack("<Q", body[:8])
-        header = json.loads(body[8 : 8 + n])
+        text = body[8 : 8 + n]
+        small = n <= SMALL_HEADER
+        seen = _HEADERS.get(text) if small else None
+        header = json.loads(text) if seen is None else None
         tensors = safetensors.numpy.load(body)
     except Exception as e:  # whatever the parser trips on, the body is not safetensors
         raise NotSafetensors(str(e)) from None
+    if seen is None:
+        assert header is not None
+        specs = tuple((name, spec.get("dtype")) for name, spec in header.items() if name != "__metadata__")
+    else:
+        specs = seen[0]
     if dtypes is not None:
-        for name, spec in header.items():
-            if name != "__metadata__" and spec.get("dtype") not in dtypes:
-                raise WrongDtype(name, spec.get("dtype"))
+        for name, dtype in specs:
+            if dtype not in dtypes:
+                raise WrongDtype(name, dtype)
+    if seen is not None:
+        return tensors, dict(seen[1])
+    assert header is not None
+    meta = _metadata(header.get("__metadata__") or {})
+    if small and all(isinstance(v, _SCALARS) for v in meta.values()):
+        if len(_HEADERS) >= 256:
+            _HEADERS.clear()
+        _HEADERS[text] = (specs, dict(meta))
+    return tensors, meta
+
+
+def _metadata(texts: dict[str, str]) -> dict[str, Any]:
     meta = {}
-    for key, text in (header.get("__metadata__") or {}).items():
+    for key, text in texts.items():
         try:
             meta[key] = json.loads(text)
         except ValueError:
             raise BadMetadata(key, "metadata value is not a JSON literal") from None
         except RecursionError:
             raise BadMetadata(key, "metadata value is nested too deeply") from None
-    return tensors, meta
+    return meta

@@ -3,6 +3,7 @@ reader refuses, in the order the service reports it (400 before 422)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -98,3 +99,30 @@ def test_an_unparseable_body_is_reported_before_its_dtypes_and_metadata() -> Non
         wire.decode(body, ("F32",))
     with pytest.raises(wire.NotSafetensors):  # the body before either
         wire.decode(body[:-1], ("F32",))
+
+
+def test_a_remembered_header_reads_as_a_new_one() -> None:
+    """A header read before is not parsed again: the same answers, the same refusals, and no
+    caller can change what the next one reads."""
+    body = wire.encode({"z": np.ones((1, 3), np.float32)}, {"k": 5, "record": True, "worker": "w1"})
+    first = wire.decode(body, ("F32",))
+    assert bytes(body[8 : 8 + struct.unpack("<Q", body[:8])[0]]) in wire._HEADERS
+    first[1]["k"] = 99
+    tensors, meta = wire.decode(body, ("F32",))
+    assert meta == {"k": 5, "record": True, "worker": "w1"}
+    np.testing.assert_array_equal(tensors["z"], np.ones((1, 3), np.float32))
+    with pytest.raises(wire.WrongDtype):  # dtypes are checked per call
+        wire.decode(body, ("I64",))
+    with pytest.raises(wire.NotSafetensors):  # and the body too
+        wire.decode(body[:-1], ("F32",))
+
+
+def test_headers_with_lists_or_bad_metadata_are_not_remembered() -> None:
+    listed = wire.encode({"z": np.ones(1, np.float32)}, {"id": ["a"]})
+    bad = safetensors.numpy.save({"z": np.zeros(1, np.float32)}, metadata={"bad": "nope"})
+    for body in (listed, bad, listed, bad):
+        before = dict(wire._HEADERS)
+        with contextlib.suppress(wire.BadMetadata):
+            wire.decode(body)
+        assert dict(wire._HEADERS) == before
+    assert wire.decode(listed)[1] == {"id": ["a"]}
