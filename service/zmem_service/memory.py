@@ -389,15 +389,22 @@ class Memory:
         stacked = [queries[i].z for i, _, _ in wanted]
         zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
         d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
+        self._check_log_room(
+            sum(len(z) for (i, _, _), z in zip(wanted, stacked, strict=True) if queries[i].record)
+        )
+        z_nb, risk_target, seq = self._gather(slots)  # the batch's at once; each answer takes its part
         start = 0
         for (i, want, sigma), z in zip(wanted, stacked, strict=True):
             kk = params.answered_k(want, size, True)
             stop = start + len(z)
-            nb = self._gather(d2[start:stop, :kk], slots[start:stop, :kk], sigma)
+            rows = slice(start, stop)
+            nb = Neighbors(
+                size, True, sigma, z_nb[rows, :kk], risk_target[rows, :kk], d2[rows, :kk], seq[rows, :kk]
+            )
             start = stop
             answers[i] = nb
             if queries[i].record:
-                self._record(nb, queries[i].worker)
+                self.queries.pend(nb.d2, nb.risk_target, nb.sigma, time.time(), queries[i].worker)
         return cast("list[Neighbors | ZMemError]", answers)
 
     def _empty(self, zq: np.ndarray, sigma: float) -> Neighbors:
@@ -411,12 +418,6 @@ class Memory:
             np.zeros((b, 0), np.float32),
             np.zeros((b, 0), np.int64),
         )
-
-    def _record(self, nb: Neighbors, worker: str | None) -> None:
-        """Keep the rows among the recorded queries, their kernel numbers computed later in
-        a batch (`QueryLog.pend`; lock held)."""
-        self._check_log_room(len(nb.d2))
-        self.queries.pend(nb.d2, nb.risk_target, nb.sigma, time.time(), worker)
 
     def _keep_queries(
         self, risk: np.ndarray, wsum: np.ndarray, n_eff: np.ndarray, worker: str | None = None
@@ -455,18 +456,14 @@ class Memory:
             )
         return want, self._sigma(params.asked_sigma(sigma, self.settings.sigma))
 
-    def _gather(self, d2: np.ndarray, slots: np.ndarray, sigma: float) -> Neighbors:
-        """The neighbours' z, risk target and seq (lock held)."""
+    def _gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The z [B, k, d], risk target and seq [B, k] of the rows at slots [B, k] (lock held)."""
         assert self.ring is not None
         b, kk = slots.shape
         flat = slots.reshape(-1)
-        return Neighbors(
-            self.size,
-            True,
-            sigma,
+        return (
             self.ring.column("z")[flat].reshape(b, kk, self.ring.z_dim),
             self.ring.column("risk_target")[flat].reshape(b, kk),
-            d2,
             self.ring.column("seq")[flat].reshape(b, kk),
         )
 
