@@ -138,7 +138,8 @@ def rerank(
         order = np.lexsort((seq[cand[0]], d2[0]))[:k]
         return d2[:, order], cand[:, order]
     order = np.lexsort((seq[cand], d2), axis=-1)[:, :k]
-    return np.take_along_axis(d2, order, -1), np.take_along_axis(cand, order, -1)
+    each = np.arange(len(cand))[:, None]  # (indexing, not take_along_axis: a few µs less a call)
+    return d2[each, order], cand[each, order]
 
 
 def brute_force(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -365,11 +366,12 @@ def _gemm_candidates(
                 score[:, a:b] = part[: b - a].T[: len(rows)]  # a small block: cheap to turn
             score += base_sqnorm
         picked = _smallest(score, c)
-        kept = np.take_along_axis(score, picked, 1)
+        each = np.arange(len(rows))[:, None]
+        kept = score[each, picked]
         order = np.argsort(kept, axis=1)
         stop = start + len(rows)
-        cand[start:stop] = np.take_along_axis(picked, order, 1)
-        approx[start:stop] = np.take_along_axis(kept, order, 1) + q2[start:stop, None]
+        cand[start:stop] = picked[each, order]
+        approx[start:stop] = kept[each, order] + q2[start:stop, None]
     return approx, cand
 
 
