@@ -247,6 +247,29 @@ def test_answers_match_numpy_brute_force_whatever_the_batch(tmp_path) -> None:
         np.testing.assert_allclose(nb.d2, d2, rtol=1e-6)
 
 
+def test_an_answer_holds_only_its_own_neighbours(tmp_path) -> None:
+    """A batch of one k shares one gathered copy; in a batch of mixed k, a small answer keeps
+    no copy of a large one's rows alive."""
+    memories = make_memories(tmp_path)
+    rng = np.random.default_rng(3)
+    a = memories["a"]
+    while a.size < MEMORIES["a"][1]:
+        apply(a, random_write(rng, "a"))
+    z = rng.standard_normal((6, 4)).astype(np.float32)
+
+    def ask(ks: list[int], rows: range = range(6)) -> list[Neighbors]:
+        jobs = [SearchJob(a, z[i : i + 1], k, 1.0, 2**24) for i, k in zip(rows, ks, strict=True)]
+        return [nb for nb in a.query_many(jobs) if isinstance(nb, Neighbors)]
+
+    ks = [1, 1, 1, 1, 1, 60]
+    for i, (nb, k) in enumerate(zip(ask(ks), ks, strict=True)):
+        assert nb.z.shape == (1, k, 4)
+        assert nb.z.base is None or nb.z.base.size <= nb.z.size  # its own rows only
+        assert_same(nb, ask([k], range(i, i + 1))[0])
+    same = ask([8] * 6)
+    assert all(nb.z.base is not None and nb.z.base.size == 6 * 8 * 4 for nb in same)
+
+
 def test_concurrent_http_queries_answer_as_lone_queries(tmp_path, searches) -> None:
     """Threads post /neighbors and /risk (JSON and safetensors) while the index thread is held and a
     write lands; each answer equals the same request sent alone afterwards."""

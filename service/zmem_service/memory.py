@@ -392,15 +392,18 @@ class Memory:
         self._check_log_room(
             sum(len(z) for (i, _, _), z in zip(wanted, stacked, strict=True) if queries[i].record)
         )
-        z_nb, risk_target, seq = self._gather(slots)  # the batch's at once; each answer takes its part
+        answered = [params.answered_k(want, size, True) for _, want, _ in wanted]
+        # One k for all (the common batch): gathered at once, each answer a slice of it. Mixed k:
+        # each query's own columns, so a small answer holds no copy of a large one's rows.
+        whole = self._gather(slots) if min(answered) == slots.shape[1] else None
         start = 0
-        for (i, want, sigma), z in zip(wanted, stacked, strict=True):
-            kk = params.answered_k(want, size, True)
+        for (i, _, sigma), z, kk in zip(wanted, stacked, answered, strict=True):
             stop = start + len(z)
             rows = slice(start, stop)
-            nb = Neighbors(
-                size, True, sigma, z_nb[rows, :kk], risk_target[rows, :kk], d2[rows, :kk], seq[rows, :kk]
-            )
+            z_nb, risk_target, seq = whole if whole is not None else self._gather(slots[rows, :kk])
+            if whole is not None:
+                z_nb, risk_target, seq = z_nb[rows], risk_target[rows], seq[rows]
+            nb = Neighbors(size, True, sigma, z_nb, risk_target, d2[rows, :kk], seq)
             start = stop
             answers[i] = nb
             if queries[i].record:
