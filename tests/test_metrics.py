@@ -3,6 +3,7 @@ process's own metrics and the build's version."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zmem_core import __version__
@@ -51,3 +52,25 @@ def test_metrics_have_units_state_process_and_build(make_client) -> None:  # typ
         "zmem_episodes_accepted_total",
     ):
         assert (("memory", "b"),) not in seen[name] and (("memory", "a"),) in seen[name], name
+
+
+def test_an_answer_that_fails_to_go_out_counts_as_a_500(make_client, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The hot path counts and logs a failure in sending its answer, as the middleware would."""
+    from zmem_service.http import streaming
+
+    client = make_client(durability="none", capacity=100, min_size=1)
+    assert client.post("/memories/a/episodes", json=EPISODES).status_code == 200
+    sent = streaming.Answer.__call__
+
+    async def failing(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["path"].endswith("/neighbors"):
+            raise RuntimeError("the transport failed")
+        await sent(self, scope, receive, send)
+
+    monkeypatch.setattr(streaming.Answer, "__call__", failing)
+    with pytest.raises(RuntimeError, match="the transport failed"):  # the test client passes it on
+        client.post("/memories/a/neighbors", json={"z": [0.1, 0.2]})
+    monkeypatch.setattr(streaming.Answer, "__call__", sent)
+    route = (("method", "POST"), ("route", "/memories/{name}/neighbors"))
+    assert scrape(client)["zmem_http_requests_total"][(*route[:1], route[1], ("status", "500"))] == 1
+    assert any("sending the answer" in r.getMessage() for r in caplog.records)

@@ -81,7 +81,8 @@ class FastPath:
         start = time.perf_counter()
         scope["route"] = match.route
         edge = match.edge
-        response: Response | None = None
+        response: Response
+        status = 500  # unless the answer is sent
         with state.busy:  # once answered, the loop polls for the next query (`busy.py`)
             try:
                 try:
@@ -95,8 +96,11 @@ class FastPath:
                     log.exception("unexpected error on POST %s", scope["path"], exc_info=e)
                     response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
                 await response(scope, receive, send)
+                status = response.status_code
+            except Exception:  # sending failed: uvicorn answers 500 if nothing was sent yet
+                log.exception("unexpected error sending the answer to POST %s", scope["path"])
+                raise
             finally:
-                status = 500 if response is None else response.status_code
                 state.metrics.request_log.add(
                     match.route.path, "POST", scope["path"], status, time.perf_counter() - start
                 )
