@@ -389,9 +389,7 @@ class Memory:
         stacked = [queries[i].z for i, _, _ in wanted]
         zq = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
         d2, slots = self.index.search(zq, min(max(w for _, w, _ in wanted), size), size)
-        self._check_log_room(
-            sum(len(z) for (i, _, _), z in zip(wanted, stacked, strict=True) if queries[i].record)
-        )
+        self._check_log_room(sum(len(queries[i].z) for i, _, _ in wanted if queries[i].record))
         answered = [params.answered_k(want, size, True) for _, want, _ in wanted]
         # One k for all (the common batch): gathered at once, each answer a slice of it. Mixed k:
         # each query's own columns, so a small answer holds no copy of a large one's rows.
@@ -400,9 +398,10 @@ class Memory:
         for (i, _, sigma), z, kk in zip(wanted, stacked, answered, strict=True):
             stop = start + len(z)
             rows = slice(start, stop)
-            z_nb, risk_target, seq = whole if whole is not None else self._gather(slots[rows, :kk])
             if whole is not None:
-                z_nb, risk_target, seq = z_nb[rows], risk_target[rows], seq[rows]
+                z_nb, risk_target, seq = (column[rows] for column in whole)
+            else:
+                z_nb, risk_target, seq = self._gather(slots[rows, :kk])
             nb = Neighbors(size, True, sigma, z_nb, risk_target, d2[rows, :kk], seq)
             start = stop
             answers[i] = nb

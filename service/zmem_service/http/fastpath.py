@@ -80,21 +80,10 @@ class FastPath:
         """Answer a matched request (any error as problem+json), counted and logged."""
         start = time.perf_counter()
         scope["route"] = match.route
-        edge = match.edge
-        response: Response
         status = 500  # unless the answer is sent
         with state.busy:  # once answered, the loop polls for the next query (`busy.py`)
             try:
-                try:
-                    head = Head(scope)
-                    admit(edge, head, state.tokens)
-                    assert edge.fast is not None
-                    response = await edge.fast(Call(head, receive), match.name, state.zmem)
-                except ZMemError as e:
-                    response = error_answer(e)
-                except Exception as e:
-                    log.exception("unexpected error on POST %s", scope["path"], exc_info=e)
-                    response = error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
+                response = await self._answer(match, state, scope, receive)
                 await response(scope, receive, send)
                 status = response.status_code
             except Exception:  # sending failed: uvicorn answers 500 if nothing was sent yet
@@ -104,3 +93,17 @@ class FastPath:
                 state.metrics.request_log.add(
                     match.route.path, "POST", scope["path"], status, time.perf_counter() - start
                 )
+
+    async def _answer(self, match: Match, state: Any, scope: Scope, receive: Receive) -> Response:
+        """The route's answer, or its error's problem+json."""
+        edge = match.edge
+        try:
+            head = Head(scope)
+            admit(edge, head, state.tokens)
+            assert edge.fast is not None
+            return await edge.fast(Call(head, receive), match.name, state.zmem)
+        except ZMemError as e:
+            return error_answer(e)
+        except Exception as e:
+            log.exception("unexpected error on POST %s", scope["path"], exc_info=e)
+            return error_answer(ZMemError(f"unexpected {type(e).__name__}; see the server log"))
