@@ -115,7 +115,9 @@ def worker(rank: int, policy: Policy, mem: ZMemClient, args: argparse.Namespace)
                 f"  mem_risk {reg.history['mem_risk'][-1]:+.3f}  memory n {reg.history['mem_n'][-1]:5d}"
                 f"  w_mem {reg.history['w_mem'][-1]:.3f}"
                 f"  force ratio {'-' if ratio is None else f'{ratio:.2f}'}"
-                + (f"  ({len(scalars)} scalars to TensorBoard)" if scalars else ""),
+                + (f"  ({len(scalars)} scalars to TensorBoard)" if scalars else "")
+                + "\n",
+                end="",  # one write per line, so the workers' lines never interleave
                 flush=True,
             )
     mem.flush()

@@ -40,7 +40,8 @@ def worker(mem: ZMemClient, seed: int, steps: int = 200) -> None:
         soft_bind = float(torch.sigmoid(3 * side.detach()))  # the episode's outcome
         mem.record(z.detach(), soft_bind=soft_bind, cone_vol=1.0 - 0.5 * soft_bind, lambda_bind=1 - soft_bind)
     mem.flush()
-    print(f"worker {seed}: policy mean is {float((mu - CENTRE) @ RELIABLE):+.2f} along the reliable axis")
+    line = f"worker {seed}: policy mean is {float((mu - CENTRE) @ RELIABLE):+.2f} along the reliable axis\n"
+    print(line, end="", flush=True)  # one write, so the workers' lines never interleave
 
 
 if __name__ == "__main__":
