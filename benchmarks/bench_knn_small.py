@@ -9,7 +9,9 @@ one thread each, BLAS on one thread as in the service) of:
 
 - FAISS's row-wise scan (`faiss.knn_L2sqr`, what it does below BLAS_QUERY_ROWS);
 - FAISS's matrix-product path with the rows' norms given (what it does from there);
-- one numpy product of the base with the batch (`knn._gemm_candidates`, the rows' norms given);
+- one numpy product of the base with the batch (`knn._gemm_candidates`), from the rows' own
+  layout with their norms given, and from the base transposed over its norms (`base_t`, as the
+  index keeps it);
 - the index's whole search as the service calls it (`FaissCpuIndex.search`: candidates,
   exact re-rank, certificate), which takes the product from GEMM_QUERY_ROWS to
   SMALL_QUERY_ROWS rows.
@@ -58,6 +60,7 @@ def main() -> None:
     xb = rng.standard_normal((args.n, args.d)).astype(np.float32)
     sqnorm64 = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
     sqnorm = sqnorm64.astype(np.float32)
+    base_t = np.ascontiguousarray(np.vstack([xb.T, sqnorm[None]]))  # rows contiguous, as the index keeps it
     seq = np.arange(args.n, dtype=np.int64)
     index = FaissCpuIndex(args.d, 1)
     index.reserve(args.n)
@@ -84,12 +87,16 @@ def main() -> None:
         f"candidates for B query rows over N={args.n:,} × d={args.d}, k={args.k} (c={c}), one thread: "
         "CPU µs per query row"
     )
-    print(f"{'B':>4} {'faiss scan':>11} {'faiss BLAS':>11} {'product':>9} {'index search':>13}  path  exact")
+    print(
+        f"{'B':>4} {'faiss scan':>11} {'faiss BLAS':>11} {'product':>9} {'product T':>10}"
+        f" {'index search':>13}  path  exact"
+    )
     for b in BATCHES:
         xq = rng.standard_normal((b, args.d)).astype(np.float32)
         scan = cpu_us(faiss_way(xq, blas=False), args.calls) / b
         blas = cpu_us(faiss_way(xq, blas=True), args.calls) / b
         product = cpu_us(lambda xq=xq: knn._gemm_candidates(xb, xq, c, sqnorm), args.calls) / b
+        product_t = cpu_us(lambda xq=xq: knn._gemm_candidates(xb, xq, c, base_t=base_t), args.calls) / b
         search = cpu_us(lambda xq=xq: index.search(xq, args.k, args.n), args.calls) / b
         d2, rows = index.search(xq, args.k, args.n)
         ref_d2, ref_rows = knn.brute_force(xb, seq, xq, args.k)
@@ -101,8 +108,8 @@ def main() -> None:
         else:
             path = "BLAS"
         print(
-            f"{b:>4} {scan:>11.1f} {blas:>11.1f} {product:>9.1f} {search:>13.1f}  {path:>4}  "
-            f"{'yes' if exact else 'NO'}"
+            f"{b:>4} {scan:>11.1f} {blas:>11.1f} {product:>9.1f} {product_t:>10.1f} {search:>13.1f}"
+            f"  {path:>4}  {'yes' if exact else 'NO'}"
         )
 
 

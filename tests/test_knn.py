@@ -135,10 +135,10 @@ def test_rows_the_centre_cannot_subtract_exactly_recentre_the_index() -> None:
 
 
 def test_the_rows_norms_follow_every_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index keeps each row's squared norm for the small batches' product: after writes,
-    overwrites and a recentre they are the stored rows' own (a stale norm would make the
-    certificate trust wrong candidates), and a batch of 4 normal queries is answered exactly
-    without a full scan."""
+    """The index keeps its rows transposed over their squared norms for the small batches'
+    product: after writes, overwrites and a recentre they are the stored rows' own (a stale
+    row or norm would make the certificate trust wrong candidates), and a batch of 4 normal
+    queries is answered exactly without a full scan."""
     from zmem_core import knn
 
     scans = []
@@ -159,8 +159,9 @@ def test_the_rows_norms_follow_every_write(monkeypatch: pytest.MonkeyPatch) -> N
         index.write(slots, z_new, new_seq)
         xb[slots], seq[slots] = z_new, new_seq
         stored = index._z[:n]
+        np.testing.assert_array_equal(index._zt[:d, :n], stored.T)  # the product's transposed copy
         np.testing.assert_array_equal(
-            index._sqnorm[:n], np.einsum("nd,nd->n", stored, stored, dtype=np.float64).astype(np.float32)
+            index._zt[d, :n], np.einsum("nd,nd->n", stored, stored, dtype=np.float64).astype(np.float32)
         )
     assert not np.array_equal(index._center, center)  # the rows near the origin recentred it
     scans.clear()

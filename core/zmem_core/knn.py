@@ -56,6 +56,7 @@ FAISS is imported inside the functions that use it: it is not in the base instal
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -80,11 +81,18 @@ norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm
 while their [rows, N] scores fit in BLOCK_ELEMENTS (up to 262,144 base rows at 16 query rows).
 FAISS's row-wise scan reads the whole base once per query row (~0.26 ms a row over 50,000 × 32,
 bound by the cache's bandwidth) and its BLAS path costs 0.35 ms a row at 2 rows, 0.21 at 4; one
-product reads the base once for the batch: 0.22 ms a row at 2 rows, 0.14 at 4, 0.11 at 16 (one
+product reads the base once for the batch: from the base transposed (`base_t`), 0.19 ms a row
+at 2 rows, 0.11 at 4, 0.08 at 8 and 16; from the rows' layout 0.20, 0.14, 0.13 and 0.11 (one
 thread, selection included; benchmarks/bench_knn_small.py). A concurrent service's batches
 are mostly this small."""
 CHUNK_ROWS = 4096
 """Base rows per product in `_gemm_candidates` (with 16 query rows, a 256 KiB block)."""
+CHUNK_COLUMNS = 2048
+"""Base columns per product in `_gemm_candidates` when the caller keeps the base transposed
+(`base_t`: each [d + 1, 2048] block is 264 KiB at d = 32, and its product lands in the scores'
+own layout). Over 50,000 × 32, one thread: 0.27 ms a batch at 1 query row, 0.32 at 5, 0.37 at
+8, against 0.25, 0.49 and 0.72 from the rows' own layout (whose products come out [rows,
+queries] and must be turned)."""
 SAMPLE_STEP = 32
 """The candidate selection samples every SAMPLE_STEP-th score of a row to find a threshold
 that about 4c scores are below, then sorts out only those (`_smallest`)."""
@@ -171,6 +179,7 @@ def exact_knn(
     *,
     base_sqnorm_max: float | None = None,
     base_sqnorm: np.ndarray | None = None,
+    base_t: np.ndarray | None = None,
     threads: int = 1,
     use_faiss: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +198,7 @@ def exact_knn(
         k,
         base_sqnorm_max=base_sqnorm_max,
         base_sqnorm=base_sqnorm,
+        base_t=base_t,
         threads=threads,
         use_faiss=use_faiss,
     )
@@ -206,6 +216,7 @@ def knn_certified(
     *,
     base_sqnorm_max: float | None = None,
     base_sqnorm: np.ndarray | None = None,
+    base_t: np.ndarray | None = None,
     threads: int = 1,
     use_faiss: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -217,8 +228,12 @@ def knn_certified(
     for GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows when `base_sqnorm` is given).
     `base_sqnorm_max`: a bound ≥ every row's ‖x‖² when the caller keeps one (else computed
     here, O(N·d)); `base_sqnorm` float32 [N]: every row's ‖x‖² (its float64 sum, rounded),
-    when the caller keeps them.
+    when the caller keeps them; `base_t` float32 [d + 1, N], rows contiguous: the rows
+    transposed with those norms as the last row, when the caller keeps that too (`base_sqnorm`
+    is then its last row, and the small batches' product reads it: `_gemm_candidates`).
     """
+    if base_t is not None:
+        base_sqnorm = base_t[-1]
     n, dim = xb.shape
     c = candidate_count(k, n)
     if c == n or len(xq) == 0:  # every row is a candidate: nothing to certify
@@ -238,7 +253,7 @@ def knn_certified(
     if use_faiss and not small:
         approx, cand = _faiss_candidates(xb, xq, c, threads, base_sqnorm)
     else:
-        approx, cand = _gemm_candidates(xb, xq, c, base_sqnorm)
+        approx, cand = _gemm_candidates(xb, xq, c, base_sqnorm, base_t)
     missing = (cand < 0).any(axis=1)  # FAISS's "no result" (-1) never becomes a row
     if missing.any():
         cand = np.where(cand < 0, 0, cand)
@@ -332,20 +347,27 @@ def _faiss_candidates(
 
 
 def _gemm_candidates(
-    xb: np.ndarray, xq: np.ndarray, c: int, base_sqnorm: np.ndarray | None = None
+    xb: np.ndarray,
+    xq: np.ndarray,
+    c: int,
+    base_sqnorm: np.ndarray | None = None,
+    base_t: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(approximate d2 float64 [B, c], rows int64 [B, c]) by float32 products, ascending.
 
-    Per row, ‖x‖² − 2⟨x, q⟩ in float32 (the product of the base with −2q, exact scaling, plus
-    `base_sqnorm` or norms summed here), then ‖q‖² added in float64: the certificate's model
-    of a GEMM distance, one rounding fewer. The query rows are padded (`_width`) to the widths
-    the products' kernels take at once. The base is taken in
-    chunks of CHUNK_ROWS rows, whose [chunk, rows] products stay in the cache while they are
-    turned into the scores' [rows, N] layout (turning the whole product at once costs more
-    than the product). Blocks of query rows keep the scores under BLOCK_ELEMENTS."""
-    n, dim = xb.shape
-    if base_sqnorm is None:
-        base_sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64).astype(np.float32)
+    Per row, ‖x‖² − 2⟨x, q⟩ in float32 (the base's product with −2q, exact scaling, plus the
+    rows' norms), then ‖q‖² added in float64: the certificate's model of a GEMM distance, one
+    rounding fewer. The product reads `base_t` float32 [d + 1, N] (the base transposed over
+    its norms, rows contiguous) when the caller keeps it (`_scores_t`, the cheaper), else xb
+    with `base_sqnorm` or norms summed here (`_scores`). Blocks of query rows keep the scores
+    under BLOCK_ELEMENTS."""
+    n = len(xb)
+    if base_t is not None:
+        scores = functools.partial(_scores_t, base_t)
+    else:
+        if base_sqnorm is None:
+            base_sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64).astype(np.float32)
+        scores = functools.partial(_scores, xb, base_sqnorm)
     xq32 = np.asarray(xq, np.float32)
     q2 = np.einsum("bd,bd->b", xq, xq, dtype=np.float64)
     block = max(1, BLOCK_ELEMENTS // max(1, n))
@@ -353,18 +375,8 @@ def _gemm_candidates(
     cand = np.empty((len(xq), c), np.int64)
     for start in range(0, len(xq), block):
         rows = xq32[start : start + block]
-        width = _width(len(rows))
-        q = np.zeros((dim, width), np.float32)
-        q[:, : len(rows)] = rows.T
-        q *= np.float32(-2.0)
-        score = np.empty((len(rows), n), np.float32)
-        part = np.empty((min(n, CHUNK_ROWS), width), np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # near float32's max: the certificate refuses
-            for a in range(0, n, CHUNK_ROWS):
-                b = min(n, a + CHUNK_ROWS)
-                np.matmul(xb[a:b], q, out=part[: b - a])
-                score[:, a:b] = part[: b - a].T[: len(rows)]  # a small block: cheap to turn
-            score += base_sqnorm
+            score = scores(rows)
         picked = _smallest(score, c)
         each = np.arange(len(rows))[:, None]
         kept = score[each, picked]
@@ -373,6 +385,43 @@ def _gemm_candidates(
         cand[start:stop] = picked[each, order]
         approx[start:stop] = kept[each, order] + q2[start:stop, None]
     return approx, cand
+
+
+def _scores_t(base_t: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 [B, N]: ‖x‖² − 2⟨x, q⟩ for query rows float32 [B, d] against base_t [d + 1, N]
+    (the rows transposed over their norms): one product of [−2q | 1] with each CHUNK_COLUMNS
+    block, straight into the scores' layout. The norm joins the product as one more term, a
+    rounding the certificate's bound already counts (the GEMM form's "two more roundings")."""
+    dim, n = len(base_t) - 1, base_t.shape[1]
+    q = np.empty((len(rows), dim + 1), np.float32)
+    np.multiply(rows, np.float32(-2.0), out=q[:, :dim])
+    q[:, dim] = 1.0
+    score = np.empty((len(rows), n), np.float32)
+    for a in range(0, n, CHUNK_COLUMNS):
+        b = min(n, a + CHUNK_COLUMNS)
+        np.matmul(q, base_t[:, a:b], out=score[:, a:b])
+    return score
+
+
+def _scores(xb: np.ndarray, base_sqnorm: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 [B, N]: ‖x‖² − 2⟨x, q⟩ for query rows float32 [B, d] against xb [N, d]. The query
+    rows are padded (`_width`) to the widths the products' kernels take at once. The base is
+    taken in chunks of CHUNK_ROWS rows, whose [chunk, rows] products stay in the cache while
+    they are turned into the scores' [rows, N] layout (turning the whole product at once
+    costs more than the product)."""
+    n, dim = xb.shape
+    width = _width(len(rows))
+    q = np.zeros((dim, width), np.float32)
+    q[:, : len(rows)] = rows.T
+    q *= np.float32(-2.0)
+    score = np.empty((len(rows), n), np.float32)
+    part = np.empty((min(n, CHUNK_ROWS), width), np.float32)
+    for a in range(0, n, CHUNK_ROWS):
+        b = min(n, a + CHUNK_ROWS)
+        np.matmul(xb[a:b], q, out=part[: b - a])
+        score[:, a:b] = part[: b - a].T[: len(rows)]  # a small block: cheap to turn
+    score += base_sqnorm
+    return score
 
 
 def _width(rows: int) -> int:

@@ -85,13 +85,15 @@ class FaissCpuIndex:
         self.z_dim = z_dim
         self._z = np.zeros((0, z_dim), np.float32)  # rows minus `_center`, exactly
         self._seq = np.zeros(0, np.int64)
-        self._sqnorm = np.zeros(0, np.float32)  # each row's centred ‖x‖², for the small batches' product
+        # The same rows transposed, over each row's centred ‖x‖²: the small batches' product
+        # reads it (`knn.CHUNK_COLUMNS`), FAISS's BLAS path its last row.
+        self._zt = np.zeros((z_dim + 1, 0), np.float32)
         self._norm2 = 0.0  # the largest centred squared norm ever written: a bound for the certificate
         self._center: np.ndarray | None = None  # float32 [z_dim], fixed by the first write
         self._filled = 0  # slots [0, _filled) have been written
 
     def bytes_after(self, slots: int) -> int:
-        return max(slots, len(self._seq)) * (4 * self.z_dim + 12)
+        return max(slots, len(self._seq)) * (8 * self.z_dim + 12)
 
     @property
     def nbytes(self) -> int:
@@ -102,11 +104,11 @@ class FaissCpuIndex:
             return
         z = np.zeros((slots, self.z_dim), np.float32)
         seq = np.zeros(slots, np.int64)
-        sqnorm = np.zeros(slots, np.float32)
+        zt = np.zeros((self.z_dim + 1, slots), np.float32)
         z[: len(self._z)] = self._z
         seq[: len(self._seq)] = self._seq
-        sqnorm[: len(self._sqnorm)] = self._sqnorm
-        self._z, self._seq, self._sqnorm = z, seq, sqnorm
+        zt[:, : len(self._seq)] = self._zt
+        self._z, self._seq, self._zt = z, seq, zt
 
     def write(self, slots: np.ndarray, z: np.ndarray, seq: np.ndarray) -> None:
         # Host memory: nothing to hand to another thread, so the change is made at once.
@@ -120,7 +122,8 @@ class FaissCpuIndex:
         sqnorm = np.einsum("nd,nd->n", centred, centred, dtype=np.float64)
         self._z[slots] = centred
         self._seq[slots] = seq
-        self._sqnorm[slots] = sqnorm
+        self._zt[: self.z_dim, slots] = centred.T
+        self._zt[self.z_dim, slots] = sqnorm
         self._filled = max(self._filled, int(slots.max()) + 1)
         self._norm2 = max(self._norm2, float(sqnorm.max()))
 
@@ -137,13 +140,14 @@ class FaissCpuIndex:
         self._z[: self._filled] -= center
         self._center = center
         sqnorm = np.einsum("nd,nd->n", self._z[: self._filled], self._z[: self._filled], dtype=np.float64)
-        self._sqnorm[: self._filled] = sqnorm
+        self._zt[: self.z_dim, : self._filled] = self._z[: self._filled].T
+        self._zt[self.z_dim, : self._filled] = sqnorm
         self._norm2 = float(sqnorm[keep].max()) if keep.any() else 0.0
 
     def clear(self) -> None:
         self._z = np.zeros((0, self.z_dim), np.float32)
         self._seq = np.zeros(0, np.int64)
-        self._sqnorm = np.zeros(0, np.float32)
+        self._zt = np.zeros((self.z_dim + 1, 0), np.float32)
         self._norm2 = 0.0
         self._center = None
         self._filled = 0
@@ -158,7 +162,7 @@ class FaissCpuIndex:
             zq,
             k,
             base_sqnorm_max=self._norm2,
-            base_sqnorm=self._sqnorm[:size],
+            base_t=self._zt[:, :size],
             threads=self._threads,
             use_faiss=True,
         )

@@ -51,10 +51,9 @@ def faiss_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tup
     return knn.exact_knn(xb, seq, xq, k, base_sqnorm_max=norm2, threads=os.cpu_count() or 1, use_faiss=True)
 
 
-def service_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """As the service's FAISS index asks: with the rows' squared norms, so batches of
-    GEMM_QUERY_ROWS to SMALL_QUERY_ROWS rows take one numpy product and larger ones FAISS's with
-    those norms."""
+def norms_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """With the rows' squared norms given: batches of GEMM_QUERY_ROWS to SMALL_QUERY_ROWS rows
+    take one numpy product from the rows' own layout, larger ones FAISS's with those norms."""
     sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
     return knn.exact_knn(
         xb,
@@ -63,6 +62,31 @@ def service_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> t
         k,
         base_sqnorm_max=float(sqnorm.max()),
         base_sqnorm=sqnorm.astype(np.float32),
+        threads=os.cpu_count() or 1,
+        use_faiss=True,
+    )
+
+
+def transposed(xb: np.ndarray) -> np.ndarray:
+    """xb [N, d] transposed over its rows' squared norms, [d + 1, N], as the service's index
+    keeps it: the front of a buffer with room for more rows (a view whose rows are strided)."""
+    n, d = xb.shape
+    base_t = np.full((d + 1, n + 37), np.nan, np.float32)[:, :n]
+    base_t[:d] = xb.T
+    base_t[d] = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
+    return base_t
+
+
+def service_search(xb: np.ndarray, seq: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """As the service's FAISS index asks: with the rows transposed over their norms, so batches
+    of GEMM_QUERY_ROWS to SMALL_QUERY_ROWS rows take the product from that layout."""
+    return knn.exact_knn(
+        xb,
+        seq,
+        xq,
+        k,
+        base_sqnorm_max=float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max()),
+        base_t=transposed(xb),
         threads=os.cpu_count() or 1,
         use_faiss=True,
     )
@@ -94,6 +118,7 @@ def torch_search(device: str, *, centre: bool = True, faiss_candidates: bool = F
 PATHS: dict[str, tuple[Search, bool]] = {  # name: (search, whether it can run here)
     "numpy": (numpy_search, True),
     "faiss": (faiss_search, HAS_FAISS),
+    "norms": (norms_search, HAS_FAISS),
     "service": (service_search, HAS_FAISS),
     "torch": (torch_search("cpu"), HAS_TORCH),
     "torch-faiss": (torch_search("cpu", centre=False, faiss_candidates=True), HAS_TORCH),
@@ -446,16 +471,19 @@ def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
 
 
 @NEEDS_FAISS
+@pytest.mark.parametrize("layout", ["transposed", "rows"])
 @pytest.mark.parametrize("b", [knn.GEMM_QUERY_ROWS, 3, 5, 10, knn.SMALL_QUERY_ROWS, knn.SMALL_QUERY_ROWS + 1])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int) -> None:
-    """With the rows' norms given, GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows get their
-    candidates from one numpy product, and FAISS is not called; more rows go to FAISS. Either
-    way the answer is brute force's, ties included, over several chunks of the base."""
+def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int, layout: str) -> None:
+    """With the rows' norms given (and the base transposed over them, or not), GEMM_QUERY_ROWS
+    to SMALL_QUERY_ROWS query rows get their candidates from one numpy product, and FAISS is
+    not called; more rows go to FAISS. Either way the answer is brute force's, ties included,
+    over several chunks of the base (of rows and of columns)."""
     import faiss
 
     rng = np.random.default_rng(b * 101 + len(kind))
     n = 3 * knn.CHUNK_ROWS + 123
+    assert n > 2 * knn.CHUNK_COLUMNS
     xb, xq = (a.astype(np.float32) for a in KINDS[kind](rng, n, b, 16))
     xq[0] = xb[n - 5]  # a query on a row of the last, partial chunk
     seq = ring_seqs(n, 4321)
@@ -468,15 +496,18 @@ def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int) -> Non
 
     faiss.knn_L2sqr = spied
     try:
-        check(service_search, xb, seq, xq, 64)
+        check(service_search if layout == "transposed" else norms_search, xb, seq, xq, 64)
     finally:
         faiss.knn_L2sqr = knn_l2sqr
     assert bool(calls) == (b > knn.SMALL_QUERY_ROWS)
     if kind == "normal":
         sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
-        certified = knn.knn_certified(
-            xb, seq, xq, 64, base_sqnorm_max=float(sqnorm.max()), base_sqnorm=sqnorm.astype(np.float32)
-        )[2]
+        given = (
+            {"base_t": transposed(xb)}
+            if layout == "transposed"
+            else {"base_sqnorm": sqnorm.astype(np.float32)}
+        )
+        certified = knn.knn_certified(xb, seq, xq, 64, base_sqnorm_max=float(sqnorm.max()), **given)[2]
         assert certified.all()  # the product's distances certify the common case
 
 
