@@ -13,8 +13,8 @@ one thread each, BLAS on one thread as in the service) of:
   layout with their norms given, and from the base transposed over its norms (`base_t`, as the
   index keeps it);
 - the index's whole search as the service calls it (`FaissCpuIndex.search`: candidates,
-  exact re-rank, certificate), which takes the product from GEMM_QUERY_ROWS to
-  SMALL_QUERY_ROWS rows.
+  exact re-rank, certificate, on one thread here), which takes the product (from the
+  transposed base) from GEMM_QUERY_ROWS rows and FAISS's scan for one.
 
 Every B's answer from the index is checked against a float64 brute force (rows and distances).
 """
@@ -101,12 +101,7 @@ def main() -> None:
         d2, rows = index.search(xq, args.k, args.n)
         ref_d2, ref_rows = knn.brute_force(xb, seq, xq, args.k)
         exact = np.array_equal(rows, ref_rows) and np.array_equal(d2, ref_d2.astype(np.float32))
-        if b == 1:
-            path = "scan"
-        elif b <= knn.SMALL_QUERY_ROWS:
-            path = "prod"
-        else:
-            path = "BLAS"
+        path = "scan" if b == 1 else "prod"  # the index keeps the transposed base: a product from 2 rows
         print(
             f"{b:>4} {scan:>11.1f} {blas:>11.1f} {product:>9.1f} {product_t:>10.1f} {search:>13.1f}"
             f"  {path:>4}  {'yes' if exact else 'NO'}"

@@ -56,7 +56,9 @@ FAISS is imported inside the functions that use it: it is not in the base instal
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,12 @@ CHUNK_COLUMNS = 2048
 own layout). Over 50,000 × 32, one thread: 0.27 ms a batch at 1 query row, 0.32 at 5, 0.37 at
 8, against 0.25, 0.49 and 0.72 from the rows' own layout (whose products come out [rows,
 queries] and must be turned)."""
+PARALLEL_QUERY_ROWS = 64
+"""From this many query rows, the product (`_gemm_candidates`) splits them over `threads`
+threads: numpy's products and selections run outside the GIL. B=256 over 50,000 × 32 from the
+transposed base, 2 threads: 14 ms (22 ms of CPU), against 20.7 ms on one thread and FAISS's
+BLAS path's 15.5 ms (31.5 ms of CPU) on two; at 32 rows a second thread costs more than it
+saves."""
 SAMPLE_STEP = 32
 """The candidate selection samples every SAMPLE_STEP-th score of a row to find a threshold
 that about 4c scores are below, then sorts out only those (`_smallest`)."""
@@ -224,8 +232,9 @@ def knn_certified(
     bool [B]); the rows where `certified` is true are exact. Arguments as for `exact_knn`.
 
     Candidates by FAISS (`use_faiss` None: when installed; `threads` for it, see
-    `faiss_threads`) or by a numpy float32 product (`_gemm_candidates`: without FAISS, and
-    for GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows when `base_sqnorm` is given).
+    `faiss_threads`) or by a numpy float32 product (`_gemm_candidates`, `threads` from
+    PARALLEL_QUERY_ROWS rows: without FAISS; for GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query
+    rows when `base_sqnorm` is given; from GEMM_QUERY_ROWS rows when `base_t` is).
     `base_sqnorm_max`: a bound ≥ every row's ‖x‖² when the caller keeps one (else computed
     here, O(N·d)); `base_sqnorm` float32 [N]: every row's ‖x‖² (its float64 sum, rounded),
     when the caller keeps them; `base_t` float32 [d + 1, N], rows contiguous: the rows
@@ -245,12 +254,30 @@ def knn_certified(
         single = _single_query(xb, seq, xq, k, c, base_sqnorm_max)
         if single is not None:
             return single
-    small = (
+    product = (
         base_sqnorm is not None
-        and GEMM_QUERY_ROWS <= len(xq) <= SMALL_QUERY_ROWS
-        and len(xq) * n <= BLOCK_ELEMENTS  # the scores in one block (a large base: FAISS)
+        and len(xq) >= GEMM_QUERY_ROWS
+        and (base_t is not None or len(xq) <= SMALL_QUERY_ROWS)  # from the rows' layout: small only
+        # Blocks of scores of SMALL_QUERY_ROWS rows at least (a base too large for that: FAISS).
+        and min(len(xq), SMALL_QUERY_ROWS) * n <= BLOCK_ELEMENTS
     )
-    if use_faiss and not small:
+    parts = min(threads, len(xq) // SMALL_QUERY_ROWS)  # each part still takes the product
+    if (product or not use_faiss) and parts > 1 and len(xq) >= PARALLEL_QUERY_ROWS:
+        if base_sqnorm_max is None:
+            base_sqnorm_max = float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max())
+        search = functools.partial(
+            knn_certified,
+            xb,
+            seq,
+            k=k,
+            base_sqnorm_max=base_sqnorm_max,
+            base_sqnorm=base_sqnorm,
+            base_t=base_t,
+            use_faiss=use_faiss,
+        )
+        d2, rows, certified = _split(search, xq, parts)
+        return d2, rows, certified
+    if use_faiss and not product:
         approx, cand = _faiss_candidates(xb, xq, c, threads, base_sqnorm)
     else:
         approx, cand = _gemm_candidates(xb, xq, c, base_sqnorm, base_t)
@@ -385,6 +412,23 @@ def _gemm_candidates(
         cand[start:stop] = picked[each, order]
         approx[start:stop] = kept[each, order] + q2[start:stop, None]
     return approx, cand
+
+
+def _split(
+    search: Callable[[np.ndarray], tuple[np.ndarray, ...]], xq: np.ndarray, threads: int
+) -> tuple[np.ndarray, ...]:
+    """search(xq), with xq's rows split over `threads` threads (this one and `_pool`'s), the
+    parts' answers joined in order."""
+    parts = np.array_split(xq, threads)
+    asked = [_pool(threads - 1).submit(search, part) for part in parts[1:]]
+    done = [search(parts[0])] + [f.result() for f in asked]
+    return tuple(np.concatenate(each) for each in zip(*done, strict=True))
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that share large products with the caller's (`_gemm_candidates`)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="zmem-knn")
 
 
 def _scores_t(base_t: np.ndarray, rows: np.ndarray) -> np.ndarray:

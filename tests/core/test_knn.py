@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -472,13 +473,25 @@ def test_both_ways_faiss_forms_distances_are_exact(kind: str, b: int) -> None:
 
 @NEEDS_FAISS
 @pytest.mark.parametrize("layout", ["transposed", "rows"])
-@pytest.mark.parametrize("b", [knn.GEMM_QUERY_ROWS, 3, 5, 10, knn.SMALL_QUERY_ROWS, knn.SMALL_QUERY_ROWS + 1])
+@pytest.mark.parametrize(
+    "b",
+    [
+        knn.GEMM_QUERY_ROWS,
+        3,
+        5,
+        10,
+        knn.SMALL_QUERY_ROWS,
+        knn.SMALL_QUERY_ROWS + 1,
+        knn.PARALLEL_QUERY_ROWS + 3,
+    ],
+)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int, layout: str) -> None:
-    """With the rows' norms given (and the base transposed over them, or not), GEMM_QUERY_ROWS
-    to SMALL_QUERY_ROWS query rows get their candidates from one numpy product, and FAISS is
-    not called; more rows go to FAISS. Either way the answer is brute force's, ties included,
-    over several chunks of the base (of rows and of columns)."""
+    """With the rows' norms given, GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows get their
+    candidates from one numpy product, and FAISS is not called; with the base transposed over
+    those norms, so do larger batches (split over the threads from PARALLEL_QUERY_ROWS rows),
+    while from the rows' layout they go to FAISS. Either way the answer is brute force's, ties
+    included, over several chunks of the base (of rows and of columns)."""
     import faiss
 
     rng = np.random.default_rng(b * 101 + len(kind))
@@ -499,7 +512,7 @@ def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int, layout
         check(service_search if layout == "transposed" else norms_search, xb, seq, xq, 64)
     finally:
         faiss.knn_L2sqr = knn_l2sqr
-    assert bool(calls) == (b > knn.SMALL_QUERY_ROWS)
+    assert bool(calls) == (b > knn.SMALL_QUERY_ROWS and layout == "rows")
     if kind == "normal":
         sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
         given = (
@@ -509,6 +522,46 @@ def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int, layout
         )
         certified = knn.knn_certified(xb, seq, xq, 64, base_sqnorm_max=float(sqnorm.max()), **given)[2]
         assert certified.all()  # the product's distances certify the common case
+
+
+@pytest.mark.parametrize("use_faiss", [pytest.param(True, marks=NEEDS_FAISS), False])
+def test_a_large_batch_split_over_threads_answers_as_one_thread(use_faiss: bool) -> None:
+    """From PARALLEL_QUERY_ROWS query rows the product's search is split over the threads given
+    (each part at least SMALL_QUERY_ROWS rows): the same distances, rows and certificates, bit
+    for bit, in the order asked, as on one thread; the parts run on other threads."""
+    rng = np.random.default_rng(8)
+    xb = rng.standard_normal((5000, 16)).astype(np.float32)
+    xb[100:160] = xb[7]  # a tie group larger than the candidates: uncertified either way
+    seq = ring_seqs(5000, 99)
+    xq = rng.standard_normal((knn.PARALLEL_QUERY_ROWS + 37, 16)).astype(np.float32)
+    xq[::10] = xb[7]
+    sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
+    given = {"base_t": transposed(xb)} if use_faiss else {}
+    one = knn.knn_certified(
+        xb, seq, xq, 32, base_sqnorm_max=float(sqnorm.max()), use_faiss=use_faiss, **given
+    )
+    assert not one[2].all() and one[2].any()
+    seen: list[str] = []
+    real = knn._gemm_candidates
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            knn, "_gemm_candidates", lambda *a: seen.append(threading.current_thread().name) or real(*a)
+        )
+        for threads in (2, 3, 64):
+            split = knn.knn_certified(
+                xb,
+                seq,
+                xq,
+                32,
+                base_sqnorm_max=float(sqnorm.max()),
+                threads=threads,
+                use_faiss=use_faiss,
+                **given,
+            )
+            for got, want in zip(split, one, strict=True):
+                np.testing.assert_array_equal(got, want)
+    assert any(name.startswith("zmem-knn") for name in seen)
+    assert len(seen) == 2 + 3 + len(xq) // knn.SMALL_QUERY_ROWS
 
 
 @NEEDS_FAISS
