@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -427,8 +428,13 @@ def _split(
 
 @functools.cache
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that share large products with the caller's (`_gemm_candidates`)."""
+    """The threads that share large searches with the caller's (`_split`)."""
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="zmem-knn")
+
+
+# A forked child (a training worker, a data loader) has none of the parent's threads, so the
+# parent's pool would take its work and never run it: the child makes its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _scores_t(base_t: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -562,6 +564,30 @@ def test_a_large_batch_split_over_threads_answers_as_one_thread(use_faiss: bool)
                 np.testing.assert_array_equal(got, want)
     assert any(name.startswith("zmem-knn") for name in seen)
     assert len(seen) == 2 + 3 + len(xq) // knn.SMALL_QUERY_ROWS
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_splits_a_search_on_threads_of_its_own() -> None:
+    """A process forked after a split search (a training worker, a data loader) gets no thread
+    of its parent's pool: its own split search still answers, and in time."""
+    rng = np.random.default_rng(9)
+    xb = rng.standard_normal((2000, 8)).astype(np.float32)
+    seq = np.arange(2000, dtype=np.int64)
+    xq = rng.standard_normal((knn.PARALLEL_QUERY_ROWS, 8)).astype(np.float32)
+    want = knn.exact_knn(xb, seq, xq, 5, threads=2, use_faiss=False)  # the parent's pool starts
+    assert knn._pool.cache_info().currsize
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only on the right answer
+        got = knn.exact_knn(xb, seq, xq, 5, threads=2, use_faiss=False)
+        os._exit(0 if all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)) else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's search hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @NEEDS_FAISS
