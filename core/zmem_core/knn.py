@@ -97,11 +97,12 @@ own layout). Over 50,000 × 32, one thread: 0.27 ms a batch at 1 query row, 0.32
 8, against 0.25, 0.49 and 0.72 from the rows' own layout (whose products come out [rows,
 queries] and must be turned)."""
 PARALLEL_QUERY_ROWS = 64
-"""From this many query rows, the product (`_gemm_candidates`) splits them over `threads`
-threads: numpy's products and selections run outside the GIL. B=256 over 50,000 × 32 from the
-transposed base, 2 threads: 14 ms (22 ms of CPU), against 20.7 ms on one thread and FAISS's
-BLAS path's 15.5 ms (31.5 ms of CPU) on two; at 32 rows a second thread costs more than it
-saves."""
+"""From this many query rows, a search by the product (`knn_certified`: candidates, re-rank and
+certificate) is split by query rows over `threads` threads, each part at least
+SMALL_QUERY_ROWS rows (`_split`): numpy's products and selections run outside the GIL. B=256
+over 50,000 × 32 from the transposed base, the candidates alone: 14 ms (22 ms of CPU) on 2
+threads, against 20.7 ms on one and FAISS's BLAS path's 15.5 ms (31.5 ms of CPU) on two; at
+32 rows a second thread costs more than it saves."""
 SAMPLE_STEP = 32
 """The candidate selection samples every SAMPLE_STEP-th score of a row to find a threshold
 that about 4c scores are below, then sorts out only those (`_smallest`)."""
