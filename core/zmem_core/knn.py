@@ -59,6 +59,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +71,8 @@ F32_TINY = float(np.finfo(np.float32).tiny)  # 2⁻¹²⁶, the smallest normal 
 F32_MAX = float(np.finfo(np.float32).max)
 F64_ROUNDOFF = 2.0**-53
 SMALL_QUERY_ROWS = 16
-"""Up to this many query rows, FAISS runs single-threaded (a pool costs more than it saves)."""
+"""Up to this many query rows, FAISS runs single-threaded (a pool costs more than it saves); from
+it, a product over the transposed base takes at least this many rows at once (`knn_certified`)."""
 BLAS_QUERY_ROWS = 8
 """From this many query rows, FAISS forms the distances by one matrix product (BLAS); below it,
 row by row. The product's cost hardly depends on the rows (about 1.5 ms for 8 rows over
@@ -80,8 +82,9 @@ left batches of hundreds of rows on the row-wise scan. Either way the distances 
 products that the certificate bounds (both ways of forming them)."""
 GEMM_QUERY_ROWS = 2
 """From this many query rows up to SMALL_QUERY_ROWS, a caller that keeps the base rows' squared
-norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm_candidates`),
-while their [rows, N] scores fit in BLOCK_ELEMENTS (up to 262,144 base rows at 16 query rows).
+norms (`base_sqnorm`) gets its candidates from one numpy product instead (`_gemm_candidates`;
+with the base transposed, `base_t`, at any number of rows), while SMALL_QUERY_ROWS rows of
+scores fit in BLOCK_ELEMENTS (up to 262,144 base rows; a larger base goes to FAISS).
 FAISS's row-wise scan reads the whole base once per query row (~0.26 ms a row over 50,000 × 32,
 bound by the cache's bandwidth) and its BLAS path costs 0.35 ms a row at 2 rows, 0.21 at 4; one
 product reads the base once for the batch: from the base transposed (`base_t`), 0.19 ms a row
@@ -234,9 +237,11 @@ def knn_certified(
     bool [B]); the rows where `certified` is true are exact. Arguments as for `exact_knn`.
 
     Candidates by FAISS (`use_faiss` None: when installed; `threads` for it, see
-    `faiss_threads`) or by a numpy float32 product (`_gemm_candidates`, `threads` from
-    PARALLEL_QUERY_ROWS rows: without FAISS; for GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query
-    rows when `base_sqnorm` is given; from GEMM_QUERY_ROWS rows when `base_t` is).
+    `faiss_threads`) or by a numpy float32 product (`_gemm_candidates`: without FAISS; for
+    GEMM_QUERY_ROWS to SMALL_QUERY_ROWS query rows when `base_sqnorm` is given; from
+    GEMM_QUERY_ROWS rows when `base_t` is, split over `threads` from PARALLEL_QUERY_ROWS rows),
+    the product only while SMALL_QUERY_ROWS rows of scores fit in BLOCK_ELEMENTS (N up to
+    262,144; past it FAISS, when installed).
     `base_sqnorm_max`: a bound ≥ every row's ‖x‖² when the caller keeps one (else computed
     here, O(N·d)); `base_sqnorm` float32 [N]: every row's ‖x‖² (its float64 sum, rounded),
     when the caller keeps them; `base_t` float32 [d + 1, N], rows contiguous: the rows
@@ -264,7 +269,9 @@ def knn_certified(
         and min(len(xq), SMALL_QUERY_ROWS) * n <= BLOCK_ELEMENTS
     )
     parts = min(threads, len(xq) // SMALL_QUERY_ROWS)  # each part still takes the product
-    if (product or not use_faiss) and parts > 1 and len(xq) >= PARALLEL_QUERY_ROWS:
+    # Only the transposed base's product splits: it is what a service asks for (BLAS on one
+    # thread); a caller without FAISS keeps the one product it had (BLAS's own threads).
+    if product and base_t is not None and parts > 1 and len(xq) >= PARALLEL_QUERY_ROWS:
         if base_sqnorm_max is None:
             base_sqnorm_max = float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max())
         search = functools.partial(
@@ -275,6 +282,7 @@ def knn_certified(
             base_sqnorm_max=base_sqnorm_max,
             base_sqnorm=base_sqnorm,
             base_t=base_t,
+            threads=1,  # a part never splits again: the pool's threads would wait on themselves
             use_faiss=use_faiss,
         )
         d2, rows, certified = _split(search, xq, parts)
@@ -420,17 +428,23 @@ def _split(
     search: Callable[[np.ndarray], tuple[np.ndarray, ...]], xq: np.ndarray, threads: int
 ) -> tuple[np.ndarray, ...]:
     """search(xq), with xq's rows split over `threads` threads (this one and `_pool`'s), the
-    parts' answers joined in order."""
+    parts' answers joined in order. On one of the pool's own threads it runs inline: a part
+    waiting on parts queued behind it would wait forever."""
+    if threading.current_thread().name.startswith(POOL_NAME):
+        return search(xq)
     parts = np.array_split(xq, threads)
     asked = [_pool(threads - 1).submit(search, part) for part in parts[1:]]
     done = [search(parts[0])] + [f.result() for f in asked]
     return tuple(np.concatenate(each) for each in zip(*done, strict=True))
 
 
+POOL_NAME = "zmem-knn"
+
+
 @functools.cache
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     """The threads that share large searches with the caller's (`_split`)."""
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="zmem-knn")
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=POOL_NAME)
 
 
 # A forked child (a training worker, a data loader) has none of the parent's threads, so the

@@ -68,7 +68,8 @@ class Engine(Protocol):
 
 
 class FaissCpuIndex:
-    """FAISS CPU brute force (`faiss.knn`) for candidates, re-ranked exactly.
+    """Brute-force candidates, re-ranked exactly: FAISS's scan (`faiss.knn`) for a lone query, a
+    numpy product with the rows kept transposed for a batch (`knn.CHUNK_COLUMNS`).
 
     Rows are stored minus a centre (`knn.exact_center`, chosen so the subtraction is exact)
     and queries are centred in float64, so the answers are the raw rows' answers bit for bit
@@ -169,10 +170,11 @@ class FaissCpuIndex:
 
 
 class CpuEngine:
-    """FAISS CPU indexes. BLAS runs on one thread in this process (`threadpoolctl`): its only
-    products here are the small batches' (`knn.GEMM_QUERY_ROWS` to `knn.SMALL_QUERY_ROWS` query
-    rows, ~1 ms), where a second BLAS thread added its spinning to the CPU time and took a core
-    from the event loop; FAISS sets its own OpenMP threads per search (`knn.faiss_threads`)."""
+    """FAISS CPU indexes. BLAS runs on one thread per call in this process (`threadpoolctl`):
+    its products here are the batches' (from `knn.GEMM_QUERY_ROWS` query rows, ~1 ms for a few
+    rows), where a second BLAS thread added its spinning to the CPU time and took a core from
+    the event loop; large batches split over threads of their own (`knn.PARALLEL_QUERY_ROWS`),
+    and FAISS sets its own OpenMP threads per search (`knn.faiss_threads`)."""
 
     name = "faiss-cpu"
 

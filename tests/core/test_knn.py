@@ -528,20 +528,19 @@ def test_small_batches_take_one_product_and_stay_exact(kind: str, b: int, layout
 
 @pytest.mark.parametrize("use_faiss", [pytest.param(True, marks=NEEDS_FAISS), False])
 def test_a_large_batch_split_over_threads_answers_as_one_thread(use_faiss: bool) -> None:
-    """From PARALLEL_QUERY_ROWS query rows the product's search is split over the threads given
-    (each part at least SMALL_QUERY_ROWS rows): the same distances, rows and certificates, bit
-    for bit, in the order asked, as on one thread; the parts run on other threads."""
+    """From PARALLEL_QUERY_ROWS query rows the transposed base's search is split over the
+    threads given (each part at least SMALL_QUERY_ROWS rows): the same distances, rows and
+    certificates, bit for bit, in the order asked, as on one thread; the parts run on other
+    threads. Without the transposed base (a caller without FAISS) nothing is split."""
     rng = np.random.default_rng(8)
     xb = rng.standard_normal((5000, 16)).astype(np.float32)
     xb[100:160] = xb[7]  # a tie group larger than the candidates: uncertified either way
     seq = ring_seqs(5000, 99)
     xq = rng.standard_normal((knn.PARALLEL_QUERY_ROWS + 37, 16)).astype(np.float32)
     xq[::10] = xb[7]
-    sqnorm = np.einsum("nd,nd->n", xb, xb, dtype=np.float64)
-    given = {"base_t": transposed(xb)} if use_faiss else {}
-    one = knn.knn_certified(
-        xb, seq, xq, 32, base_sqnorm_max=float(sqnorm.max()), use_faiss=use_faiss, **given
-    )
+    sqmax = float(np.einsum("nd,nd->n", xb, xb, dtype=np.float64).max())
+    base_t = transposed(xb)
+    one = knn.knn_certified(xb, seq, xq, 32, base_sqnorm_max=sqmax, base_t=base_t, use_faiss=use_faiss)
     assert not one[2].all() and one[2].any()
     seen: list[str] = []
     real = knn._gemm_candidates
@@ -551,19 +550,34 @@ def test_a_large_batch_split_over_threads_answers_as_one_thread(use_faiss: bool)
         )
         for threads in (2, 3, 64):
             split = knn.knn_certified(
-                xb,
-                seq,
-                xq,
-                32,
-                base_sqnorm_max=float(sqnorm.max()),
-                threads=threads,
-                use_faiss=use_faiss,
-                **given,
+                xb, seq, xq, 32, base_sqnorm_max=sqmax, base_t=base_t, threads=threads, use_faiss=use_faiss
             )
             for got, want in zip(split, one, strict=True):
                 np.testing.assert_array_equal(got, want)
-    assert any(name.startswith("zmem-knn") for name in seen)
-    assert len(seen) == 2 + 3 + len(xq) // knn.SMALL_QUERY_ROWS
+        assert any(name.startswith(knn.POOL_NAME) for name in seen)
+        assert len(seen) == 2 + 3 + len(xq) // knn.SMALL_QUERY_ROWS
+        if not use_faiss:
+            seen.clear()
+            knn.knn_certified(xb, seq, xq, 32, threads=2, use_faiss=False)
+            assert seen == [threading.current_thread().name]
+
+
+def test_a_split_search_asked_on_the_pools_own_thread_runs_there() -> None:
+    """A split search asked from one of the pool's threads runs inline there, rather than
+    waiting on parts queued behind itself (which would hang that search and every later one)."""
+    rng = np.random.default_rng(10)
+    xb = rng.standard_normal((3000, 8)).astype(np.float32)
+    seq = np.arange(3000, dtype=np.int64)
+    xq = rng.standard_normal((knn.PARALLEL_QUERY_ROWS, 8)).astype(np.float32)
+    base_t = transposed(xb)
+    want = knn.exact_knn(xb, seq, xq, 5, base_t=base_t, use_faiss=False)
+    nested = knn._pool(1).submit(knn.exact_knn, xb, seq, xq, 5, base_t=base_t, threads=2, use_faiss=False)
+    got = nested.result(timeout=60)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    later = knn.exact_knn(xb, seq, xq, 5, base_t=base_t, threads=2, use_faiss=False)  # the pool still serves
+    for a, b in zip(later, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
@@ -574,11 +588,14 @@ def test_a_forked_child_splits_a_search_on_threads_of_its_own() -> None:
     xb = rng.standard_normal((2000, 8)).astype(np.float32)
     seq = np.arange(2000, dtype=np.int64)
     xq = rng.standard_normal((knn.PARALLEL_QUERY_ROWS, 8)).astype(np.float32)
-    want = knn.exact_knn(xb, seq, xq, 5, threads=2, use_faiss=False)  # the parent's pool starts
+    base_t = transposed(xb)
+    want = knn.exact_knn(
+        xb, seq, xq, 5, base_t=base_t, threads=2, use_faiss=False
+    )  # the parent's pool starts
     assert knn._pool.cache_info().currsize
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only on the right answer
-        got = knn.exact_knn(xb, seq, xq, 5, threads=2, use_faiss=False)
+        got = knn.exact_knn(xb, seq, xq, 5, base_t=base_t, threads=2, use_faiss=False)
         os._exit(0 if all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)) else 1)
     deadline = time.monotonic() + 60
     while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
