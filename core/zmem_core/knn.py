@@ -248,8 +248,6 @@ def knn_certified(
     transposed with those norms as the last row, when the caller keeps that too (`base_sqnorm`
     is then its last row, and the small batches' product reads it: `_gemm_candidates`).
     """
-    if base_t is not None:
-        base_sqnorm = base_t[-1]
     n, dim = xb.shape
     c = candidate_count(k, n)
     if c == n or len(xq) == 0:  # every row is a candidate: nothing to certify
@@ -261,6 +259,8 @@ def knn_certified(
         single = _single_query(xb, seq, xq, k, c, base_sqnorm_max)
         if single is not None:
             return single
+    if base_t is not None:
+        base_sqnorm = base_t[-1]
     product = (
         base_sqnorm is not None
         and len(xq) >= GEMM_QUERY_ROWS
@@ -424,6 +424,10 @@ def _gemm_candidates(
     return approx, cand
 
 
+POOL_NAME = "zmem-knn"
+"""The name prefix of `_pool`'s threads."""
+
+
 def _split(
     search: Callable[[np.ndarray], tuple[np.ndarray, ...]], xq: np.ndarray, threads: int
 ) -> tuple[np.ndarray, ...]:
@@ -436,9 +440,6 @@ def _split(
     asked = [_pool(threads - 1).submit(search, part) for part in parts[1:]]
     done = [search(parts[0])] + [f.result() for f in asked]
     return tuple(np.concatenate(each) for each in zip(*done, strict=True))
-
-
-POOL_NAME = "zmem-knn"
 
 
 @functools.cache
